@@ -1,0 +1,168 @@
+"""The assembled TMC: gradients everywhere, checkpoint round trip, overfitting, paper config, text paths."""
+import dataclasses
+
+import pytest
+import torch
+
+from tmc.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from tmc.config import ModelConfig, get_config, tiny_config
+from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
+from tmc.model import build_model, count_parameters
+
+CAPTIONS = [
+    "bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+    "unilateral pulmonary infection, one infected area, middle left lung.",
+]
+
+
+def _batch(cfg, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(b, 1, cfg.image_size, cfg.image_size, generator=g)
+    mask = (torch.rand(b, 1, cfg.image_size, cfg.image_size, generator=g) > 0.7).float()
+    return image, mask
+
+
+def _loss(model, image, mask, captions, form="sigmoid"):
+    tokens = model.tokenize(captions)
+    out = model(image, **tokens)
+    align = multistage_alignment_loss(out["alignment"], form, caption_positive_mask(captions))
+    return segmentation_loss(out["logits"], mask) + 0.1 * align, out
+
+
+def test_tiny_forward_shapes_and_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg)
+    image, mask = _batch(cfg)
+    loss, out = _loss(model, image, mask, CAPTIONS)
+    assert out["logits"].shape == (2, 1, cfg.image_size, cfg.image_size)
+    assert len(out["alignment"]) == len(cfg.alignment_stages)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:10]}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad
+
+
+def test_text_changes_the_prediction_and_image_only_ignores_it():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg).eval()
+    image, _ = _batch(cfg, b=1)
+    a = model(image, **model.tokenize(CAPTIONS[:1]))["logits"]
+    b = model(image, **model.tokenize(CAPTIONS[1:]))["logits"]
+    assert not torch.allclose(a, b)
+
+    image_only = build_model(tiny_config(use_text=False)).eval()
+    assert image_only.text is None and image_only.tokenize(CAPTIONS) == {}
+    assert image_only(image)["logits"].shape == a.shape
+    with pytest.raises(ValueError, match="text-guided"):
+        model(image)
+
+
+@pytest.mark.parametrize("stages", [(), (4,), (1, 3)])
+def test_mcm_stage_sets(stages):
+    cfg = tiny_config(mcm_stages=stages, alignment_stages=stages or (2,))
+    model = build_model(cfg)
+    image, mask = _batch(cfg)
+    out = model(image, **model.tokenize(CAPTIONS), return_attention=True)
+    assert sorted(out["attention"]) == sorted(stages)
+    for i, attn in out["attention"].items():
+        side = cfg.image_size // 2 ** (i + 1)
+        assert attn.shape == (2, side * side, cfg.text_length)
+        # rows are distributions over text tokens; padding gets no weight
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, side * side))
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg).eval()
+    path = save_checkpoint(tmp_path / "m.pt", {
+        "model": model.state_dict(), "model_config": dataclasses.asdict(cfg),
+        "text_config": model.text.encoder.config.to_dict(),
+    })
+    ckpt = load_checkpoint(path)  # weights_only=True inside
+    rebuilt, cfg2 = model_from_checkpoint(ckpt)
+    assert cfg2 == cfg
+    image, _ = _batch(cfg, b=1)
+    tokens = model.tokenize(CAPTIONS[:1])
+    torch.testing.assert_close(rebuilt(image, **tokens)["logits"], model(image, **tokens)["logits"],
+                               rtol=0, atol=0)
+    # derived buffers (relative-position index, shift masks, pixel statistics) are not stored
+    assert not any("relative_position_index" in k or "attn_mask" in k or "pixel_" in k
+                   for k in ckpt["model"])
+
+
+def test_tiny_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg)
+    image, _ = _batch(cfg)
+    mask = torch.zeros_like(image)
+    mask[0, :, 8:30, 8:30] = 1
+    mask[1, :, 30:60, 20:40] = 1
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = _loss(model, image, mask, CAPTIONS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, losses[::5]
+
+
+def test_paper_config_forward_at_224_with_random_bert_base():
+    torch.manual_seed(0)
+    cfg = get_config("paper", text_model="random:12x768", drop_path_rate=0.0)
+    model = build_model(cfg).eval()
+    counts = count_parameters(model)
+    assert 0.85 * 242.8e6 <= counts["total"] <= 1.15 * 242.8e6, counts
+    image = torch.rand(1, 1, 224, 224)
+    with torch.no_grad():
+        out = model(image, **model.tokenize(CAPTIONS[:1]))
+    assert out["logits"].shape == (1, 1, 224, 224)
+    assert torch.isfinite(out["logits"]).all()
+    assert model.tokenize(CAPTIONS[:1])["input_ids"].shape == (1, 10)  # the paper's T = 10
+
+
+def test_minilm_text_encoder_loads_from_the_package_and_encodes():
+    from tmc.text import TextEncoder
+
+    enc = TextEncoder("minilm", length=16).eval()
+    tokens = enc.tokenize(["bilateral pulmonary infection", "no infection"])
+    assert tokens["input_ids"][0, 0].item() == enc.tokenizer.cls_token_id
+    with torch.no_grad():
+        feats = enc(**tokens)
+        again = enc(**enc.tokenize(["bilateral pulmonary infection", "no infection"]))
+    assert feats.shape == (2, 16, 384)
+    torch.testing.assert_close(feats, again)
+    # pretrained weights, not a random init: related phrases are closer than unrelated ones
+    e = enc.tokenize(["lung infection", "pulmonary infection", "a red bicycle"])
+    with torch.no_grad():
+        h = enc(**e)
+    m = e["attention_mask"].unsqueeze(-1)
+    pooled = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.1
+
+
+def test_missing_hub_model_error_names_both_remedies(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tmc.text import TextEncoder
+
+    with pytest.raises(RuntimeError) as e:
+        TextEncoder("no-such-org/no-such-bert-model")
+    msg = str(e.value)
+    assert "download" in msg and "--text-model minilm" in msg and "local model folder" in msg
+
+
+def test_config_round_trip_and_validation():
+    cfg = tiny_config(mcm_stages=(4,))
+    assert ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError):
+        tiny_config(mcm_stages=(5,))
+    with pytest.raises(ValueError):
+        tiny_config(alignment_form="cosine")
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({"no_such_field": 1})

