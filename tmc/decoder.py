@@ -1,0 +1,333 @@
+"""Dual CNN/ViT U-decoder (paper §3.3, "Segmentation Part").
+
+Turns the image and the multi-stage cross-modal features F_V^i of MCM into mask logits:
+
+    image ─ stem: full-res ConvBlock S_0 ─ half-res ConvBlock S_½ ─ ConvBlock/2 ─ X_1      (CNN branch)
+    image ─ patch embedding (conv k=4, s=4) ─ Y_1                                          (ViT branch)
+    stage i = 1..n-1:  X_{i+1} = DownCNN_i(cat(X_i, F_V^i))          (ConvBlock, stride 2)
+                       Ŷ_i = ViTStage_i(cat(Y_i, F_V^i)),  Y_{i+1} = Merge_i(Ŷ_i)   (DownViT_i)
+                       skip_i = SkipFusion_i(cat(X_i, Ŷ_i))           (ViT fused into the CNN path)
+    stage n:           Ŷ_n = ViTStage_n(cat(Y_n, F_V^n)),  Z_n = Bottleneck(cat(X_n, Ŷ_n, F_V^n)),
+                       skip_n = X_n
+    i = n..1:          Z_{i-1} = UpCNN_i(cat(Z_i, F_V^i, skip_i))     (ConvBlock, then ×2 up-conv)
+    then               Z at H/2 = UpBlock(cat(Z_0, S_½)),  Z at H = ConvBlock(cat(·, S_0)),  1×1 conv → logit
+
+Stage i (1-based, as in the paper) lives at H/2**(i+1) × W/2**(i+1) with C_i channels, the Swin
+resolutions, so H and W must be divisible by 2**(n+1) (32 for the four Swin-T stages).
+
+Layout: CNN parts are NCHW convolutions with BatchNorm; ViT parts work on (B, H, W, C) tokens. The
+two meet through `permute` views, which cost nothing when the maps are in channels_last memory
+(`model.to(memory_format=torch.channels_last)`), the layout to use on GPU.
+
+Shape key: B batch, C channels, H, W spatial (of the map at hand), N image tokens, nH heads,
+Dh head dim, nW windows, ws window size (wh × ww when clipped to a small map), T = wh*ww tokens
+per window, s stem channels.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvBlock", "WindowAttention", "ViTBlock", "ViTStage", "UpBlock", "DualUDecoder"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def conv_norm_act(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv (no bias: BatchNorm follows) → BatchNorm → ReLU; 'same' padding, optional stride."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+def window_shape(H: int, W: int, window: int) -> tuple[int, int]:
+    """Window (wh, ww) used on an H × W map: `window` clipped to the map; 0 means global."""
+    if window == 0:
+        return H, W
+    return min(window, H), min(window, W)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class ConvBlock(nn.Sequential):
+    """Two conv3x3-BN-ReLU; the first may have stride 2 (the U-Net 'double conv').
+
+    Args:
+        in_ch, out_ch: channels in and out.
+        stride: 1, or 2 to halve H and W in the first convolution (DownCNN and the stem).
+    Shapes: (B, in_ch, H, W) → (B, out_ch, H/stride, W/stride).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__(conv_norm_act(in_ch, out_ch, 3, stride), conv_norm_act(out_ch, out_ch, 3, 1))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping windows, on F.scaled_dot_product_attention.
+
+    The map is padded right/bottom to whole windows; padded tokens are masked out as keys, so the
+    result equals attention inside the border windows clipped to the map. A map no larger than the
+    window (and window=0) gets global attention. No mask is built when no padding is needed (224²
+    input, window 7), which keeps SDPA on its fastest kernels. All windows go through one batched
+    SDPA call (no Python loop over windows).
+
+    Args:
+        dim: C, the token width.
+        num_heads: nH; must divide dim.
+        window: ws, the window side; 0 = global attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}; "
+                             "fix: choose heads that divide the stage channels")
+        self.num_heads, self.head_dim, self.window = num_heads, dim // num_heads, window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: (B, H, W, C) tokens.
+        Returns:
+            (B, H, W, C).
+        """
+        B, H, W, C = x.shape
+        nH, Dh = self.num_heads, self.head_dim
+        wh, ww = window_shape(H, W, self.window)
+        ph, pw = -H % wh, -W % ww
+        Hp, Wp = H + ph, W + pw
+        nh, nw = Hp // wh, Wp // ww
+
+        qkv = self.qkv(x)  # (B, H, W, 3C)
+        if ph or pw:
+            qkv = F.pad(qkv, (0, 0, 0, pw, 0, ph))  # (B, Hp, Wp, 3C)
+        qkv = qkv.view(B, nh, wh, nw, ww, 3, nH, Dh)
+        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, B, nh, nw, nH, wh, ww, Dh)
+        q, k, v = qkv.reshape(3, B * nh * nw, nH, wh * ww, Dh).unbind(0)  # each (B*nW, nH, T, Dh)
+
+        mask = None
+        if ph or pw:  # keys that are padding get no attention
+            valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=x.device)
+            valid[:H, :W] = True
+            valid = valid.view(nh, wh, nw, ww).transpose(1, 2)  # (nh, nw, wh, ww)
+            mask = valid.reshape(1, nh * nw, 1, 1, wh * ww).expand(B, -1, -1, -1, -1)  # (B, nW, 1, 1, T)
+            mask = mask.reshape(B * nh * nw, 1, 1, wh * ww)  # (B*nW, 1, 1, T)
+
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B*nW, nH, T, Dh)
+        o = o.view(B, nh, nw, nH, wh, ww, Dh)
+        o = o.permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, wh, nw, ww, nH, Dh)
+        o = o.reshape(B, Hp, Wp, C)[:, :H, :W]  # (B, H, W, C)
+        return self.proj(o)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block: x + WindowAttention(LN(x)), then x + MLP(LN(x)).
+
+    Args:
+        dim: C.
+        num_heads: nH.
+        window: attention window (0 = global).
+        mlp_ratio: hidden width of the MLP over C.
+    Shapes: (B, H, W, C) → (B, H, W, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTStage(nn.Module):
+    """The ViT branch at one stage: Ŷ_i = LN(blocks(Linear(cat(Y_i, F_V^i)))).
+
+    The linear layer projects the concatenation Ỹ_i back to C_i (paper: Ỹ_i = CONCAT(Y_i, F_V^i));
+    the final LayerNorm closes the pre-LN residual stream before the skip fusion and the merge.
+    DownViT_i of the paper is this stage followed by its 2×2 stride-2 merge conv (in DualUDecoder).
+
+    Args:
+        dim: C_i.
+        num_heads: nH at this stage.
+        depth: number of ViTBlocks (0 keeps only the projection and the norm).
+        window: attention window (0 = global).
+        mlp_ratio: MLP width over C_i.
+    """
+
+    def __init__(self, dim: int, num_heads: int, depth: int, window: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+        self.blocks = nn.ModuleList(ViTBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            y: Y_i (B, C, H, W), the ViT branch entering stage i.
+            f: F_V^i (B, C, H, W), the cross-modal feature of stage i.
+        Returns:
+            Ŷ_i (B, C, H, W); a permuted view with channels_last strides (no copy).
+        """
+        B, C, H, W = y.shape
+        t = torch.cat([y, f], dim=1).permute(0, 2, 3, 1)  # (B, H, W, 2C); a view if channels_last
+        t = self.proj(t)  # (B, H, W, C)
+        for block in self.blocks:
+            t = block(t)
+        return self.norm(t).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class UpBlock(nn.Module):
+    """UpCNN: ConvBlock on the concatenated inputs, then a 2×2 stride-2 transposed conv (×2 size).
+
+    Args:
+        in_ch: channels of the concatenation.
+        mid_ch: channels of the ConvBlock (the decoder width at this scale).
+        out_ch: channels at the next, twice larger, scale.
+    Shapes: (B, in_ch, H, W) → (B, out_ch, 2H, 2W).
+    """
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = ConvBlock(in_ch, mid_ch)
+        self.up = nn.ConvTranspose2d(mid_ch, out_ch, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.conv(x))
+
+
+# --------------------------------------------------------------------------- top module
+
+
+class DualUDecoder(nn.Module):
+    """The segmentation part of TMC (§3.3): a dual CNN/ViT down path and a U-shaped CNN up path.
+
+    Both branches run at the Swin resolutions with the Swin channels C_i ("the corresponding decoder
+    channels are symmetrically configured", §3.1), and take F_V^i at every stage by concatenation.
+    The ViT branch enters the CNN path through the skips (as in LViT): skip_i = 1×1 conv-BN-ReLU of
+    cat(X_i, Ŷ_i) for i < n; at stage n the ViT branch enters through the bottleneck instead.
+    Beyond stage 1 the up path continues through the half- and full-resolution stem features, so the
+    logits come out at the input size with sharp boundaries.
+
+    Args:
+        stage_channels: (C_1, ..., C_n), the Swin stage widths; n >= 2.
+        in_chans: channels of the (normalised) image.
+        stem_channels: s; the stem has s channels at H × W and 2s at H/2 × W/2.
+        vit_depth: ViTBlocks per ViT stage.
+        vit_heads: attention heads per stage; each must divide C_i.
+        vit_window: attention window of the ViT branch (0 = global attention everywhere).
+        mlp_ratio: MLP width of the ViT blocks over C_i.
+    """
+
+    def __init__(self, stage_channels: Sequence[int] = (96, 192, 384, 768), in_chans: int = 3,
+                 stem_channels: int = 32, vit_depth: int = 1, vit_heads: Sequence[int] = (3, 6, 12, 24),
+                 vit_window: int = 7, mlp_ratio: float = 4.0):
+        super().__init__()
+        ch, heads, n, s = tuple(stage_channels), tuple(vit_heads), len(stage_channels), stem_channels
+        if n < 2 or len(heads) != n:
+            raise ValueError(f"DualUDecoder: got {n} stage_channels and {len(heads)} vit_heads; "
+                             "fix: give one entry per stage (at least 2), e.g. (96,192,384,768) and (3,6,12,24)")
+        if min(*ch, s, in_chans) < 1 or vit_depth < 0 or vit_window < 0:
+            raise ValueError("DualUDecoder: channels must be >= 1, vit_depth and vit_window >= 0; "
+                             f"got stage_channels={ch}, stem_channels={s}, in_chans={in_chans}, "
+                             f"vit_depth={vit_depth}, vit_window={vit_window}")
+        for c, h in zip(ch, heads):
+            if h < 1 or c % h:
+                raise ValueError(f"DualUDecoder: vit_heads {heads} must divide stage_channels {ch} "
+                                 "stage by stage; fix: e.g. heads = C_i // 32")
+        self.stage_channels, self.in_chans = ch, in_chans
+
+        # CNN stem: S_0 (s, H), S_½ (2s, H/2), X_1 (C_1, H/4). ViT stem: Y_1 = patch embedding.
+        self.stem_full = ConvBlock(in_chans, s)
+        self.stem_half = ConvBlock(s, 2 * s, stride=2)
+        self.stem_quarter = ConvBlock(2 * s, ch[0], stride=2)
+        self.patch_embed = nn.Conv2d(in_chans, ch[0], kernel_size=4, stride=4)
+
+        # Down path, stage i = 1..n (index i-1). DownCNN and the merges stop at stage n-1.
+        self.down_cnn = nn.ModuleList(ConvBlock(2 * ch[i], ch[i + 1], stride=2) for i in range(n - 1))
+        self.vit = nn.ModuleList(ViTStage(ch[i], heads[i], vit_depth, vit_window, mlp_ratio) for i in range(n))
+        self.vit_merge = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 2, stride=2) for i in range(n - 1))
+        self.skip = nn.ModuleList(conv_norm_act(2 * ch[i], ch[i], kernel=1) for i in range(n - 1))
+        self.bottleneck = ConvBlock(3 * ch[-1], ch[-1])  # Z_n from cat(X_n, Ŷ_n, F_V^n)
+
+        # Up path: UpCNN_i maps cat(Z_i, F_V^i, skip_i) to Z_{i-1} at the next scale; UpCNN_1 lands
+        # on the half-resolution stem (2s channels).
+        outs = (2 * s, *ch[:-1])
+        self.up = nn.ModuleList(UpBlock(3 * ch[i], ch[i], outs[i]) for i in range(n))
+        self.up_half = UpBlock(4 * s, 2 * s, s)  # cat(Z_0, S_½) at H/2 → H
+        self.up_full = ConvBlock(2 * s, s)  # cat(·, S_0) at H
+        self.head = nn.Conv2d(s, 1, kernel_size=1)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Transformer convention for the ViT branch; convolutions keep PyTorch's default init.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def _check_inputs(self, image: torch.Tensor, fused: Sequence[torch.Tensor]) -> None:
+        n, ch = len(self.stage_channels), self.stage_channels
+        if image.ndim != 4 or image.shape[1] != self.in_chans:
+            raise ValueError(f"DualUDecoder: image must be (B, {self.in_chans}, H, W), got "
+                             f"{tuple(image.shape)}; fix: pass the normalised image batch")
+        B, _, H, W = image.shape
+        m = 2 ** (n + 1)
+        if H % m or W % m:
+            raise ValueError(f"DualUDecoder: image size {H}x{W} is not divisible by {m} "
+                             f"(the stage-{n} stride); fix: resize or pad the image to a multiple of {m}")
+        if len(fused) != n:
+            raise ValueError(f"DualUDecoder: fused must hold {n} stage maps F_V^1..F_V^{n}, got "
+                             f"{len(fused)}; fix: pass Swin's own map at stages without MCM")
+        for i, f in enumerate(fused):
+            want = (B, ch[i], H // 2 ** (i + 2), W // 2 ** (i + 2))
+            if tuple(f.shape) != want:
+                raise ValueError(f"DualUDecoder: fused[{i}] (F_V^{i + 1}) has shape {tuple(f.shape)}, "
+                                 f"expected {want}; fix: pass stage {i + 1}'s (B, C, H, W) map for this image")
+
+    def forward(self, image: torch.Tensor, fused: Sequence[torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            image: (B, in_chans, H, W), normalised; H, W divisible by 2**(n+1).
+            fused: n maps F_V^i, each (B, C_i, H/2**(i+1), W/2**(i+1)), i = 1..n.
+        Returns:
+            logits (B, 1, H, W) (no sigmoid).
+        """
+        self._check_inputs(image, fused)
+        B, _, H, W = image.shape
+        n = len(self.stage_channels)
+
+        s_full = self.stem_full(image)  # S_0 (B, s, H, W)
+        s_half = self.stem_half(s_full)  # S_½ (B, 2s, H/2, W/2)
+        x = self.stem_quarter(s_half)  # X_1 (B, C_1, H/4, W/4)
+        y = self.patch_embed(image)  # Y_1 (B, C_1, H/4, W/4)
+
+        skips = []
+        for i in range(n - 1):  # stages 1..n-1
+            f = fused[i]  # F_V^{i+1} (B, C_i, H_i, W_i)
+            y_hat = self.vit[i](y, f)  # Ŷ_i (B, C_i, H_i, W_i)
+            skips.append(self.skip[i](torch.cat([x, y_hat], dim=1)))  # (B, C_i, H_i, W_i)
+            x = self.down_cnn[i](torch.cat([x, f], dim=1))  # X_{i+1} (B, C_{i+1}, H_i/2, W_i/2)
+            y = self.vit_merge[i](y_hat)  # Y_{i+1} (B, C_{i+1}, H_i/2, W_i/2)
+        y_hat = self.vit[-1](y, fused[-1])  # Ŷ_n (B, C_n, H_n, W_n)
+        z = self.bottleneck(torch.cat([x, y_hat, fused[-1]], dim=1))  # Z_n (B, C_n, H_n, W_n)
+        skips.append(x)  # X_n: Ŷ_n already entered through the bottleneck
+
+        for i in reversed(range(n)):  # UpCNN_n .. UpCNN_1
+            z = self.up[i](torch.cat([z, fused[i], skips[i]], dim=1))  # Z_{i-1}: next scale up
+        z = self.up_half(torch.cat([z, s_half], dim=1))  # (B, s, H, W)
+        z = self.up_full(torch.cat([z, s_full], dim=1))  # (B, s, H, W)
+        return self.head(z)  # (B, 1, H, W)
