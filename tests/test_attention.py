@@ -1,0 +1,138 @@
+"""MultiHeadCrossAttention against torch.nn.MultiheadAttention (copied weights), plus masking."""
+import pytest
+import torch
+from torch import nn
+
+from tmc.attention import MultiHeadCrossAttention
+
+DT = torch.float64  # parity in double precision: any real mismatch shows far above round-off
+
+
+def _pair(q_dim=12, kv_dim=20, heads=3, seed=0):
+    """Our module and an nn.MultiheadAttention (kdim = vdim = kv_dim != embed_dim) with equal weights."""
+    torch.manual_seed(seed)
+    ours = MultiHeadCrossAttention(q_dim, kv_dim, heads).to(DT)
+    for p in ours.parameters():  # random biases too, so a dropped bias would show
+        nn.init.normal_(p, std=0.3)
+    ref = nn.MultiheadAttention(q_dim, heads, kdim=kv_dim, vdim=kv_dim, batch_first=True).to(DT)
+    assert not ref._qkv_same_embed_dim  # separate q/k/v projection weights are in use
+    with torch.no_grad():
+        ref.q_proj_weight.copy_(ours.q_proj.weight)
+        ref.k_proj_weight.copy_(ours.k_proj.weight)
+        ref.v_proj_weight.copy_(ours.v_proj.weight)
+        ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    return ours.eval(), ref.eval()
+
+
+def _ref_grads(ref):
+    E = ref.embed_dim
+    b = ref.in_proj_bias.grad
+    return {
+        "q_proj.weight": ref.q_proj_weight.grad, "k_proj.weight": ref.k_proj_weight.grad,
+        "v_proj.weight": ref.v_proj_weight.grad, "q_proj.bias": b[:E], "k_proj.bias": b[E:2 * E],
+        "v_proj.bias": b[2 * E:], "out_proj.weight": ref.out_proj.weight.grad,
+        "out_proj.bias": ref.out_proj.bias.grad,
+    }
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_nn_multiheadattention_values_and_grads(masked):
+    ours, ref = _pair()
+    B, Nq, Nk = 3, 5, 7
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, Nq, 12, dtype=DT, generator=g)
+    kv = torch.randn(B, Nk, 20, dtype=DT, generator=g)
+    mask = None
+    if masked:  # a different number of padding tokens per sample, none fully padded
+        mask = torch.zeros(B, Nk, dtype=torch.bool)
+        mask[0, 5:] = True
+        mask[1, 1:] = True
+        mask[2, [0, 3]] = True
+    q1, kv1 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    q2, kv2 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+
+    out, w = ours(q1, kv1, kv_padding_mask=mask, return_weights=True)
+    out_ref, w_ref = ref(q2, kv2, kv2, key_padding_mask=mask, need_weights=True,
+                         average_attn_weights=True)
+    assert out.shape == (B, Nq, 12) and w.shape == (B, Nq, Nk)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w, w_ref, rtol=1e-10, atol=1e-10)
+
+    up = torch.randn(B, Nq, 12, dtype=DT, generator=g)
+    (out * up).sum().backward()
+    (out_ref * up).sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(kv1.grad, kv2.grad, rtol=1e-9, atol=1e-10)
+    ref_grads = _ref_grads(ref)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_output_without_weights_is_the_same():
+    ours, _ = _pair()
+    q, kv = torch.randn(2, 4, 12, dtype=DT), torch.randn(2, 6, 20, dtype=DT)
+    mask = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    out_a = ours(q, kv, kv_padding_mask=mask)
+    out_b, _ = ours(q, kv, kv_padding_mask=mask, return_weights=True)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+
+
+def test_padded_tokens_get_exactly_zero_weight_and_do_not_matter():
+    ours, _ = _pair()
+    q, kv = torch.randn(2, 4, 12, dtype=DT), torch.randn(2, 6, 20, dtype=DT)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 4:] = True
+    mask[1, 0] = True
+    out, w = ours(q, kv, kv_padding_mask=mask, return_weights=True)
+    assert (w[0, :, 4:] == 0).all() and (w[1, :, 0] == 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, dtype=DT))
+    kv2 = kv.clone()
+    kv2[mask] = 1e3 * torch.randn(int(mask.sum()), 20, dtype=DT)  # change only padded tokens
+    torch.testing.assert_close(ours(q, kv2, kv_padding_mask=mask), out, rtol=0, atol=1e-12)
+    # Control: without the mask the same change does move the output.
+    assert not torch.allclose(ours(q, kv2), ours(q, kv))
+
+
+def test_fully_padded_sample_gives_bias_without_nan():
+    ours, _ = _pair()
+    q = torch.randn(2, 4, 12, dtype=DT, requires_grad=True)
+    kv = torch.randn(2, 6, 20, dtype=DT, requires_grad=True)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0] = True  # sample 0 has nothing to attend to
+    mask[1, 5] = True
+    out, w = ours(q, kv, kv_padding_mask=mask, return_weights=True)
+    assert torch.isfinite(out).all() and torch.isfinite(w).all()
+    torch.testing.assert_close(out[0], ours.out_proj.bias.expand(4, 12), rtol=0, atol=0)
+    assert (w[0] == 0).all()
+    # Sample 1 is unaffected by sample 0's padding: same as running it alone.
+    alone = ours(q[1:], kv[1:], kv_padding_mask=mask[1:])
+    torch.testing.assert_close(out[1:], alone, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    for t in (q.grad, kv.grad, *(p.grad for p in ours.parameters())):
+        assert torch.isfinite(t).all()
+    assert (kv.grad[0] == 0).all()  # no key/value of the empty sample was used
+
+
+@pytest.mark.parametrize("q_dim,kv_dim,heads,embed", [(8, 8, 2, None), (16, 32, 4, 24), (6, 10, 1, 4)])
+def test_shapes(q_dim, kv_dim, heads, embed):
+    m = MultiHeadCrossAttention(q_dim, kv_dim, heads, embed_dim=embed)
+    out, w = m(torch.randn(2, 9, q_dim), torch.randn(2, 3, kv_dim), return_weights=True)
+    assert out.shape == (2, 9, q_dim) and w.shape == (2, 9, 3)
+    assert m.q_proj.out_features == (embed or q_dim) and m.out_proj.out_features == q_dim
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadCrossAttention(10, 8, 3)
+    with pytest.raises(ValueError):
+        MultiHeadCrossAttention(8, 8, 2, dropout=1.5)
+    m = MultiHeadCrossAttention(8, 6, 2)
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 4, 6)
+    with pytest.raises(ValueError, match="attention_mask == 0"):  # a HF 1 = token mask
+        m(q, kv, kv_padding_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError):
+        m(q, kv, kv_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        m(q, torch.randn(3, 4, 6))

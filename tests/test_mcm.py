@@ -1,0 +1,166 @@
+"""MultiStageCrossAttentionBlock against a slow, obvious re-implementation written here."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tmc.mcm import MultiStageCrossAttentionBlock
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------- slow reference (explicit math)
+
+def _linear(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
+def _layer_norm(x, ln):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _mlp(x, mlp):
+    return _linear(_gelu(_linear(x, mlp.fc1)), mlp.fc2)
+
+
+def _slow_mhca(q, kv, attn, pad=None):
+    """Loops over batch and heads; softmax written out. Returns output and head-mean weights."""
+    Q, K, V = _linear(q, attn.q_proj), _linear(kv, attn.k_proj), _linear(kv, attn.v_proj)
+    nH = attn.num_heads
+    dh = Q.shape[-1] // nH
+    outs, weights = [], []
+    for b in range(q.shape[0]):
+        heads, w_sum = [], 0
+        for h in range(nH):
+            sl = slice(h * dh, (h + 1) * dh)
+            s = Q[b, :, sl] @ K[b, :, sl].T / math.sqrt(dh)  # (Nq, Nk)
+            e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
+            if pad is not None:
+                e = e * (~pad[b]).to(e.dtype)  # padded keys contribute nothing
+            p = e / e.sum(dim=-1, keepdim=True)
+            heads.append(p @ V[b, :, sl])
+            w_sum = w_sum + p
+        outs.append(torch.cat(heads, dim=-1))
+        weights.append(w_sum / nH)
+    return _linear(torch.stack(outs), attn.out_proj), torch.stack(weights)
+
+
+def _slow_block(m, v, l, pad):
+    a, w = _slow_mhca(_layer_norm(v, m.v_norm_q), _layer_norm(l, m.v_norm_kv), m.v_attn, pad)
+    v = v + a
+    f_v = v + _mlp(_layer_norm(v, m.v_norm_mlp), m.v_mlp)
+    a, _ = _slow_mhca(_layer_norm(l, m.l_norm_q), _layer_norm(f_v, m.l_norm_kv), m.l_attn)
+    l = l + a
+    f_l = l + _mlp(_layer_norm(l, m.l_norm_mlp), m.l_mlp)
+    return f_v, f_l, w
+
+
+def _randomised_block(vis, txt, heads, seed=0, zero_init_visual=True):
+    torch.manual_seed(seed)
+    m = MultiStageCrossAttentionBlock(vis, txt, heads, mlp_ratio=2.0,
+                                      zero_init_visual=zero_init_visual).to(DT)
+    with torch.no_grad():  # randomise everything (zeroed projections, LN affine) so no term hides
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m.eval()
+
+
+def _inputs(B=2, N=6, L=5, vis=8, txt=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, N, vis, dtype=DT, generator=g)
+    l = torch.randn(B, L, txt, dtype=DT, generator=g)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, 3:] = True
+    pad[1, 4:] = True
+    return v, l, pad
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("use_pad", [False, True])
+def test_matches_slow_reference_values_and_grads(use_pad):
+    m = _randomised_block(8, 12, 2)
+    v, l, pad = _inputs()
+    pad = pad if use_pad else None
+    v1, l1 = v.clone().requires_grad_(), l.clone().requires_grad_()
+    f_v, f_l, w = m(v1, l1, text_padding_mask=pad, return_attention=True)
+
+    v2, l2 = v.clone().requires_grad_(), l.clone().requires_grad_()
+    s_v, s_l, s_w = _slow_block(m, v2, l2, pad)
+    torch.testing.assert_close(f_v, s_v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f_l, s_l, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w, s_w, rtol=1e-10, atol=1e-10)
+
+    g = torch.Generator().manual_seed(2)
+    up_v, up_l = torch.randn(f_v.shape, dtype=DT, generator=g), torch.randn(f_l.shape, dtype=DT, generator=g)
+    params = dict(m.named_parameters())
+    grads = torch.autograd.grad((f_v * up_v).sum() + (f_l * up_l).sum(), [v1, l1, *params.values()])
+    slow = torch.autograd.grad((s_v * up_v).sum() + (s_l * up_l).sum(), [v2, l2, *params.values()])
+    names = ["v", "l", *params]
+    for name, a, b in zip(names, grads, slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+        assert torch.isfinite(a).all() and a.abs().sum() > 0, name  # every parameter is used
+
+
+@pytest.mark.parametrize("vis,txt,heads,N,L", [(8, 8, 1, 4, 3), (12, 24, 3, 10, 7), (32, 16, 4, 49, 10)])
+def test_shapes(vis, txt, heads, N, L):
+    m = MultiStageCrossAttentionBlock(vis, txt, heads)
+    f_v, f_l, w = m(torch.randn(2, N, vis), torch.randn(2, L, txt), return_attention=True)
+    assert f_v.shape == (2, N, vis) and f_l.shape == (2, L, txt) and w.shape == (2, N, L)
+    assert len(m(torch.randn(2, N, vis), torch.randn(2, L, txt))) == 2
+
+
+def test_padded_text_tokens_do_not_change_f_v():
+    m = _randomised_block(8, 12, 2)
+    v, l, pad = _inputs()
+    f_v, _, w = m(v, l, text_padding_mask=pad, return_attention=True)
+    assert (w[pad[:, None, :].expand_as(w)] == 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2], dtype=DT))
+    l2 = l.clone()
+    l2[pad] = 50 * torch.randn(int(pad.sum()), 12, dtype=DT)
+    f_v2, _ = m(v, l2, text_padding_mask=pad)
+    torch.testing.assert_close(f_v2, f_v, rtol=0, atol=1e-12)
+    # Control: the same change on an unpadded token does move f_v.
+    l3 = l.clone()
+    l3[0, 0] = 5 * torch.randn(12, dtype=DT)  # not a constant shift: LayerNorm would remove it
+    assert not torch.allclose(m(v, l3, text_padding_mask=pad)[0], f_v)
+
+
+def test_zero_init_visual_is_identity_but_trainable():
+    torch.manual_seed(0)
+    m = MultiStageCrossAttentionBlock(8, 12, 2)
+    v, l, pad = _inputs()
+    f_v, f_l = m(v.float(), l.float(), text_padding_mask=pad)
+    assert torch.equal(f_v, v.float())  # a pretrained Swin feature passes untouched at step 0
+    assert not torch.allclose(f_l, l.float())  # the text path is live from the start
+    (f_v.square().sum() + f_l.sum()).backward()
+    assert m.v_attn.out_proj.weight.grad.abs().sum() > 0
+    assert m.v_mlp.fc2.weight.grad.abs().sum() > 0
+    m2 = MultiStageCrossAttentionBlock(8, 12, 2, zero_init_visual=False)
+    assert not torch.allclose(m2(v.float(), l.float())[0], v.float())
+
+
+def test_train_mode_dropout_runs_and_eval_is_deterministic():
+    m = MultiStageCrossAttentionBlock(8, 8, 2, dropout=0.5, zero_init_visual=False)
+    v, l = torch.randn(2, 6, 8), torch.randn(2, 5, 8)
+    m.train()
+    assert torch.isfinite(m(v, l)[0]).all()
+    m.eval()
+    torch.testing.assert_close(m(v, l)[0], m(v, l)[0], rtol=0, atol=0)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="vis_dim"):
+        MultiStageCrossAttentionBlock(10, 8, 4)
+    with pytest.raises(ValueError, match="txt_dim"):
+        MultiStageCrossAttentionBlock(8, 10, 4)
+    m = MultiStageCrossAttentionBlock(8, 8, 2)
+    with pytest.raises(ValueError):
+        m(torch.randn(2, 4, 8), torch.randn(3, 5, 8))

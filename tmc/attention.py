@@ -1,0 +1,124 @@
+"""Multi-head cross-attention (paper §3.1): MHCA(Q, K, V) = Softmax(QKᵀ / √d_k) V, per head.
+
+Queries come from one modality and keys/values from the other, so the query and key/value inputs
+have their own widths (`q_dim`, `kv_dim`); both are projected to a shared `embed_dim`, split into
+heads, attended with `F.scaled_dot_product_attention`, and projected back to `q_dim`.
+
+Shape key: B batch, Nq query tokens, Nk key/value tokens, nH heads, Dh head dim (embed_dim / nH).
+In the TMC model Nq/Nk are N (image tokens) or L (text tokens), depending on the direction.
+
+Padding convention: `kv_padding_mask` is (B, Nk) bool with True = padding, the same convention as
+`torch.nn.MultiheadAttention(key_padding_mask=...)`. A HuggingFace `attention_mask` (1 = real token)
+converts as `kv_padding_mask = attention_mask == 0`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MultiHeadCrossAttention"]
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """Multi-head scaled dot-product cross-attention with separate q / k / v projections.
+
+    Parameters: `q_proj` (q_dim → embed_dim), `k_proj` and `v_proj` (kv_dim → embed_dim),
+    `out_proj` (embed_dim → q_dim), all with bias (as nn.MultiheadAttention).
+
+    A sample whose keys are *all* padding has nothing to attend to. Instead of the NaN a plain
+    softmax over an all -inf row gives (and which some fused SDPA kernels return), its attention
+    output is defined as zero: such query rows return `out_proj.bias`, their weights are all zero,
+    and no NaN reaches the gradients. With a residual around this layer those tokens pass unchanged.
+
+    Args:
+        q_dim: width of the query input (and of the output).
+        kv_dim: width of the key/value input.
+        num_heads: nH; must divide embed_dim.
+        embed_dim: inner width nH * Dh; defaults to q_dim.
+        dropout: dropout on the attention weights (training only).
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int, num_heads: int, embed_dim: int | None = None,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        embed_dim = q_dim if embed_dim is None else embed_dim
+        if min(q_dim, kv_dim, num_heads, embed_dim) <= 0:
+            raise ValueError(f"q_dim, kv_dim, num_heads, embed_dim must be positive, got "
+                             f"{q_dim}, {kv_dim}, {num_heads}, {embed_dim}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
+                             f"fix: choose a head count that divides it")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_heads = num_heads
+        self.embed_dim = embed_dim
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(q_dim, embed_dim)
+        self.k_proj = nn.Linear(kv_dim, embed_dim)
+        self.v_proj = nn.Linear(kv_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, q_dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, M, _ = x.shape
+        x = x.view(B, M, self.num_heads, self.head_dim)  # (B, M, nH, Dh)
+        return x.transpose(1, 2)  # (B, nH, M, Dh)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_padding_mask: torch.Tensor | None = None,
+                return_weights: bool = False):
+        """Attend from `q` to `kv`.
+
+        Args:
+            q: (B, Nq, q_dim) queries.
+            kv: (B, Nk, kv_dim) keys and values (the same tokens, projected twice).
+            kv_padding_mask: optional (B, Nk) bool, True = padding (never attended to).
+            return_weights: also return the attention weights averaged over heads.
+
+        Returns:
+            out (B, Nq, q_dim), and with `return_weights` also weights (B, Nq, Nk): the softmax
+            probabilities before dropout, averaged over heads, computed explicitly (rows sum to 1,
+            or to 0 for a sample whose keys are all padding).
+        """
+        B, Nq, _ = q.shape
+        Nk = kv.shape[1]
+        if kv.shape[0] != B:
+            raise ValueError(f"q has batch {B} but kv has batch {kv.shape[0]}")
+
+        attn_mask = None
+        keep = None  # (B, 1, 1, 1): 0 for samples whose keys are all padding
+        if kv_padding_mask is not None:
+            if kv_padding_mask.dtype != torch.bool or kv_padding_mask.shape != (B, Nk):
+                raise ValueError(
+                    f"kv_padding_mask must be bool of shape {(B, Nk)} with True = padding, got "
+                    f"{kv_padding_mask.dtype} {tuple(kv_padding_mask.shape)}; fix: from a "
+                    f"HuggingFace attention_mask pass `attention_mask == 0`")
+            all_pad = kv_padding_mask.all(dim=1)  # (B,)
+            # Unmask fully padded samples so the softmax stays finite, then zero their output.
+            valid = ~kv_padding_mask | all_pad[:, None]  # (B, Nk), True = attend
+            attn_mask = valid[:, None, None, :]  # (B, 1, 1, Nk), broadcast over nH and Nq
+            # Always applied (no `if all_pad.any()`): avoids a host-device sync per call.
+            keep = (~all_pad).to(q.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+
+        qh = self._split_heads(self.q_proj(q))  # (B, nH, Nq, Dh)
+        kh = self._split_heads(self.k_proj(kv))  # (B, nH, Nk, Dh)
+        vh = self._split_heads(self.v_proj(kv))  # (B, nH, Nk, Dh)
+
+        drop = self.dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, dropout_p=drop)
+        # x: (B, nH, Nq, Dh)
+        if keep is not None:
+            x = x * keep
+        x = x.transpose(1, 2).reshape(B, Nq, self.embed_dim)  # (B, Nq, nH*Dh)
+        out = self.out_proj(x)  # (B, Nq, q_dim)
+        if not return_weights:
+            return out
+
+        # Explicit weights for inspection (Fig. 3 heatmaps); same scale and mask as SDPA above.
+        scores = (qh @ kh.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, nH, Nq, Nk)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(dim=-1)  # (B, nH, Nq, Nk)
+        if keep is not None:
+            weights = weights * keep
+        return out, weights.mean(dim=1)  # (B, Nq, Nk)

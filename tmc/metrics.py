@@ -1,0 +1,201 @@
+"""Binary segmentation metrics as pure NumPy functions (paper §4.3; nnU-Net conventions).
+
+Everything is built from per-image confusion counts (tp, fp, fn):
+    dice = 2 tp / (2 tp + fp + fn),   iou = tp / (tp + fp + fn).
+No smoothing constant: a prediction is scored exactly, and the one undefined case, an empty target
+with an empty prediction (0/0), is decided by an explicit `empty` value.
+
+The empty-vs-empty rule
+-----------------------
+* nnU-Net: NaN, excluded from means (np.nanmean). `dice_from_counts`/`iou_from_counts`/
+  `per_image_scores`/`global_scores` default to it.
+* LViT's per-image protocol adds 1e-5 to the denominator, so it scores such images 0.
+* The paper's volume protocol (§4.3) averages slice scores over *all* slices of a case, then over
+  *all* test cases, and runs a paired t-test on per-case Dice. MosMedData's test split holds normal
+  scans (every slice empty, ~half of the cases after the stratified split) and abnormal scans are
+  mostly lesion-free slices. Scoring empty-vs-empty as 0 would cap a perfect model near 50% on
+  MosMed (the paper reports 78.39%); NaN would leave every correctly-empty normal case without a
+  score, so they could not enter "the average over all test cases" nor the paired test. The only
+  rule consistent with §4.3 is **1.0: a correct "nothing here" is a perfect slice**.
+  `per_case_scores(..., empty_score=1.0)` is therefore the default of the volume protocol;
+  `empty_score=nan` gives nnU-Net's exclusion (a case with no scorable slice then gets NaN and is
+  left out of the mean over cases), `empty_score=0.0` reproduces LViT.
+An empty target with a non-empty prediction, or the reverse, is always 0.
+
+Protocols (report which one a number uses):
+* per-image mean (LViT family, QaTa): `per_case_scores(scores, keys)` with one case per image, or
+  `mean_scores(scores)`;
+* global / micro (GuideDecoder family): `global_scores(tp.sum(), fp.sum(), fn.sum())`;
+* per-case (paper, volumes): `per_case_scores(scores, cases)`.
+
+Shape key: N images (slices), H, W spatial.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "binarize",
+    "confusion",
+    "dice_from_counts",
+    "iou_from_counts",
+    "per_image_scores",
+    "global_scores",
+    "mean_scores",
+    "per_case_scores",
+]
+
+THRESHOLD = 0.5
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_binary(x, name: str) -> np.ndarray:
+    x = _to_numpy(x)
+    if x.dtype == np.bool_:
+        return x
+    if not np.isin(x, (0, 1)).all():
+        raise ValueError(f"{name} holds values other than 0/1 (dtype {x.dtype}); fix: threshold "
+                         f"probabilities first with binarize(prob)")
+    return x.astype(bool)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean ignoring NaN; NaN (without a warning) when nothing is left."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = ~np.isnan(x)
+    return float(x[ok].mean()) if ok.any() else math.nan
+
+
+def _grouped_nanmean(x: np.ndarray, slot: np.ndarray, n: int) -> np.ndarray:
+    """Mean of x within each group 0..n-1 ignoring NaN; NaN for a group with nothing left."""
+    ok = ~np.isnan(x)
+    sums = np.bincount(slot[ok], weights=x[ok], minlength=n)  # (n,)
+    counts = np.bincount(slot[ok], minlength=n)  # (n,)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), math.nan)
+
+
+def binarize(prob, threshold: float = THRESHOLD) -> np.ndarray:
+    """Probabilities → bool mask: `prob > threshold` (0.5 ⇔ logit > 0; exactly 0.5 is background)."""
+    return _to_numpy(prob) > threshold
+
+
+def confusion(pred, target) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image confusion counts of binary masks.
+
+    Args:
+        pred: (..., H, W) bool (or 0/1) thresholded prediction.
+        target: (..., H, W) bool (or 0/1) ground truth, same shape.
+
+    Returns:
+        tp, fp, fn: int64 arrays of shape (...) (0-d for a single (H, W) image).
+    """
+    p, t = _as_binary(pred, "pred"), _as_binary(target, "target")
+    if p.shape != t.shape or p.ndim < 2:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must share one (..., H, W) shape")
+    axes = (-2, -1)
+    tp = np.sum(p & t, axis=axes, dtype=np.int64)
+    fp = np.sum(p & ~t, axis=axes, dtype=np.int64)
+    fn = np.sum(~p & t, axis=axes, dtype=np.int64)
+    return tp, fp, fn
+
+
+def dice_from_counts(tp, fp, fn, empty: float = math.nan) -> np.ndarray:
+    """Dice = 2tp / (2tp + fp + fn); `empty` where tp = fp = fn = 0 (empty target and prediction)."""
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), empty)
+
+
+def iou_from_counts(tp, fp, fn, empty: float = math.nan) -> np.ndarray:
+    """IoU = tp / (tp + fp + fn); `empty` where tp = fp = fn = 0."""
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    denom = tp + fp + fn
+    return np.where(denom > 0, tp / np.maximum(denom, 1), empty)
+
+
+def per_image_scores(pred, target, empty: float = math.nan) -> dict[str, np.ndarray]:
+    """Dice, IoU and counts of each image.
+
+    Args:
+        pred: (N, H, W) bool thresholded predictions.
+        target: (N, H, W) bool ground truth.
+        empty: score of an empty-vs-empty image (default NaN, nnU-Net).
+
+    Returns:
+        {"dice", "iou": (N,) float64, "tp", "fp", "fn": (N,) int64}. Keep the counts: the other
+        protocols are computed from them.
+    """
+    tp, fp, fn = confusion(pred, target)
+    if tp.ndim != 1:
+        raise ValueError(f"per_image_scores expects (N, H, W) masks, got {tp.ndim + 2} dims")
+    return {"dice": dice_from_counts(tp, fp, fn, empty), "iou": iou_from_counts(tp, fp, fn, empty),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def global_scores(tp, fp, fn, empty: float = math.nan) -> dict[str, float]:
+    """Global (micro) Dice and IoU: counts summed over the whole set first (GuideDecoder protocol).
+
+    Args:
+        tp, fp, fn: per-image counts (any shape) or their sums.
+        empty: value when the whole set has no positive pixel in target and prediction.
+
+    Returns:
+        {"dice_global": float, "iou_global": float}.
+    """
+    t, p, n = (int(np.sum(a)) for a in (tp, fp, fn))
+    return {"dice_global": float(dice_from_counts(t, p, n, empty)),
+            "iou_global": float(iou_from_counts(t, p, n, empty))}
+
+
+def mean_scores(scores: dict[str, np.ndarray], empty_score: float = 1.0) -> dict[str, float]:
+    """Per-image mean Dice and IoU, re-scored from the counts with `empty_score` (NaN = excluded).
+
+    Returns:
+        {"dice": float, "iou": float, "n": number of images that entered the mean}.
+    """
+    dice = dice_from_counts(scores["tp"], scores["fp"], scores["fn"], empty_score)
+    iou = iou_from_counts(scores["tp"], scores["fp"], scores["fn"], empty_score)
+    return {"dice": _nanmean(dice), "iou": _nanmean(iou), "n": int((~np.isnan(dice)).sum())}
+
+
+def per_case_scores(scores: dict[str, np.ndarray], cases: Sequence, empty_score: float = 1.0
+                    ) -> dict:
+    """The paper's volume protocol (§4.3): mean over the slices of each case, then over cases.
+
+    Slice scores are recomputed from the counts with `empty_score` for empty-vs-empty slices
+    (default 1.0, see the module docstring; NaN = excluded as in nnU-Net), so the rule is the same
+    whatever `empty` built `scores`.
+
+    Args:
+        scores: output of `per_image_scores` (uses "tp", "fp", "fn", each (N,)).
+        cases: (N,) case id of each slice (any hashable: str, int).
+        empty_score: score of an empty-vs-empty slice.
+
+    Returns:
+        {"cases": list of case ids in first-seen order, "dice", "iou": (n_cases,) float64 per-case
+        means (NaN for a case without any scorable slice), "n_slices": (n_cases,) int64,
+        "mean_dice", "mean_iou": float means over the cases that have a score}. The per-case Dice
+        array is what the paired t-test compares.
+    """
+    tp = np.asarray(scores["tp"])
+    cases = list(cases)
+    if len(cases) != tp.shape[0]:
+        raise ValueError(f"{len(cases)} case ids for {tp.shape[0]} slices")
+    dice = dice_from_counts(scores["tp"], scores["fp"], scores["fn"], empty_score)  # (N,)
+    iou = iou_from_counts(scores["tp"], scores["fp"], scores["fn"], empty_score)  # (N,)
+    order = list(dict.fromkeys(cases))
+    index = {c: k for k, c in enumerate(order)}
+    slot = np.array([index[c] for c in cases], dtype=np.int64)  # (N,) case slot of each slice
+    case_dice = _grouped_nanmean(dice, slot, len(order))  # (n_cases,)
+    case_iou = _grouped_nanmean(iou, slot, len(order))  # (n_cases,)
+    return {"cases": order, "dice": case_dice, "iou": case_iou,
+            "n_slices": np.bincount(slot, minlength=len(order)).astype(np.int64),
+            "mean_dice": _nanmean(case_dice), "mean_iou": _nanmean(case_iou)}
