@@ -1,0 +1,422 @@
+"""Evaluate TMC checkpoints, compare sets of runs, draw overlays, or segment one image or volume.
+
+    python eval.py --ckpt runs/qata-s0/best.pt                       # test split of the run's dataset
+    python eval.py --ckpt runs/qata-s{0,1,2}/best.pt --json res.json  # mean ± std over seeds (Table 1)
+    python eval.py --compare runs/tmc-s*/best.pt -- runs/nomcm-s*/best.pt   # paired t-test per case
+    python eval.py --ckpt best.pt --save-overlays figs/               # contours + attention heatmaps
+    python eval.py --ckpt best.pt --image cxr.png --text "Bilateral pulmonary infection, ..." --out mask.png
+    python eval.py --ckpt best.pt --volume ct.nii.gz --text "..." --out mask.nii.gz
+
+Metrics (threshold 0.5 on the sigmoid, at the model's input size), reported three ways:
+  per image  mean over images of each image's Dice/IoU (LViT's protocol; "dice"/"miou" for 2D sets)
+  global     Dice/IoU of tp/fp/fn summed over all pixels of the split (GuideDecoder's protocol)
+  per case   slices → per-case mean → mean over cases (the paper's §4.3; "dice"/"miou" for volumes)
+Empty-vs-empty rule (tmc.metrics): an image with empty ground truth and empty prediction scores
+1.0 (a correct "nothing here"), so normal CT scans enter the per-case mean and the paired t-test as
+the paper's protocol requires; --empty nan leaves such images out (nnU-Net), --empty 0 is LViT's.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tmc.checkpoint import load_checkpoint, model_from_checkpoint
+from tmc.engine import THRESHOLD, autocast, pick_device, predict_records, summarize
+from tmc.train_config import parse_reader_options
+
+METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
+               "dice_per_case", "iou_per_case")
+
+
+def fail(message: str):
+    raise SystemExit(f"eval.py: {message}")
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_model(path: str | Path, device: torch.device):
+    """(model in eval mode on device, ModelConfig, checkpoint dict) from a train.py checkpoint."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model, cfg = model_from_checkpoint(ckpt)
+    return model.to(device), cfg, ckpt
+
+
+def dataset_settings(ckpt: dict, args) -> dict:
+    """Dataset, root and cache settings: the run's own, overridden by --dataset/--root/--cache-dir."""
+    tc = ckpt.get("train_config", {})
+    return {"dataset": args.dataset or tc.get("dataset"), "root": args.root or tc.get("root", ""),
+            "cache_dir": args.cache_dir or tc.get("cache_dir", ""),
+            "split_mode": tc.get("split_mode", "paper"), "seed": tc.get("seed", 0),
+            "skip_bad": tc.get("skip_bad", False),
+            "reader_options": args.reader_options or tc.get("reader_options", "")}
+
+
+def split_loader(settings: dict, image_size: int, split: str, batch_size: int, workers: int,
+                 device: torch.device) -> DataLoader:
+    from datasets.cached import SegmentationSet
+    from datasets.registry import prepare
+
+    if not settings["dataset"]:
+        fail("the checkpoint names no dataset; fix: pass --dataset and --root")
+    cache = prepare(settings["dataset"], settings["root"] or None, image_size=image_size,
+                    cache_dir=settings["cache_dir"] or None, split_mode=settings["split_mode"],
+                    seed=settings["seed"], skip_bad=settings["skip_bad"],
+                    **parse_reader_options(settings["reader_options"]))
+    ds = SegmentationSet(cache, split)
+    if len(ds) == 0:
+        fail(f"{cache}: the {split} split is empty; fix: another --split")
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------- overlays
+
+class OverlayWriter:
+    """Collects evaluation pictures (image | GT and predicted contours | text attention heatmap)."""
+
+    def __init__(self, folder: Path, model, limit: int, mosaic_size: int = 8):
+        self.folder, self.model, self.limit, self.mosaic_size = folder, model, limit, mosaic_size
+        self.panels, self.written = [], 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, batch, out, prob, pred):
+        from tmc.visualize import attention_heatmap, prediction_panel
+
+        n = prob.shape[0]
+        take = n if self.limit <= 0 else min(n, self.limit - self.written)
+        if take <= 0:
+            return
+        H, W = prob.shape[-2:]
+        heat = None
+        if out.get("attention"):
+            mask = self.model.tokenize(list(batch["text"][:take])).get("attention_mask")  # (b, T)
+            heat = attention_heatmap({k: v[:take] for k, v in out["attention"].items()}, mask, (H, W))
+        scale = max(1, 224 // H)
+        for i in range(take):
+            panel = prediction_panel(batch["image"][i, 0], batch["mask"][i, 0] > 0.5, pred[i, 0],
+                                     None if heat is None else heat[i], caption=batch["text"][i],
+                                     scale=scale)
+            name = re.sub(r"[^A-Za-z0-9_.#-]+", "_", str(batch["key"][i]))
+            panel.save(self.folder / f"{name}.png")
+            self.written += 1
+            if len(self.panels) < self.mosaic_size:
+                self.panels.append(panel)
+
+    def finish(self) -> Path | None:
+        from tmc.visualize import mosaic
+
+        if not self.panels:
+            return None
+        path = self.folder / "mosaic.png"
+        mosaic(self.panels, ncols=2).save(path)
+        return path
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def evaluate_checkpoint(path: str, args, device: torch.device) -> tuple[dict, list[dict]]:
+    """Summary (tmc.engine.summarize) and per-image records of one checkpoint on one split."""
+    model, cfg, ckpt = load_model(path, device)
+    settings = dataset_settings(ckpt, args)
+    loader = split_loader(settings, cfg.image_size, args.split, args.batch_size, args.workers, device)
+    writer = None
+    if args.save_overlays:
+        folder = Path(args.save_overlays)
+        if len(args.ckpt_list) > 1:
+            folder = folder / Path(path).parent.name
+        writer = OverlayWriter(folder, model, args.max_overlays)
+    records = predict_records(model, loader, device=device, tokenize=model.tokenize, amp=args.amp,
+                              on_batch=writer, return_attention=writer is not None and len(model.mcm) > 0,
+                              desc=f"eval {Path(path).name}", progress=not args.no_progress)
+    summary = summarize(records, empty=args.empty)
+    summary.update(dataset=settings["dataset"], split=args.split, checkpoint=str(path),
+                   epoch=ckpt.get("epoch"))
+    if writer is not None:
+        mosaic_path = writer.finish()
+        summary["overlays"] = str(writer.folder)
+        print(f"overlays: {writer.written} pictures in {writer.folder}"
+              + (f", mosaic {mosaic_path}" if mosaic_path else ""))
+    return summary, records
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single run) over runs."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def combine_runs(summaries: list[dict]) -> dict:
+    """Mean ± std of every metric over runs (different seeds), as in the paper's tables; per-case
+    scores averaged over the runs."""
+    out = {"n_runs": len(summaries), "checkpoints": [s["checkpoint"] for s in summaries],
+           "runs": [{k: v for k, v in s.items() if k != "cases"} for s in summaries]}
+    for k in METRIC_KEYS:
+        out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
+    first = summaries[0]
+    for k in ("protocol", "empty_rule", "n_images", "n_cases", "dataset", "split"):
+        out[k] = first[k]
+    out["checkpoint"] = first["checkpoint"] if len(summaries) == 1 else out["checkpoints"]
+    cases = list(first["cases"])
+    out["cases"] = {c: {"dice": float(np.nanmean([s["cases"][c]["dice"] for s in summaries])),
+                        "iou": float(np.nanmean([s["cases"][c]["iou"] for s in summaries])),
+                        "n_slices": first["cases"][c]["n_slices"],
+                        "dice_runs": [s["cases"][c]["dice"] for s in summaries]}
+                    for c in cases}
+    return out
+
+
+def paired_test(a: dict, b: dict) -> dict:
+    """Paired t-test on per-case Dice (each case already averaged over its set's runs)."""
+    from scipy.stats import ttest_rel
+
+    cases = [c for c in a["cases"] if c in b["cases"]
+             and math.isfinite(a["cases"][c]["dice"]) and math.isfinite(b["cases"][c]["dice"])]
+    if len(cases) < 2:
+        fail("fewer than 2 cases scored by both sets; a paired t-test needs more")
+    x = np.array([a["cases"][c]["dice"] for c in cases])
+    y = np.array([b["cases"][c]["dice"] for c in cases])
+    res = ttest_rel(x, y)
+    return {"n_cases": len(cases), "mean_diff": float((x - y).mean()), "t": float(res.statistic),
+            "p": float(res.pvalue), "test": "scipy.stats.ttest_rel on per-case Dice (A vs B)"}
+
+
+def pct(x: float, s: float | None = None) -> str:
+    return f"{100 * x:.2f}" + (f" ± {100 * s:.2f}" if s is not None else "")
+
+
+def print_result(name: str, r: dict) -> None:
+    std = r["n_runs"] > 1
+    g = (lambda k: pct(r[k], r[k + "_std"] if std else None))
+    unit = "cases" if r["protocol"] == "per-case" else "images"
+    print(f"{name}: {r['dataset']} {r['split']} | {r['n_images']} images, {r['n_cases']} cases | "
+          f"{r['n_runs']} run(s)")
+    print(f"  Dice {g('dice')}  mIoU {g('miou')}   (paper protocol: {r['protocol']} mean over {unit})")
+    print(f"  per image  Dice {g('dice_per_image')}  IoU {g('iou_per_image')}   (LViT)")
+    print(f"  global     Dice {g('dice_global')}  IoU {g('iou_global')}   (GuideDecoder)")
+    print(f"  per case   Dice {g('dice_per_case')}  IoU {g('iou_per_case')}   (paper §4.3, volumes)")
+    print(f"  {r['empty_rule']}; threshold {THRESHOLD}; std over runs with ddof=1")
+
+
+def write_case_csv(path: Path, sets: dict[str, dict]) -> None:
+    """One row per case: slices, and per set the run-averaged Dice/IoU and each run's Dice."""
+    first = next(iter(sets.values()))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        header = ["case", "n_slices"]
+        for name, r in sets.items():
+            header += [f"{name}_dice", f"{name}_iou"] + [f"{name}_dice_run{k + 1}" for k in range(r["n_runs"])]
+        w.writerow(header)
+        for case, c in first["cases"].items():
+            row = [case, c["n_slices"]]
+            for r in sets.values():
+                rc = r["cases"].get(case)
+                row += ([f"{rc['dice']:.6f}", f"{rc['iou']:.6f}"] + [f"{d:.6f}" for d in rc["dice_runs"]]
+                        if rc else [""] * (2 + r["n_runs"]))
+            w.writerow(row)
+
+
+def evaluate_sets(args, device: torch.device) -> dict:
+    sets = {"A": args.ckpt_list}
+    if args.ckpt_b_list:
+        sets["B"] = args.ckpt_b_list
+    results = {}
+    for name, paths in sets.items():
+        args.ckpt_list = paths
+        results[name] = combine_runs([evaluate_checkpoint(p, args, device)[0] for p in paths])
+        print_result(name if len(sets) > 1 else "result", results[name])
+    summary = dict(results["A"])
+    if "B" in results:
+        summary = {"A": results["A"], "B": results["B"], "compare": paired_test(results["A"], results["B"])}
+        c = summary["compare"]
+        for k in ("dataset", "split", "n_images", "n_cases"):
+            summary[k] = results["A"][k]
+        print(f"A − B per-case Dice: mean diff {pct(c['mean_diff'])} points over {c['n_cases']} cases, "
+              f"paired t = {c['t']:.3f}, p = {c['p']:.4g}" + (" (*)" if c["p"] < 0.05 else ""))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        strip = (lambda r: {k: v for k, v in r.items() if k != "cases"})
+        doc = strip(summary) if "B" not in results else {**summary, "A": strip(results["A"]),
+                                                         "B": strip(results["B"])}
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        csv_path = path.with_name(path.stem + "_cases.csv")
+        write_case_csv(csv_path, results)
+        print(f"wrote {path} and {csv_path}")
+    return summary
+
+
+# ---------------------------------------------------------------------------- prediction
+
+def _as_model_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) float [0, 1] → (1, 1, S, S): resized and quantised exactly as the cache stores images."""
+    from datasets.images import resize_image, to_uint8
+
+    return torch.from_numpy(to_uint8(resize_image(image, size)).astype(np.float32) / 255.0)[None, None]
+
+
+def _resize_mask_back(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(S, S) bool → (H, W) bool, nearest neighbour."""
+    from PIL import Image
+
+    if mask.shape == tuple(shape):
+        return mask
+    out = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(out) > 127
+
+
+def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
+    """A function (B, 1, S, S) images in [0, 1] → (B, 1, S, S) bool masks for one caption."""
+    if model.text is not None and not text:
+        fail("this model is text-guided; fix: pass --text \"<description of the lesion>\"")
+
+    @torch.no_grad()
+    def segment(images: torch.Tensor) -> torch.Tensor:
+        tokens = {k: v.to(device) for k, v in model.tokenize([text or ""] * images.shape[0]).items()}
+        with autocast(device, amp):
+            logits = model(images.to(device), **tokens)["logits"]
+        return (torch.sigmoid(logits.float()) > THRESHOLD).cpu()
+
+    return segment
+
+
+def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path:
+    """Segment one 2D image file; writes a 0/255 PNG at the input's own size."""
+    from PIL import Image
+
+    from datasets.images import read_image
+
+    image = read_image(Path(path))  # (H, W)
+    mask = segment(_as_model_input(image, size))[0, 0].numpy()  # (S, S)
+    mask = _resize_mask_back(mask, image.shape)  # (H, W)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out)
+    return out
+
+
+def volume_intensity(volume: np.ndarray, mode: str) -> np.ndarray:
+    """Map a volume to [0, 1] as the training cache did: CT lung window or MR percentiles."""
+    from datasets.volumes import percentile_normalise, window
+
+    if mode == "ct":
+        return window(volume, -1350.0, 150.0)  # lung window W1500/L-600, as the MosMed reader
+    if mode == "mr":
+        return percentile_normalise(volume)
+    v = volume.astype(np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+
+
+def predict_volume(path: str | Path, segment, size: int, out: str | Path, intensity: str = "ct",
+                   batch_size: int = 8, series_uid: str | None = None) -> Path:
+    """Segment every axial slice of a NIfTI file or DICOM series folder; write a NIfTI mask.
+
+    For NIfTI input the mask has the input's shape, voxel order and affine; for DICOM, the RAS+
+    grid of `read_dicom_series` (the same voxels as the series).
+    """
+    from datasets.volumes import (axial_slice_to_image, image_to_axial_slice, read_dicom_series,
+                                  read_nifti, write_nifti_like)
+
+    path = Path(path)
+    is_nifti = path.is_file()
+    volume, affine = read_nifti(path) if is_nifti else read_dicom_series(path, series_uid)  # (X, Y, Z)
+    unit = volume_intensity(np.asarray(volume), intensity)  # (X, Y, Z) in [0, 1]
+    mask = np.zeros(unit.shape, dtype=bool)  # (X, Y, Z)
+    Z = unit.shape[2]
+    for z0 in range(0, Z, batch_size):
+        views = [axial_slice_to_image(unit[:, :, z]) for z in range(z0, min(Z, z0 + batch_size))]
+        batch = torch.cat([_as_model_input(v, size) for v in views])  # (b, 1, S, S)
+        pred = segment(batch)[:, 0].numpy()  # (b, S, S)
+        for k, (view, m) in enumerate(zip(views, pred)):
+            mask[:, :, z0 + k] = image_to_axial_slice(_resize_mask_back(m, view.shape))  # (X, Y)
+    return write_nifti_like(mask, affine, out, like=path if is_nifti else None)
+
+
+def default_intensity(dataset: str | None) -> str:
+    return {"mosmed": "ct", "mosmedplus": "ct", "duke": "mr"}.get(dataset or "", "minmax")
+
+
+# ---------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint(s); several = runs with different seeds")
+    p.add_argument("--compare", nargs="+", default=None, metavar="A.pt",
+                   help="set A of runs; set B follows `--` (or --ckpt-b)")
+    p.add_argument("--ckpt-b", nargs="+", default=[], help="set B for --compare / --ckpt")
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--dataset", default="", help="override the run's dataset")
+    p.add_argument("--root", default="", help="override the run's dataset folder")
+    p.add_argument("--cache-dir", default="", help="override the run's cache folder")
+    p.add_argument("--reader-options", default="", help="override the run's reader options")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--empty", default="1", choices=("1", "nan", "0"),
+                   help="score of an empty-vs-empty image (see the description) [1]")
+    p.add_argument("--json", default="", help="write the summary here (and <stem>_cases.csv beside it)")
+    p.add_argument("--save-overlays", default="", metavar="DIR", help="contour + attention pictures")
+    p.add_argument("--max-overlays", type=int, default=32, help="pictures per checkpoint (0 = all)")
+    p.add_argument("--image", default="", help="segment one image file (PNG/JPEG/TIFF/DICOM)")
+    p.add_argument("--volume", default="", help="segment a NIfTI file or a DICOM series folder")
+    p.add_argument("--series-uid", default=None, help="which DICOM series when the folder holds several")
+    p.add_argument("--intensity", default="auto", choices=("auto", "ct", "mr", "minmax"),
+                   help="volume → [0, 1] (auto: from the run's dataset: MosMed ct, Duke mr)")
+    p.add_argument("--text", default="", help="the caption for --image / --volume")
+    p.add_argument("--out", default="", help="output mask for --image (.png) / --volume (.nii.gz)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ('' = cuda when available)")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    args.empty = float(args.empty)
+    args.ckpt_list = list(args.ckpt)
+    args.ckpt_b_list = list(args.ckpt_b)
+    if args.compare is not None:
+        args.ckpt_list += args.compare
+        args.ckpt_b_list += args.rest
+        if not args.ckpt_b_list:
+            fail("--compare needs a second set: --compare A1.pt A2.pt -- B1.pt B2.pt")
+    elif args.rest:
+        fail(f"unexpected arguments {args.rest}")
+    if not args.ckpt_list:
+        fail("pass --ckpt PATH (or --compare A.pt ... -- B.pt ...)")
+    device = pick_device(args.device)
+
+    if args.image or args.volume:
+        if len(args.ckpt_list) != 1:
+            fail("--image / --volume take exactly one --ckpt")
+        model, cfg, ckpt = load_model(args.ckpt_list[0], device)
+        segment = make_segmenter(model, args.text, device, args.amp)
+        if args.image:
+            out = predict_image(args.image, segment, cfg.image_size, args.out or Path(args.image).stem + "_mask.png")
+        else:
+            mode = args.intensity
+            if mode == "auto":
+                mode = default_intensity(ckpt.get("train_config", {}).get("dataset"))
+            name = Path(args.volume).name.split(".")[0]
+            out = predict_volume(args.volume, segment, cfg.image_size, args.out or f"{name}_mask.nii.gz",
+                                 intensity=mode, batch_size=args.batch_size, series_uid=args.series_uid)
+        print(f"wrote {out}")
+        return {"out": str(out)}
+    return evaluate_sets(args, device)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,389 @@
+"""The training and evaluation loops, and what they need: seeding and RNG state, AMP, DDP helpers,
+and the evaluation protocols (per image, global, per case).
+
+train.py and eval.py are thin command lines around these functions, so the same code runs a
+demo on a laptop CPU, one GPU, or `torchrun --nproc_per_node N`.
+
+Shape key: B batch, H, W spatial, T text tokens.
+
+Evaluation protocols (all at threshold 0.5 on sigmoid probabilities, at the model's input size):
+  per image  Dice/IoU of every image, averaged over images (LViT's test protocol);
+  global     one Dice/IoU from tp/fp/fn summed over every pixel of the split (GuideDecoder's);
+  per case   slices → per-case mean → mean over cases (the paper's §4.3, for CT/MRI volumes).
+Empty-vs-empty rule (tmc.metrics): an image or slice whose ground truth and prediction are both
+empty scores 1.0 (a correct "nothing here"), the only rule under which the paper's "mean over the
+slices of a case, then over all test cases" includes normal CT scans; a false positive on an empty
+image, or a miss, scores 0. `empty=nan` gives nnU-Net's rule instead (such images are left out of
+the means; a case with no scorable slice is left out of the mean over cases).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import Sampler
+from tqdm import tqdm
+
+from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
+from tmc.metrics import confusion, global_scores, mean_scores, per_case_scores
+
+THRESHOLD = 0.5
+
+
+# ---------------------------------------------------------------------------- seeding and RNG state
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: derive numpy/python seeds from the worker's torch seed, which the
+    loader draws from its seeded generator (so workers differ, and runs repeat)."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def capture_rng(generators: dict[str, torch.Generator]) -> dict:
+    """Every RNG state as tensors, numbers and lists (loadable with weights_only=True)."""
+    version, py_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
+    """Inverse of `capture_rng`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        if name in state["generators"]:
+            g.set_state(state["generators"][name])
+
+
+# ---------------------------------------------------------------------------- AMP
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision. AMP runs only on CUDA."""
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp must be off, bf16 or fp16, not {amp!r}")
+    if amp == "off" or device.type != "cuda":
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = amp_dtype(amp, device)
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 on CUDA (bf16 needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(amp, device) == torch.float16)
+
+
+# ---------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "", dist: Dist | None = None) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1", "mps") or the best available; one GPU per rank under torchrun."""
+    dist = dist or Dist()
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here; fix: --device cpu")
+        if dist.enabled:
+            name = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def init_distributed(device_name: str = "") -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_name, dist)
+    if dist.enabled and not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return dist, device
+
+
+def cleanup_distributed(dist: Dist) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
+
+
+def all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks."""
+    if not dist.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_lists(items: list, dist: Dist) -> list:
+    """Concatenate a picklable list from every rank (every rank gets the result)."""
+    if not dist.enabled:
+        return list(items)
+    parts = [None] * dist.world_size
+    torch_dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ... without padding, so evaluation sees every image exactly once
+    (DistributedSampler would repeat images to even out the shards)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ---------------------------------------------------------------------------- training
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts skipped steps; stops the run after `limit` non-finite losses in a row."""
+    limit: int = 20
+    in_a_row: int = 0
+    total: int = 0
+
+    def update(self, finite: bool) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} non-finite losses in a row ({self.total} in total): training "
+                f"diverged; fix: lower --lr, use --amp bf16 instead of fp16, or --grad-clip 1.0")
+
+
+def _float_alignment(stages: list[dict]) -> list[dict]:
+    """Alignment outputs in float32: the losses' exp/logsigmoid are fragile in half precision."""
+    return [{k: v.float() if torch.is_tensor(v) else v for k, v in s.items()} for s in stages]
+
+
+def compute_loss(out: dict, mask: torch.Tensor, captions: list[str], seg_loss_kind: str,
+                 alignment_weight: float, alignment_form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L = L_seg + λ·L_align (paper §3.4). Returns (loss, seg, align), 0-d tensors."""
+    seg = segmentation_loss(out["logits"].float(), mask, kind=seg_loss_kind)
+    if out["alignment"] and alignment_weight > 0:
+        positives = caption_positive_mask(captions, device=mask.device)  # (B, B)
+        align = multistage_alignment_loss(_float_alignment(out["alignment"]), alignment_form, positives)
+    else:
+        align = torch.zeros((), device=mask.device)
+    return seg + alignment_weight * align, seg, align
+
+
+def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize, scaler,
+                    guard: NonFiniteGuard, amp: str = "off", seg_loss_kind: str = "bce",
+                    alignment_weight: float = 0.1, alignment_form: str = "sigmoid", augment_fn=None,
+                    aug_generator: torch.Generator | None = None, max_steps: int = 0,
+                    grad_clip: float = 0.0, dist: Dist | None = None, desc: str = "",
+                    progress: bool = True) -> dict:
+    """One pass over `loader` (or `max_steps` batches).
+
+    Args:
+        model: TMC, possibly wrapped in DistributedDataParallel.
+        loader: yields dicts with "image" (B, 1, H, W), "mask" (B, 1, H, W), "text" list[str].
+        tokenize: captions → {"input_ids", "attention_mask"} (the unwrapped model's `tokenize`).
+        augment_fn: `augment_batch(image, mask, generator=...)` applied on `device`, or None.
+        guard: counts non-finite losses; a step with one is skipped on every rank.
+
+    Returns:
+        {"loss", "seg", "align"} image-weighted means over all ranks, "steps", "skipped", "images".
+    """
+    dist = dist or Dist()
+    model.train()
+    total = len(loader) if not max_steps else min(max_steps, len(loader))
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss·B, seg·B, align·B, images
+    steps = skipped = 0
+    bar = tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and dist.is_main))
+    for batch in bar:
+        if max_steps and steps + skipped >= max_steps:
+            break
+        image = batch["image"].to(device, non_blocking=True)  # (B, 1, H, W)
+        mask = batch["mask"].to(device, non_blocking=True)  # (B, 1, H, W)
+        if augment_fn is not None:
+            image, mask = augment_fn(image, mask, generator=aug_generator)
+        tokens = {k: v.to(device) for k, v in tokenize(list(batch["text"])).items()}  # (B, T) each
+        with autocast(device, amp):
+            out = model(image, **tokens)
+        loss, seg, align = compute_loss(out, mask, list(batch["text"]), seg_loss_kind,
+                                        alignment_weight, alignment_form)
+        # Every rank must agree to skip, or DDP's gradient all-reduce would hang.
+        finite = all_reduce_sum([float(torch.isfinite(loss))], dist, device)[0] == dist.world_size
+        guard.update(finite)
+        optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            skipped += 1
+            continue
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        B = image.shape[0]
+        for i, v in enumerate((loss, seg, align)):
+            sums[i] += float(v.detach()) * B
+        sums[3] += B
+        if steps % 10 == 0 or steps == 1:
+            bar.set_postfix(loss=f"{sums[0] / sums[3]:.4f}")
+    bar.close()
+    loss_sum, seg_sum, align_sum, n = all_reduce_sum(sums, dist, device)
+    steps_all, skipped_all = all_reduce_sum([steps, skipped], dist, device)
+    mean = (lambda s: s / n) if n else (lambda s: float("nan"))
+    return {"loss": mean(loss_sum), "seg": mean(seg_sum), "align": mean(align_sum),
+            "steps": int(steps_all), "skipped": int(skipped_all), "images": int(n)}
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_records(model, loader, *, device: torch.device, tokenize, amp: str = "off",
+                    max_batches: int = 0, dist: Dist | None = None, on_batch=None,
+                    return_attention: bool = False, desc: str = "eval", progress: bool = True
+                    ) -> list[dict]:
+    """Threshold the model's probabilities at 0.5 and count tp/fp/fn per image.
+
+    Args:
+        loader: evaluation loader (under DDP with a `ShardSampler`).
+        on_batch: optional callback(batch, out, prob (B, 1, H, W), pred (B, 1, H, W) bool), e.g.
+            to draw overlays; `out` holds "attention" when `return_attention`.
+
+    Returns:
+        one dict per image (from every rank): key, case, slice, tp, fp, fn.
+    """
+    dist = dist or Dist()
+    was_training = model.training
+    model.eval()
+    records = []
+    total = len(loader) if not max_batches else min(max_batches, len(loader))
+    bar = tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and dist.is_main))
+    for b, batch in enumerate(bar):
+        if max_batches and b >= max_batches:
+            break
+        image = batch["image"].to(device, non_blocking=True)  # (B, 1, H, W)
+        mask = batch["mask"].to(device, non_blocking=True) > 0.5  # (B, 1, H, W) bool
+        tokens = {k: v.to(device) for k, v in tokenize(list(batch["text"])).items()}
+        with autocast(device, amp):
+            out = model(image, **tokens, return_attention=return_attention)
+        prob = torch.sigmoid(out["logits"].float())  # (B, 1, H, W)
+        pred = prob > THRESHOLD  # (B, 1, H, W)
+        tp, fp, fn = (np.asarray(t).reshape(-1).tolist() for t in confusion(pred, mask))  # (B,)
+        for i in range(image.shape[0]):
+            records.append({"key": batch["key"][i], "case": batch["case"][i],
+                            "slice": int(batch["slice"][i]), "tp": int(tp[i]), "fp": int(fp[i]),
+                            "fn": int(fn[i])})
+        if on_batch is not None:
+            on_batch(batch, out, prob, pred)
+    bar.close()
+    model.train(was_training)
+    records = gather_lists(records, dist)
+    return sorted(records, key=lambda r: (r["case"], r["slice"], r["key"]))
+
+
+def summarize(records: list[dict], empty: float = 1.0) -> dict:
+    """Dice and IoU of a split under the three protocols (see the module docstring).
+
+    Args:
+        records: per-image dicts with case, slice (-1 for 2D images), tp, fp, fn.
+        empty: score of an empty-vs-empty image or slice (tmc.metrics: 1.0 is the rule consistent
+            with the paper's per-case averaging; NaN leaves such images out, nnU-Net style).
+
+    Returns:
+        dice/miou (the paper's protocol: per case for volumes, per image for 2D sets), protocol,
+        dice_per_image, iou_per_image, dice_global, iou_global, dice_per_case, iou_per_case,
+        n_images, n_cases, n_images_empty (empty-vs-empty), n_cases_unscored (NaN case score),
+        empty_rule, cases {case: {dice, iou, n_slices}}.
+    """
+    if not records:
+        raise ValueError("no images were evaluated; fix: check the split is not empty")
+    counts = {k: np.array([r[k] for r in records], dtype=np.int64) for k in ("tp", "fp", "fn")}
+    per_image = mean_scores(counts, empty_score=empty)
+    per_case = per_case_scores(counts, [r["case"] for r in records], empty_score=empty)
+    glob = global_scores(counts["tp"], counts["fp"], counts["fn"], empty=empty)
+    volumetric = any(r["slice"] >= 0 for r in records)
+    s = {
+        "protocol": "per-case" if volumetric else "per-image",
+        "empty_rule": "empty-vs-empty = " + ("NaN (left out of means)" if math.isnan(empty) else f"{empty:g}"),
+        "dice_per_image": per_image["dice"], "iou_per_image": per_image["iou"],
+        "dice_global": glob["dice_global"], "iou_global": glob["iou_global"],
+        "dice_per_case": per_case["mean_dice"], "iou_per_case": per_case["mean_iou"],
+        "n_images": len(records), "n_cases": len(per_case["cases"]),
+        "n_images_empty": int(((counts["tp"] + counts["fp"] + counts["fn"]) == 0).sum()),
+        "n_cases_unscored": int(np.isnan(per_case["dice"]).sum()),
+    }
+    s["dice"] = s["dice_per_case"] if volumetric else s["dice_per_image"]
+    s["miou"] = s["iou_per_case"] if volumetric else s["iou_per_image"]
+    s["cases"] = {c: {"dice": float(d), "iou": float(i), "n_slices": int(n)} for c, d, i, n in
+                  zip(per_case["cases"], per_case["dice"], per_case["iou"], per_case["n_slices"])}
+    return s

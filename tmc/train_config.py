@@ -1,0 +1,212 @@
+"""Training settings (`TrainConfig`) and the command line generated from both config dataclasses.
+
+Every field of `ModelConfig` (tmc/config.py) and of `TrainConfig` below becomes a flag
+(`text_length` → `--text-length`), so the flags and the configs cannot drift apart. The help text
+of a flag is the comment on its field. Resolution order, last one wins:
+
+    dataclass default → per-dataset default (DATASET_DEFAULTS, the paper's §4.2) → explicit flag
+
+The model side starts from a preset (`--preset paper|tiny`; the demo defaults to tiny) and applies
+the explicit model flags on top. A few ablation aliases read like the paper's tables:
+`--no-text` (use_text=False), `--no-alignment` (use_alignment=False), `--mcm-stages none`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass
+
+from tmc.config import PRESETS, ModelConfig, get_config
+
+DATASET_NAMES = ("demo", "qata", "mosmed", "mosmedplus", "duke", "csv")
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    dataset: str = "demo"  # demo | qata | mosmed | mosmedplus | duke | csv
+    root: str = ""  # dataset folder (csv: the CSV file); demo: "" = generated in the cache folder
+    preset: str = ""  # model preset paper | tiny ("" = tiny for demo, paper otherwise)
+    cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
+    split_mode: str = "paper"  # paper: patient-level 7:1:2 split; layout: the folders' own split
+    skip_bad: bool = False  # skip unreadable files while caching instead of stopping
+    reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
+    augment: bool = True  # rotation ±20°, k·90° rotation, flips (training only)
+    workers: int = 4  # DataLoader worker processes
+    # --- optimisation (paper §4.2) ---
+    lr: float = 3e-4  # Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)
+    weight_decay: float = 0.0  # Adam L2 weight decay (the paper states none)
+    batch_size: int = 8  # images per step (per process under torchrun)
+    eval_batch_size: int = 0  # 0 = batch_size
+    epochs: int = 200  # at most this many epochs
+    patience: int = 20  # early stop after this many epochs without a validation-Dice gain
+    plateau_patience: int = 10  # ReduceLROnPlateau: epochs without gain before lr × plateau_factor
+    plateau_factor: float = 0.1  # ReduceLROnPlateau factor
+    min_lr: float = 0.0  # ReduceLROnPlateau floor
+    seg_loss: str = "bce"  # bce (paper §3.4) | bce+dice
+    alignment_weight: float = 0.1  # λ in L = L_seg + λ·L_align (paper: 0.1)
+    grad_clip: float = 0.0  # clip the gradient norm to this value (0 = off; the paper states none)
+    amp: str = "off"  # off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
+    # --- run ---
+    device: str = ""  # "" = cuda when available, else cpu
+    seed: int = 0  # python, numpy, torch, loader workers and augmentation
+    out: str = ""  # run folder ("" = runs/<dataset>-<preset>-s<seed>)
+    resume: bool = False  # continue from <out>/last.pt
+    max_steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = full epoch)
+    limit_eval_batches: int = 0  # evaluate only this many batches (0 = all)
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    test_at_end: bool = True  # evaluate best.pt on the test split when training ends
+    progress: bool = True  # tqdm progress bar per epoch
+
+
+# The paper's settings per dataset (§4.2); anything not listed keeps the dataclass default.
+# The demo is sized to finish on 2 CPU cores in a few minutes.
+DATASET_DEFAULTS: dict[str, dict] = {
+    "demo": dict(preset="tiny", lr=1e-3, epochs=12, patience=6, plateau_patience=3, workers=0),
+    "qata": dict(lr=3e-4),
+    "mosmed": dict(lr=1e-3),
+    "mosmedplus": dict(lr=1e-3),  # same CT source as MosMed; the paper gives only MosMed's value
+    "duke": dict(lr=3e-4),
+    "csv": dict(lr=3e-4),
+}
+
+CHOICES = {
+    "dataset": DATASET_NAMES,
+    "preset": ("", *PRESETS),
+    "split_mode": ("paper", "layout"),
+    "seg_loss": ("bce", "bce+dice"),
+    "amp": ("off", "bf16", "fp16"),
+    "alignment_form": ("sigmoid", "literal"),
+}
+
+# Extra spellings that read like the paper's ablation tables: field → (on flag, off flag).
+BOOL_ALIASES = {
+    "use_text": ("--text", "--no-text"),
+    "use_alignment": ("--alignment", "--no-alignment"),
+    "augment": ("--augment", "--no-augment"),
+}
+
+
+# ---------------------------------------------------------------------------- flag generation
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each `name: type = default` line in the class source."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+)\s*:[^=]+=[^#]*#\s*(.+)$")
+    return {m[1]: m[2].strip() for m in map(pattern.match, src.splitlines()) if m}
+
+
+def parse_tuple(text: str, item=int) -> tuple:
+    """"2,3,4" → (2, 3, 4); "none" or "" → ()."""
+    text = text.strip()
+    if text.lower() in ("", "none", "()"):
+        return ()
+    try:
+        return tuple(item(t) for t in text.replace(" ", "").strip("()").split(",") if t)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__}s or 'none', "
+                                         f"got {text!r}") from e
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> list[str]:
+    """Add one flag per dataclass field, default None (= not given). Returns the field names."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        names.append(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        help_text = f"{comments.get(f.name, '')} [default: {f.default!r}]".strip()
+        if tp is bool:
+            on, off = BOOL_ALIASES.get(f.name, (flag, "--no-" + flag[2:]))
+            on_flags = [on] + ([flag] if flag != on else [])
+            off_flags = [off] + (["--no-" + flag[2:]] if "--no-" + flag[2:] != off else [])
+            group.add_argument(*on_flags, dest=f.name, action="store_const", const=True, default=None,
+                               help=help_text)
+            group.add_argument(*off_flags, dest=f.name, action="store_const", const=False,
+                               default=None, help=f"set {f.name} to False")
+        elif typing.get_origin(tp) is tuple:
+            item = typing.get_args(tp)[0]
+            group.add_argument(flag, dest=f.name, default=None, metavar="A,B,..|none",
+                               type=lambda s, item=item: parse_tuple(s, item), help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=tp, default=None, choices=CHOICES.get(f.name),
+                               help=help_text)
+    return names
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The train.py parser: every TrainConfig and ModelConfig field as a flag."""
+    epilog = "per-dataset defaults (paper §4.2):\n" + "\n".join(
+        f"  {name:<11} {', '.join(f'{k}={v}' for k, v in d.items())}" for name, d in DATASET_DEFAULTS.items())
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_names = _add_fields(parser, TrainConfig, "training (TrainConfig)")
+    model_names = _add_fields(parser, ModelConfig, "model (ModelConfig; on top of --preset)")
+    clash = set(train_names) & set(model_names)
+    if clash:  # pragma: no cover - guards future edits of either dataclass
+        raise RuntimeError(f"TrainConfig and ModelConfig share field names {sorted(clash)}")
+    parser.set_defaults(_train_fields=train_names, _model_fields=model_names)
+    return parser
+
+
+# ---------------------------------------------------------------------------- resolution
+
+def explicit_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The flags the user actually gave: (train overrides, model overrides)."""
+    train = {k: getattr(args, k) for k in args._train_fields if getattr(args, k) is not None}
+    model = {k: getattr(args, k) for k in args._model_fields if getattr(args, k) is not None}
+    return train, model
+
+
+def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConfig:
+    """TrainConfig from defaults → per-dataset defaults (or `base`, a saved config) → overrides."""
+    if base is None:
+        dataset = overrides.get("dataset", TrainConfig.dataset)
+        if dataset not in DATASET_DEFAULTS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASET_NAMES}")
+        base = {**dataclasses.asdict(TrainConfig()), **DATASET_DEFAULTS[dataset]}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in {**base, **overrides}.items() if k in known})
+    if not cfg.preset:
+        cfg.preset = "tiny" if cfg.dataset == "demo" else "paper"
+    return cfg
+
+
+def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
+    """The preset's ModelConfig with the explicit model flags applied."""
+    return get_config(preset, **overrides)
+
+
+def parse_reader_options(text: str) -> dict:
+    """"phase=post_1,window=-1000:200" → {"phase": "post_1", "window": (-1000, 200)}: numbers and
+    true/false are converted, a:b becomes a tuple."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--reader-options item {item!r} is not key=value; "
+                             f"fix: e.g. --reader-options phase=post_1")
+        key, value = (s.strip() for s in item.split("=", 1))
+        parts = [_scalar(v) for v in value.split(":")]
+        out[key] = tuple(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def _scalar(text: str):
+    """"3" → 3, "0.5" → 0.5, "true"/"false" → bool, anything else stays a string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,329 @@
+"""Train TMC (paper §4.2) on one dataset; every setting is a flag (see --help).
+
+    python train.py --dataset demo                       # tiny model, synthetic data, a few CPU minutes
+    python train.py --dataset qata --root /data/QaTa-COV19 --out runs/qata-s0 --seed 0
+    python train.py --dataset mosmed --root /data/MosMed --mcm-stages none     # ablation: no MCM
+    python train.py --out runs/qata-s0 --resume                                  # continue exactly
+    torchrun --nproc_per_node 4 train.py --dataset qata --root ...               # DistributedDataParallel
+
+The run folder (--out) receives config.json, metrics.jsonl (one line per epoch), best.pt (best
+validation Dice), last.pt (end of the latest epoch; also written on Ctrl-C) and test_metrics.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from tmc.checkpoint import load_checkpoint, save_checkpoint
+from tmc.config import ModelConfig
+from tmc.engine import (
+    Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng, cleanup_distributed,
+    gather_lists, init_distributed, make_generator, make_scaler, predict_records, restore_rng, seed_everything,
+    seed_worker, summarize, train_one_epoch,
+)
+from tmc.model import build_model
+from tmc.train_config import (
+    TrainConfig, build_parser, explicit_overrides, parse_reader_options, resolve_model_config,
+    resolve_train_config,
+)
+
+
+class RunError(SystemExit):
+    """Stops the run with a message for the user (exit status 1)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+def log(dist: Dist, *args) -> None:
+    if dist.is_main:
+        print(*args, flush=True)
+
+
+def _broadcast(obj, dist: Dist):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------- configuration
+
+def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, ModelConfig, dict | None]:
+    """Configs of this run, and the checkpoint to resume from (or None)."""
+    if not train_over.get("resume"):
+        cfg = resolve_train_config(train_over)
+        return cfg, resolve_model_config(cfg.preset, model_over), None
+    if not train_over.get("out"):
+        raise RunError("--resume needs the run folder: --out DIR (the folder holding last.pt)")
+    path = Path(train_over["out"]) / "last.pt"
+    if not path.is_file():
+        raise RunError(f"{path}: nothing to resume; fix: check --out, or drop --resume to start anew")
+    ckpt = load_checkpoint(path)
+    model_cfg = ModelConfig.from_dict(ckpt["model_config"])
+    changed = {k: v for k, v in model_over.items() if getattr(model_cfg, k) != v}
+    if changed:
+        raise RunError(f"--resume keeps the checkpoint's model; these flags would change it: "
+                       f"{changed}; fix: drop them, or start a new run with another --out")
+    cfg = resolve_train_config(train_over, base=ckpt["train_config"])
+    return cfg, model_cfg, ckpt
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.preset}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---------------------------------------------------------------------------- data
+
+def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: torch.device):
+    """Build or reuse the cache (rank 0 first), then one loader per split."""
+    from datasets.cached import SegmentationSet
+    from datasets.records import DatasetError
+    from datasets.registry import prepare
+
+    def _prepare():
+        return prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
+                       cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.seed,
+                       skip_bad=cfg.skip_bad, **parse_reader_options(cfg.reader_options))
+
+    cache = _prepare() if dist.is_main else None
+    cache = Path(_broadcast(str(cache) if cache else None, dist))
+    sets = {}
+    for split in ("train", "val", "test"):
+        try:
+            sets[split] = SegmentationSet(cache, split)
+        except DatasetError as e:  # an empty split
+            if split != "test":
+                raise RunError(str(e)) from None
+            sets[split] = []  # some layouts ship no test split: train and validate only
+    loader_gen = make_generator(cfg.seed)
+    common = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                  worker_init_fn=seed_worker, persistent_workers=cfg.workers > 0)
+    # The shuffle is a function of (seed, epoch) via set_epoch, also in a single process, so a
+    # resumed run sees the same order without replaying the loader's RNG.
+    sampler = DistributedSampler(sets["train"], dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
+    train = DataLoader(sets["train"], batch_size=cfg.batch_size, sampler=sampler,
+                       generator=loader_gen, drop_last=False, **common)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+
+    def eval_loader(ds):
+        sampler = ShardSampler(len(ds), dist.rank, dist.world_size) if dist.enabled else None
+        return DataLoader(ds, batch_size=eval_bs, shuffle=False, sampler=sampler, **common)
+
+    return cache, train, eval_loader(sets["val"]), eval_loader(sets["test"]), loader_gen
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def text_config_of(model) -> dict | None:
+    """The text encoder's architecture as plain JSON values (so a checkpoint rebuilds offline)."""
+    if model.text is None:
+        return None
+    return json.loads(model.text.encoder.config.to_json_string())
+
+
+def make_checkpoint(model, model_cfg, cfg, epoch, optimizer, scheduler, scaler, early, rng, metrics,
+                    interrupted=False) -> dict:
+    """The contract's plain dict (weights_only-loadable); `rng` is a list with one state per rank."""
+    return {
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model_cfg),
+        "text_config": text_config_of(model),
+        "train_config": dataclasses.asdict(cfg),
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "early_stop": dict(early),
+        "rng": rng,
+        "best_metric": early["best"],
+        "metrics": metrics,
+        "interrupted": interrupted,
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+
+def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
+        device: torch.device) -> dict:
+    seed_everything(cfg.seed)
+    out = Path(_broadcast(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
+    cfg.out = str(out)
+    if ckpt is None and (out / "last.pt").exists():  # checked on every rank: all stop together
+        raise RunError(f"{out}/last.pt exists; fix: --resume to continue that run, or another --out")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+                    "world_size": dist.world_size, "device": str(device), "torch": torch.__version__}
+        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        print("resolved configuration:\n" + json.dumps(resolved, indent=2), flush=True)
+
+    cache, train_loader, val_loader, test_loader, loader_gen = make_loaders(cfg, model_cfg, dist, device)
+    log(dist, f"data: {cache} | train {len(train_loader.dataset)} | val {len(val_loader.dataset)} "
+              f"| test {len(test_loader.dataset)} images")
+
+    model = build_model(model_cfg, load_pretrained=ckpt is None,
+                        text_config=ckpt.get("text_config") if ckpt else None).to(device)
+    raw = model
+    if dist.enabled:
+        # find_unused_parameters: ablations leave heads unused (e.g. alignment off, λ = 0).
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    scaler = make_scaler(device, cfg.amp)
+    # Different augmentations per rank; the same stream on every run with this seed.
+    aug_gen = make_generator(cfg.seed + 7919 * (dist.rank + 1), device)
+    generators = {"augment": aug_gen, "loader": loader_gen}
+    augment_fn = None
+    if cfg.augment:
+        from datasets.augment import augment_batch
+        augment_fn = augment_batch
+
+    early = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
+    start_epoch = 1
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        early = dict(ckpt["early_stop"])
+        states = ckpt["rng"]  # one per rank of the run that wrote it
+        restore_rng(states[dist.rank % len(states)], generators)
+        start_epoch = ckpt["epoch"] + 1
+        log(dist, f"resumed from {out / 'last.pt'} at epoch {ckpt['epoch']} (best val Dice "
+                  f"{early['best']:.4f} at epoch {early['best_epoch']})")
+
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    completed = start_epoch - 1  # last finished epoch
+    metrics: dict = {}
+    state = dict(model_cfg=model_cfg, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
+                 scaler=scaler, early=early)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if early["bad_epochs"] >= cfg.patience:
+                break
+            metrics = train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg,
+                                         optimizer, scheduler, scaler, early, guard, augment_fn,
+                                         aug_gen, dist, device)
+            rng = gather_lists([capture_rng(generators)], dist)  # one state per rank
+            if dist.is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                ck = make_checkpoint(raw, epoch=epoch, metrics=metrics, rng=rng, **state)
+                if metrics["improved"]:
+                    save_checkpoint(out / "best.pt", ck)
+                save_checkpoint(out / "last.pt", ck)
+                print(summary_line(metrics, cfg.epochs), flush=True)
+            completed = epoch
+            barrier(dist)
+            if early["bad_epochs"] >= cfg.patience:
+                log(dist, f"early stop: no validation-Dice gain for {cfg.patience} epochs "
+                          f"(best {early['best']:.4f} at epoch {early['best_epoch']})")
+                break
+    except KeyboardInterrupt:
+        if dist.is_main:
+            # Mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact).
+            save_checkpoint(out / "last.pt", make_checkpoint(
+                raw, epoch=completed, metrics=metrics, rng=[capture_rng(generators)], interrupted=True,
+                **state))
+            print(f"\ninterrupted: saved {out / 'last.pt'}; continue with "
+                  f"python train.py --out {out} --resume", file=sys.stderr, flush=True)
+        raise
+    except NonFiniteLossError as e:
+        raise RunError(f"stopped: {e}") from None
+    except torch.OutOfMemoryError:
+        raise RunError(f"out of GPU memory at batch size {cfg.batch_size}; fix: a smaller "
+                       f"--batch-size (e.g. {max(1, cfg.batch_size // 2)}) or --amp bf16 "
+                       f"(last.pt in {out} holds the latest finished epoch)") from None
+
+    result = {"out": str(out), "best": str(out / "best.pt"), "last": str(out / "last.pt"),
+              "best_val_dice": early["best"], "best_epoch": early["best_epoch"]}
+    if cfg.test_at_end and len(test_loader.dataset) and (out / "best.pt").exists():
+        result["test"] = test_best(raw, out, test_loader, cfg, dist, device)
+    return result
+
+
+def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg, optimizer,
+                       scheduler, scaler, early, guard, augment_fn, aug_gen, dist, device) -> dict:
+    """One epoch of training, then validation; updates the scheduler and early-stop state."""
+    train_loader.sampler.set_epoch(epoch)
+    t0 = time.time()
+    stats = train_one_epoch(
+        model, train_loader, optimizer, device=device, tokenize=raw.tokenize, scaler=scaler,
+        guard=guard, amp=cfg.amp, seg_loss_kind=cfg.seg_loss, alignment_weight=cfg.alignment_weight,
+        alignment_form=model_cfg.alignment_form, augment_fn=augment_fn, aug_generator=aug_gen,
+        max_steps=cfg.max_steps_per_epoch, grad_clip=cfg.grad_clip, dist=dist,
+        desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress)
+    records = predict_records(raw, val_loader, device=device, tokenize=raw.tokenize, amp=cfg.amp,
+                              max_batches=cfg.limit_eval_batches, dist=dist, desc="val",
+                              progress=cfg.progress)
+    val = summarize(records)
+    score = val["dice"] if math.isfinite(val["dice"]) else 0.0
+    scheduler.step(score)
+    improved = score > early["best"]
+    if improved:
+        early.update(best=score, best_epoch=epoch, bad_epochs=0)
+    else:
+        early["bad_epochs"] += 1
+    return {
+        "epoch": epoch, "train_loss": stats["loss"], "train_seg": stats["seg"],
+        "train_align": stats["align"], "steps": stats["steps"], "skipped_nonfinite": stats["skipped"],
+        "val_dice": val["dice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
+        "val_protocol": val["protocol"], "lr": optimizer.param_groups[0]["lr"],
+        "improved": improved, "best_val_dice": early["best"], "time_s": round(time.time() - t0, 2),
+    }
+
+
+def summary_line(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']:3d}/{epochs} | loss {m['train_loss']:.4f} (seg {m['train_seg']:.4f} "
+            f"align {m['train_align']:.4f}) | val Dice {m['val_dice']:.4f} mIoU {m['val_miou']:.4f} "
+            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['time_s']:.1f}s"
+            + (" | best" if m["improved"] else "")
+            + (f" | skipped {m['skipped_nonfinite']} non-finite" if m["skipped_nonfinite"] else ""))
+
+
+def test_best(raw, out: Path, test_loader, cfg: TrainConfig, dist: Dist, device) -> dict:
+    """Evaluate best.pt on the test split; rank 0 prints and writes test_metrics.json."""
+    raw.load_state_dict(load_checkpoint(out / "best.pt", map_location=device)["model"])
+    records = predict_records(raw, test_loader, device=device, tokenize=raw.tokenize, amp=cfg.amp,
+                              dist=dist, desc="test", progress=cfg.progress)
+    s = summarize(records)
+    s.pop("cases")
+    if dist.is_main:
+        (out / "test_metrics.json").write_text(json.dumps(s, indent=2) + "\n")
+        print(f"test Dice {s['dice']:.4f} mIoU {s['miou']:.4f} ({s['protocol']} mean over "
+              f"{s['n_cases'] if s['protocol'] == 'per-case' else s['n_images']}; global Dice "
+              f"{s['dice_global']:.4f}; {s['empty_rule']})", flush=True)
+        print(f"checkpoint: {out / 'best.pt'}", flush=True)
+    return s
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    train_over, model_over = explicit_overrides(args)
+    dist, device = init_distributed(train_over.get("device", ""))
+    try:
+        cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
+        return run(cfg, model_cfg, ckpt, dist, device)
+    finally:
+        cleanup_distributed(dist)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
