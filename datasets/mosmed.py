@@ -45,7 +45,8 @@ import numpy as np
 
 from datasets.images import image_key, read_image, read_mask
 from datasets.records import DatasetError, Sample
-from datasets.volumes import axial_slice_to_image, read_nifti, read_nifti_pair, window
+from datasets.volumes import (axial_slice_to_image, read_nifti, read_nifti_pair, spread_indices,
+                              window)
 
 _NIFTI = re.compile(r"^(?P<id>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 _GRADE = re.compile(r"^CT-\d$", re.IGNORECASE)
@@ -57,13 +58,6 @@ _SPLIT_FOLDERS = {"train_folder": "train", "val_folder": "val", "test_folder": "
 def _nifti_id(path: Path) -> str | None:
     m = _NIFTI.match(path.name)
     return m.group("id") if m else None
-
-
-def _bin_centres(n_total: int, n_pick: int) -> list[int]:
-    """`n_pick` indices at the centres of equal bins over range(n_total) (all if n_pick >= n_total)."""
-    if n_pick >= n_total:
-        return list(range(n_total))
-    return sorted({int((j + 0.5) * n_total / n_pick) for j in range(n_pick)})
 
 
 def mosmedplus_case(stem: str) -> str:
@@ -200,7 +194,7 @@ class MosmedReader:
                     hu, _ = read_nifti(image_path)
                     mask = np.zeros(hu.shape, dtype=bool)
                     n = hu.shape[2]
-                    slices = _bin_centres(n, n if self.negative_slices == "all" else self.negative_slices)
+                    slices = spread_indices(n, n if self.negative_slices == "all" else self.negative_slices)
                     source = str(image_path)
                 else:
                     hu, mask, _ = read_nifti_pair(image_path, mask_path)

@@ -96,6 +96,18 @@ def resample_nearest(array: np.ndarray, affine: np.ndarray, shape: tuple, target
     return out.astype(array.dtype)
 
 
+def spread_indices(n_total: int, n_pick: int) -> list[int]:
+    """`n_pick` of range(n_total) at the centres of equal bins (deterministic, spread evenly).
+
+    All indices when n_pick >= n_total; none when n_pick <= 0. Used to sample tumour-free slices.
+    """
+    if n_pick >= n_total:
+        return list(range(n_total))
+    if n_pick <= 0:
+        return []
+    return sorted({int((j + 0.5) * n_total / n_pick) for j in range(n_pick)})
+
+
 # ---------------------------------------------------------------- intensity
 def percentile_normalise(volume: np.ndarray, low: float = 0.1, high: float = 99.9) -> np.ndarray:
     """Clip to the [low, high] percentiles of this volume and scale to [0, 1] (MR). float32."""
@@ -389,9 +401,16 @@ class DicomVolume:
 
 
 def load_dicom_volume(folder, series_uid: str | None = None) -> DicomVolume:
-    """Read one series (see `read_dicom_series`) and keep its file order and native geometry."""
-    folder = Path(folder)
-    series = _pick_series(folder, series_uid)
+    """Read one series (see `read_dicom_series`) and keep its file order and native geometry.
+
+    `folder` may also be a `DicomSeries` from `list_dicom_series` (its headers are reused).
+    """
+    if isinstance(folder, DicomSeries):
+        series = folder
+        folder = series.files[0].parent
+    else:
+        folder = Path(folder)
+        series = _pick_series(folder, series_uid)
     where = f"{folder} (series {series.description!r})"
     order, lps = _order_and_geometry(series, where)
     files = [series.files[i] for i in order]
