@@ -62,7 +62,7 @@ from typing import Iterator
 import numpy as np
 
 from datasets.records import DatasetError, Sample
-from datasets.volumes import (DicomSeries, axial_slice_to_image, list_dicom_series,
+from datasets.volumes import (DicomSeries, as_range, axial_slice_to_image, list_dicom_series,
                               load_dicom_volume, percentile_normalise, read_nifti, read_nifti_pair,
                               resample_nearest, spread_indices)
 
@@ -297,7 +297,8 @@ class DukeReader:
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: Duke root not found; fix: pass the download folder")
         self.phase, self.mask_source, self.image_source = phase, mask_source, image_source
-        self.negative_share, self.percentiles = float(negative_share), tuple(percentiles)
+        self.negative_share = float(negative_share)
+        self.percentiles = as_range(percentiles, "percentiles")
         self.stratum_column, self.lesion_type_column = stratum_column, lesion_type_column
         self._discover(dicom_root, mama_mia_root)
         self.mapping_xlsx = self._file(mapping_xlsx, r".*filepath_filename-mapping\.xlsx")
@@ -313,7 +314,7 @@ class DukeReader:
         self.mama_masks: dict[int, Path] = {}
         self.mama_images: dict[int, dict[int, Path]] = {}
         self._files: list[tuple[str, Path]] = []
-        for top in {Path(dicom_root or self.root), Path(mama_mia_root or self.root)}:
+        for top in {self.root} | {Path(p) for p in (dicom_root, mama_mia_root) if p}:
             for here, dirs, files in _walk(top):
                 self._files += [(f.lower(), here / f) for f in files]
                 if re.fullmatch(r"breast_mri_\d+", here.name, re.I):

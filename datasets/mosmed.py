@@ -45,8 +45,8 @@ import numpy as np
 
 from datasets.images import image_key, read_image, read_mask
 from datasets.records import DatasetError, Sample
-from datasets.volumes import (axial_slice_to_image, read_nifti, read_nifti_pair, spread_indices,
-                              window)
+from datasets.volumes import (as_range, axial_slice_to_image, read_nifti, read_nifti_pair,
+                              spread_indices, window)
 
 _NIFTI = re.compile(r"^(?P<id>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 _GRADE = re.compile(r"^CT-\d$", re.IGNORECASE)
@@ -114,7 +114,7 @@ class MosmedReader:
     def __init__(self, root, window: tuple[float, float] = (-1350.0, 150.0),
                  include_negatives: bool = True, negative_slices: int | str = 10):
         self.root = Path(root)
-        self.window = (float(window[0]), float(window[1]))
+        self.window = as_range(window, "window")
         self.include_negatives = bool(include_negatives)
         if not (negative_slices == "all" or (isinstance(negative_slices, int) and negative_slices > 0)):
             raise ValueError(f"negative_slices={negative_slices!r}: expected a positive int or 'all'")
@@ -229,7 +229,8 @@ class MosmedPlusReader:
                                "frames/ and masks/ or the LViT Train/Val/Test_Folder")
         if layout not in ("auto", "frames", "lvit"):
             raise ValueError(f"layout={layout!r}: expected 'auto', 'frames' or 'lvit'")
-        self.text_files = [Path(p) for p in (text_files or [])]
+        text_files = [text_files] if isinstance(text_files, (str, Path)) else (text_files or [])
+        self.text_files = [Path(p) for p in text_files]
         split_dirs = {d: _SPLIT_FOLDERS[d.name.lower()] for d in self.root.iterdir()
                       if d.is_dir() and d.name.lower() in _SPLIT_FOLDERS}
         if layout == "auto":

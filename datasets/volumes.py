@@ -109,6 +109,18 @@ def spread_indices(n_total: int, n_pick: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- intensity
+def as_range(value, name: str) -> tuple[float, float]:
+    """(lo, hi) from a pair or a command-line string "lo,hi" (e.g. "-1350,150")."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        lo, hi = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected two numbers lo,hi (e.g. -1350,150)") from None
+    if hi <= lo:
+        raise ValueError(f"{name}={value!r}: hi must exceed lo")
+    return lo, hi
+
+
 def percentile_normalise(volume: np.ndarray, low: float = 0.1, high: float = 99.9) -> np.ndarray:
     """Clip to the [low, high] percentiles of this volume and scale to [0, 1] (MR). float32."""
     v = np.asarray(volume, dtype=np.float32)

@@ -114,6 +114,18 @@ def test_options_negatives_all_or_off_and_flattened_layout(tmp_path, covid_root)
         MosmedReader(covid_root, negative_slices=0)
 
 
+def test_registry_passes_command_line_options(covid_root):
+    registry = pytest.importorskip("datasets.registry")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reader = registry.make_reader("mosmed", str(covid_root), window="-1000,400", negative_slices=3)
+    assert reader.options()["window"] == [-1000.0, 400.0]
+    s = next(s for s in samples(reader) if s.key == "study_0255#003")
+    assert np.allclose(s.image[0:2, 0:2], 400.0 / 1400.0)  # -600 HU in the [-1000, 400] window
+    with pytest.raises(ValueError, match="window"):
+        MosmedReader(covid_root, window="wide")
+
+
 def test_bad_volumes_are_reported_with_their_files(tmp_path, covid_root):
     save_ras(covid_root / "masks" / "study_0256_mask.nii.gz", np.zeros((X, Y, 3), np.uint8))
     (covid_root / "studies" / "CT-0" / "study_0002.nii").write_bytes(b"garbage")
