@@ -84,14 +84,14 @@ def check_world_positions(files, array, affine):
         dr, dc = (float(v) for v in ds.PixelSpacing)
         value = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(
             ds.get("RescaleIntercept", 0))
-        for r in range(ds.Rows):
-            for c in range(ds.Columns):
-                lps = ipp + c * dc * iop[:3] + r * dr * iop[3:]
-                ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
-                ijk = inv @ ras
-                idx = tuple(np.round(ijk[:3]).astype(int))
-                assert np.allclose(ijk[:3], idx, atol=1e-3), (f, r, c, ijk)
-                assert array[idx] == pytest.approx(value[r, c], rel=1e-6, abs=1e-3)
+        r, c = np.meshgrid(np.arange(ds.Rows), np.arange(ds.Columns), indexing="ij")  # (R, Co)
+        lps = ipp + c[..., None] * dc * iop[:3] + r[..., None] * dr * iop[3:]  # (R, Co, 3)
+        ras = np.concatenate([-lps[..., :2], lps[..., 2:], np.ones_like(lps[..., :1])], axis=-1)
+        ijk = ras @ inv.T  # (R, Co, 4)
+        idx = np.round(ijk[..., :3]).astype(int)
+        assert np.allclose(ijk[..., :3], idx, atol=1e-3), f
+        got = array[idx[..., 0], idx[..., 1], idx[..., 2]]  # (R, Co)
+        assert np.allclose(got, value, rtol=1e-6, atol=1e-3), f
 
 
 # ---------------------------------------------------------------- orientation of 2D views
