@@ -1,0 +1,326 @@
+"""The preprocessing cache: every sample of a reader resized once and stored as uint8 arrays.
+
+Shape key: N samples, S the cache's square side (image_size).
+
+    <cache_dir>/images.npy   (N, S, S) uint8, image × 255 (bilinear, antialiased)
+    <cache_dir>/masks.npy    (N, S, S) uint8 in {0, 1} (nearest)
+    <cache_dir>/index.json   N rows: key, case, slice, text, text_from_mask, split, stratum, source
+    <cache_dir>/meta.json    settings, counts, skipped files and the fingerprint
+
+Non-square images are stretched to S × S, as LViT and GuideDecoder do. Samples stay in the reader's
+order, and each row carries its split.
+
+Fingerprint: a SHA-256 over the reader's name and options(), every source file's path, size and
+modification time (ns), and the preprocessing settings (size, split mode, ratios, seed, resize
+rules, caption rule, format version). A cache whose fingerprint differs is rebuilt, and the builder
+says why. A cache is never reused silently. The new cache is written to a temporary sibling folder
+and renamed into place, so an interrupted build never leaves a half-written cache behind.
+
+Splits: split_mode="paper" assigns cases 7:1:2 (`assign_splits`, stratified by Sample.stratum);
+"layout" keeps each Sample.split. In both modes `check_no_leak` must pass. Train and val must not be
+empty. An empty test split is an error in paper mode. In layout mode it is only a warning, because
+some layouts ship no test split (e.g. the shared QaTa subset).
+
+Bad files. A reader reports a bad file (unreadable file, size mismatch, non-binary mask, missing
+text) by *yielding* the DatasetError instead of a Sample, so that iteration can go on. build_cache
+raises that error, or, with skip_bad=True, skips the file, prints the list and records it in
+meta.json. A DatasetError *raised* by a reader (e.g. an unknown layout) always stops the build.
+Duplicate keys and samples with inconsistent arrays are caught here, for every reader.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from datasets.images import resize_image, resize_mask, to_uint8
+from datasets.records import DatasetError, Reader, Sample
+from datasets.splits import SPLITS, assign_splits, check_no_leak, normalise_split
+from datasets.text_from_mask import caption_from_mask
+
+__all__ = ["FORMAT_VERSION", "source_listing", "cache_fingerprint", "is_fresh", "validate_sample",
+           "build_cache"]
+
+FORMAT_VERSION = 1
+_HEADER_BYTES = 128  # reserved .npy header; the shape is written when N is known
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+def source_listing(paths) -> list[list]:
+    """[[absolute path, size, mtime_ns], ...] sorted by path; a missing file is an error."""
+    out = []
+    for p in paths:
+        p = Path(p).resolve()
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise DatasetError(f"{p}: listed by the reader but cannot be read ({e})") from e
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return sorted(out)
+
+
+def _settings(image_size: int, split_mode: str, ratios, seed: int) -> dict:
+    return {"format": FORMAT_VERSION, "image_size": int(image_size), "split_mode": split_mode,
+            "ratios": [float(r) for r in ratios], "seed": int(seed),
+            "image_resize": "bilinear-antialias", "mask_resize": "nearest",
+            "caption": "caption_from_mask(style=lvit, side=image)"}
+
+
+def _fingerprint_parts(reader: Reader, settings: dict) -> dict:
+    listing = json.dumps(source_listing(reader.sources()))
+    return {"reader": reader.name, "reader_options": reader.options(), "settings": settings,
+            "sources_digest": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def cache_fingerprint(reader: Reader, settings: dict) -> str:
+    """SHA-256 hex of the reader's name, options, source listing and the settings."""
+    blob = json.dumps(_fingerprint_parts(reader, settings), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_fresh(cache_dir: Path, fingerprint: str, parts: dict | None = None) -> tuple[bool, str]:
+    """(True, "") if cache_dir holds a complete cache with this fingerprint, else (False, why).
+
+    `parts` (the fingerprint's ingredients) only makes the reason more precise.
+    """
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / "meta.json"
+    if not meta_path.is_file():
+        return False, "no cache yet"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False, "meta.json unreadable"
+    if meta.get("fingerprint") != fingerprint:
+        changed = [k for k, v in (parts or {}).items()
+                   if json.dumps(meta.get(k), sort_keys=True, default=str)
+                   != json.dumps(v, sort_keys=True, default=str)]
+        names = {"sources_digest": "source files (names, sizes or times)"}
+        return False, "changed: " + (", ".join(names.get(k, k) for k in changed) or "fingerprint")
+    for name in ("images.npy", "masks.npy", "index.json"):
+        if not (cache_dir / name).is_file():
+            return False, f"{name} missing"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------- writing
+
+class _ArrayWriter:
+    """Streams (S, S) uint8 frames into a .npy file; the header is completed on close."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size, self.n = path, size, 0
+        self.f = open(path, "wb")
+        self.f.write(b"\0" * _HEADER_BYTES)
+
+    def append(self, frame: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        self.n += 1
+
+    def close(self) -> None:
+        header = repr({"descr": "|u1", "fortran_order": False,
+                       "shape": (self.n, self.size, self.size)})
+        body = header.encode("latin1").ljust(_HEADER_BYTES - 10 - 1) + b"\n"
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(tmp: Path, cache_dir: Path, fingerprint: str) -> None:
+    """Rename tmp → cache_dir, replacing an old cache; tolerate a concurrent identical build."""
+    old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
+    if cache_dir.exists():
+        os.rename(cache_dir, old)
+    try:
+        os.rename(tmp, cache_dir)
+    except OSError:
+        if is_fresh(cache_dir, fingerprint)[0]:  # another process finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- checks
+
+def validate_sample(s: Sample) -> None:
+    """Raise DatasetError (naming s.source) if a sample's arrays or text are unusable."""
+    where = s.source or s.key
+    img, mask = np.asarray(s.image), np.asarray(s.mask)
+    if img.ndim != 2 or mask.ndim != 2:
+        raise DatasetError(f"{where}: image {img.shape} / mask {mask.shape}; expected 2D (H, W)")
+    if img.shape != mask.shape:
+        raise DatasetError(f"{where}: image size {img.shape} and mask size {mask.shape} differ; "
+                           f"expected the mask to match its image pixel for pixel; fix: re-export "
+                           f"the mask at the image's size or skip it with skip_bad=True")
+    if mask.dtype != bool:
+        raise DatasetError(f"{where}: mask dtype {mask.dtype}; expected bool from the reader")
+    if not np.isfinite(img).all() or img.min() < -1e-4 or img.max() > 1 + 1e-4:
+        raise DatasetError(f"{where}: image values outside [0, 1]; expected a normalised image")
+    if s.text is not None and not str(s.text).strip():
+        raise DatasetError(f"{where}: empty text; expected a caption, or None to generate one")
+
+
+def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str) -> None:
+    """Fill row["split"] in place, check leaks and empty splits."""
+    if split_mode == "paper":
+        table = assign_splits([r["case"] for r in rows], [r["stratum"] for r in rows],
+                              ratios=ratios, seed=seed)
+        for r in rows:
+            r["split"] = table[r["case"]]
+    elif split_mode == "layout":
+        for r in rows:
+            if r["split"] is None:
+                raise DatasetError(f"{r['source']}: the layout gives this sample no split; "
+                                   f"expected train/val/test from the folders; fix: use "
+                                   f"split_mode='paper'")
+            r["split"] = normalise_split(r["split"], r["source"])
+    else:
+        raise ValueError(f"split_mode must be 'paper' or 'layout', got {split_mode!r}")
+    check_no_leak(rows, where)
+    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    n_cases = len({r["case"] for r in rows})
+    for s in SPLITS:
+        if counts[s]:
+            continue
+        if split_mode == "layout" and s == "test":
+            warnings.warn(f"{where}: the layout has no test split; train/val only (use "
+                          f"split_mode='paper' for a 7:1:2 patient split)", stacklevel=3)
+            continue
+        fix = ("add more cases or change ratios" if split_mode == "paper"
+               else "use split_mode='paper' or give the layout a '" + s + "' split")
+        raise DatasetError(f"{where}: the {s} split is empty ({n_cases} cases, split_mode="
+                           f"{split_mode!r}, counts {counts}); expected samples in train, val and "
+                           f"test; fix: {fix}")
+
+
+# ---------------------------------------------------------------------------- the builder
+
+def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: str = "paper",
+                ratios=(0.7, 0.1, 0.2), seed: int = 0, skip_bad: bool = False,
+                progress: bool = True) -> Path:
+    """Build (or reuse, if its fingerprint matches) the cache of `reader` in `cache_dir`.
+
+    Args:
+        reader: a datasets.records.Reader.
+        cache_dir: the cache folder (created; replaced when stale).
+        image_size: S, the square side of the stored arrays.
+        split_mode: "paper" (case-level 7:1:2 by `assign_splits`) or "layout" (Sample.split).
+        ratios: (train, val, test) shares for the paper mode.
+        seed: split seed.
+        skip_bad: skip files the reader reports as bad (and print them) instead of stopping.
+        progress: show a tqdm bar.
+
+    Returns:
+        cache_dir as a Path.
+    """
+    from tqdm import tqdm
+
+    cache_dir = Path(cache_dir).resolve()
+    if split_mode not in ("paper", "layout"):
+        raise ValueError(f"split_mode must be 'paper' or 'layout', got {split_mode!r}")
+    settings = _settings(image_size, split_mode, ratios, seed)
+    parts = _fingerprint_parts(reader, settings)
+    fp = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    fresh, why = is_fresh(cache_dir, fp, parts)
+    if fresh:
+        print(f"cache up to date: {cache_dir}")
+        return cache_dir
+    if why != "no cache yet":
+        print(f"rebuilding cache {cache_dir}: {why}")
+
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t0 = time.time()
+    rows, skipped, seen = [], [], {}
+    images, masks = _ArrayWriter(tmp / "images.npy", image_size), _ArrayWriter(tmp / "masks.npy",
+                                                                               image_size)
+    try:
+        bar = tqdm(total=len(reader), desc=f"caching {reader.name}", unit="file",
+                   disable=not progress, file=sys.stderr)
+        last_source = None
+        for item in reader:
+            try:
+                if isinstance(item, DatasetError):
+                    raise item
+                validate_sample(item)
+                if item.key in seen:
+                    raise DatasetError(f"{item.source}: duplicate key {item.key!r} (also "
+                                       f"{seen[item.key]}); expected unique image names; fix: "
+                                       f"rename or remove one of them")
+            except DatasetError as e:
+                if not skip_bad:
+                    raise
+                skipped.append(str(e))
+                bar.update(1)
+                continue
+            seen[item.key] = item.source
+            generated = item.text is None
+            text = caption_from_mask(item.mask) if generated else str(item.text).strip()
+            images.append(to_uint8(resize_image(item.image, image_size)))
+            masks.append(resize_mask(item.mask, image_size).astype(np.uint8))
+            rows.append({"key": item.key, "case": str(item.case), "slice": int(item.slice_index),
+                         "text": text, "text_from_mask": generated, "split": item.split,
+                         "stratum": str(item.stratum), "source": item.source})
+            # One tick per 2D file, or per volume for readers that yield slices of one source.
+            if item.slice_index < 0 or item.source.split("#")[0] != last_source:
+                bar.update(1)
+            last_source = item.source.split("#")[0]
+        bar.close()
+        images.close()
+        masks.close()
+    except BaseException as e:
+        for w in (images, masks):
+            w.f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DatasetError) and skip_bad:
+            e.add_note("(skip_bad could not skip it: the reader raised the error instead of "
+                       "yielding it, or the whole dataset is unusable)")
+        raise
+
+    where = f"{reader.name} ({cache_dir})"
+    try:
+        if not rows:
+            raise DatasetError(f"{where}: no usable samples ({len(skipped)} skipped); expected at "
+                               f"least one image with a mask")
+        _assign(rows, split_mode, ratios, seed, where)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    cases = {s: len({r["case"] for r in rows if r["split"] == s}) for s in SPLITS}
+    meta = {"fingerprint": fp, "dataset": reader.name, **parts, "n": len(rows), "counts": counts,
+            "cases": cases,
+            "text_from_mask": sum(r["text_from_mask"] for r in rows), "skipped": skipped,
+            "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "build_seconds": round(time.time() - t0, 2)}
+    _write_json(tmp / "index.json", rows)
+    _write_json(tmp / "meta.json", meta)
+    _swap_into_place(tmp, cache_dir, fp)
+
+    if skipped:
+        print(f"skipped {len(skipped)} bad file(s):")
+        for msg in skipped:
+            print(f"  {msg}")
+    print(f"cached {len(rows)} samples ({counts}, cases {cases}) in {meta['build_seconds']} s "
+          f"→ {cache_dir}")
+    return cache_dir

@@ -1,0 +1,142 @@
+"""Your own 2D data: a CSV that lists image, mask and text per row.
+
+    image,mask,text,case,split
+    scans/p01_a.png,labels/p01_a.png,"Unilateral pulmonary infection, one infected area, lower left lung.",p01,train
+    scans/p02.dcm,labels/p02.png,,p02,
+
+Columns: image, mask (required), text (required column; a cell may be empty), case, split, stratum
+(optional). Paths are relative to the CSV's folder (absolute paths work too). Images: PNG, JPEG, TIFF,
+BMP or DICOM (datasets/images.py says how each is converted). Masks: binary 0/1 or 0/255.
+
+* case: the patient/study id that never crosses splits; default = the image's file stem (each
+  image its own case). Give it whenever one patient has several images.
+* split: train / val (valid) / test, used with split_mode="layout"; empty = none.
+* text: an empty cell is an error for that row, unless text_from_mask=True, in which case the cache
+  writes a QaTa-style caption from the mask (datasets/text_from_mask.py). Such a caption is derived
+  from the label, so say so when you report results on it.
+
+Bad rows (missing or unreadable files, size mismatch, non-binary mask, missing text, duplicate
+image) are yielded as DatasetErrors (see datasets/cache.py), so skip_bad can pass over them.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.images import map_prefetch, read_image, read_mask
+from datasets.records import DatasetError, Sample
+from datasets.splits import normalise_split
+
+__all__ = ["CsvReader"]
+
+_REQUIRED = ("image", "mask", "text")
+
+
+@dataclass
+class _Row:
+    line: int
+    image: Path
+    mask: Path
+    text: str
+    case: str
+    split: str
+    stratum: str
+    key: str
+
+
+class CsvReader:
+    """Rows of a CSV file (module docstring).
+
+    Args:
+        csv_path: the CSV file.
+        text_from_mask: generate a caption from the mask when a row's text is empty.
+    """
+
+    name = "csv"
+
+    def __init__(self, csv_path, text_from_mask: bool = False) -> None:
+        self.csv_path = Path(csv_path).resolve()
+        self.text_from_mask = bool(text_from_mask)
+        if not self.csv_path.is_file():
+            raise DatasetError(f"{self.csv_path}: CSV not found; expected a file with columns "
+                               f"image, mask, text[, case, split]")
+        try:
+            with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                table = list(reader)
+                header = [h.strip().lower() for h in (reader.fieldnames or []) if h]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DatasetError(f"{self.csv_path}: cannot read the CSV ({e}); expected UTF-8 text "
+                               f"with a header row image, mask, text") from e
+        missing = [c for c in _REQUIRED if c not in header]
+        if missing:
+            raise DatasetError(f"{self.csv_path}: missing column(s) {missing} (header {header}); "
+                               f"expected image, mask, text and optionally case, split, stratum")
+        self.rows: list[_Row] = []
+        self._problems: dict[int, str] = {}
+        folder, seen = self.csv_path.parent, {}
+        for i, raw in enumerate(table):
+            line = i + 2  # 1-based, after the header
+            r = {str(k).strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+            if not r.get("image") or not r.get("mask"):
+                self._problems[line] = (f"{self.csv_path}:{line}: empty image or mask cell; "
+                                        f"expected both paths")
+                r.setdefault("image", "")
+            image = (folder / r["image"]).resolve() if r["image"] else folder
+            key = Path(r["image"]).with_suffix("").as_posix()
+            if key in seen and line not in self._problems:
+                self._problems[line] = (f"{self.csv_path}:{line}: image {r['image']} is listed "
+                                        f"twice (also line {seen[key]}); expected one row per "
+                                        f"image")
+            seen.setdefault(key, line)
+            split = r.get("split", "")
+            if split:
+                try:
+                    split = normalise_split(split, f"{self.csv_path}:{line}")
+                except DatasetError as e:
+                    self._problems[line] = str(e)
+            self.rows.append(_Row(line, image, (folder / r.get("mask", "")).resolve(),
+                                  r.get("text", ""), r.get("case") or Path(r["image"]).stem,
+                                  split, r.get("stratum", ""), key))
+        if not self.rows:
+            raise DatasetError(f"{self.csv_path}: no rows; expected one row per image")
+
+    def sources(self) -> list[Path]:
+        files = {self.csv_path}
+        for r in self.rows:
+            files.update(p for p in (r.image, r.mask) if p.is_file())
+        return sorted(files)
+
+    def options(self) -> dict:
+        return {"csv": str(self.csv_path), "text_from_mask": self.text_from_mask}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, r: _Row) -> Sample:
+        """Read one row (raises DatasetError naming the file and line)."""
+        if r.line in self._problems:
+            raise DatasetError(self._problems[r.line])
+        image, mask = read_image(r.image), read_mask(r.mask)
+        if image.shape != mask.shape:
+            raise DatasetError(f"{r.mask}: mask size {mask.shape} differs from its image {r.image} "
+                               f"{image.shape} ({self.csv_path.name} line {r.line}); expected the "
+                               f"same size; fix: re-export the mask at the image's size")
+        if not r.text and not self.text_from_mask:
+            raise DatasetError(f"{self.csv_path}:{r.line}: empty text for {r.image.name}; expected "
+                               f"a caption; fix: fill the text cell, or pass text_from_mask=True to "
+                               f"derive one from the mask")
+        return Sample(key=r.key, image=image, mask=mask, text=r.text or None, case=r.case,
+                      split=r.split or None, stratum=r.stratum, source=str(r.image))
+
+    def _load_or_error(self, r: _Row) -> Sample | DatasetError:
+        try:
+            return self.load(r)
+        except DatasetError as e:
+            return e
+
+    def __iter__(self):
+        """Samples in row order; a bad row is yielded as its DatasetError (datasets/cache.py)."""
+        yield from map_prefetch(self._load_or_error, self.rows, workers=min(4, os.cpu_count() or 1))

@@ -1,0 +1,98 @@
+"""Dataset names → readers, and `prepare`, which builds (or reuses) a dataset's cache.
+
+    reader = make_reader("qata", "/data/QaTa-COV19", layout="kaggle")
+    cache = prepare("qata", "/data/QaTa-COV19", image_size=224)   # → Path of the cache folder
+
+Reader modules are imported only when their dataset is asked for, so a missing optional dependency
+(nibabel, pydicom) only matters for the datasets that need it.
+
+Default cache folder: `$TMC_CACHE/<name>-<hash>` if TMC_CACHE is set, else `<repo>/cache/<name>-<hash>`.
+The hash covers the dataset root and every setting, so different settings get their own folder.
+Inside a folder, build_cache's fingerprint still catches changed source files.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+
+from datasets.records import Reader
+
+__all__ = ["DATASETS", "REPO", "make_reader", "default_cache_dir", "prepare"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name → (module, class, name of the constructor argument that receives `root`)
+DATASETS: dict[str, tuple[str, str, str]] = {
+    "demo": ("datasets.demo", "DemoReader", "root"),
+    "qata": ("datasets.qata", "QataReader", "root"),
+    "mosmed": ("datasets.mosmed", "MosmedReader", "root"),
+    "mosmedplus": ("datasets.mosmed", "MosmedPlusReader", "root"),
+    "duke": ("datasets.duke", "DukeReader", "root"),
+    "csv": ("datasets.csvset", "CsvReader", "csv_path"),
+}
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _coerce(value):
+    """Command-line strings "true"/"false" → bool; everything else unchanged."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    return value
+
+
+def make_reader(name: str, root=None, **options) -> Reader:
+    """The reader of dataset `name` for the folder (or CSV file) `root`.
+
+    Args:
+        name: one of DATASETS.
+        root: dataset folder; the CSV file for "csv"; for "demo" None/"" = <repo>/data/demo.
+        **options: reader settings (e.g. layout="kaggle", text_from_mask=True, phase="post_1").
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    module, cls, root_arg = DATASETS[name]
+    if not root and name != "demo":
+        raise ValueError(f"dataset {name!r} needs a root ({root_arg}); fix: pass --root PATH")
+    reader_cls = getattr(importlib.import_module(module), cls)
+    return reader_cls(**{root_arg: root or None}, **{k: _coerce(v) for k, v in options.items()})
+
+
+def default_cache_dir(name: str, root, image_size: int, split_mode: str, seed: int, ratios,
+                      options: dict) -> Path:
+    """`<$TMC_CACHE or <repo>/cache>/<name>-<12 hex>`, the hash over root and all settings."""
+    key = json.dumps({"name": name, "root": str(Path(root).resolve()) if root else "",
+                      "image_size": image_size, "split_mode": split_mode, "seed": seed,
+                      "ratios": list(ratios), "options": options}, sort_keys=True, default=str)
+    base = Path(os.environ["TMC_CACHE"]) if os.environ.get("TMC_CACHE") else REPO / "cache"
+    return base / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "paper",
+            seed: int = 0, skip_bad: bool = False, ratios=(0.7, 0.1, 0.2), progress: bool = True,
+            **options) -> Path:
+    """Build or reuse the cache of a dataset and return its folder.
+
+    Args:
+        name: one of DATASETS.
+        root: dataset folder (CSV file for "csv"; optional for "demo").
+        image_size: S of the cached (S, S) arrays (paper: 224).
+        cache_dir: cache folder (default: `default_cache_dir`).
+        split_mode: "paper" (case-level 7:1:2) or "layout" (the layout's own split).
+        seed: split seed.
+        skip_bad: skip bad files (listed) instead of stopping at the first.
+        ratios: (train, val, test).
+        progress: tqdm bar.
+        **options: reader settings.
+    """
+    from datasets.cache import build_cache
+
+    options = {k: _coerce(v) for k, v in options.items()}
+    reader = make_reader(name, root, **options)
+    if cache_dir is None or str(cache_dir) == "":
+        cache_dir = default_cache_dir(name, root, image_size, split_mode, seed, ratios, options)
+    return build_cache(reader, cache_dir, image_size=image_size, split_mode=split_mode,
+                       ratios=ratios, seed=seed, skip_bad=skip_bad, progress=progress)
