@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tmc.checkpoint import load_checkpoint, save_checkpoint
 from tmc.config import ModelConfig
 from tmc.engine import (
-    Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng, cleanup_distributed,
+    Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, capture_rng, cleanup_distributed,
     gather_lists, init_distributed, make_generator, make_scaler, predict_records, restore_rng, seed_everything,
     seed_worker, summarize, train_one_epoch,
 )
@@ -93,7 +93,8 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
     def _prepare():
         return prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
                        cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.seed,
-                       skip_bad=cfg.skip_bad, **parse_reader_options(cfg.reader_options))
+                       skip_bad=cfg.skip_bad, progress=cfg.progress,
+                       **parse_reader_options(cfg.reader_options))
 
     cache = _prepare() if dist.is_main else None
     cache = Path(_broadcast(str(cache) if cache else None, dist))
@@ -155,6 +156,7 @@ def make_checkpoint(model, model_cfg, cfg, epoch, optimizer, scheduler, scaler, 
 
 def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         device: torch.device) -> dict:
+    t_start = time.time()
     seed_everything(cfg.seed)
     out = Path(_broadcast(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
     cfg.out = str(out)
@@ -180,7 +182,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             raw, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
     scaler = make_scaler(device, cfg.amp)
@@ -228,7 +231,13 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                 save_checkpoint(out / "last.pt", ck)
                 print(summary_line(metrics, cfg.epochs), flush=True)
             completed = epoch
-            barrier(dist)
+            # Rank 0 decides, so every rank stops after the same epoch.
+            out_of_time = _broadcast(bool(cfg.time_limit) and
+                                     time.time() - t_start + metrics["time_s"] > 60 * cfg.time_limit, dist)
+            if out_of_time and epoch < cfg.epochs:
+                log(dist, f"time limit: {cfg.time_limit:g} min would pass during the next epoch; "
+                          f"stopping after epoch {epoch} (--time-limit 0 for no limit)")
+                break
             if early["bad_epochs"] >= cfg.patience:
                 log(dist, f"early stop: no validation-Dice gain for {cfg.patience} epochs "
                           f"(best {early['best']:.4f} at epoch {early['best_epoch']})")

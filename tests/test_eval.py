@@ -1,0 +1,183 @@
+"""eval.py: metric wiring on hand-computed cases, run combination and the paired t-test, pictures,
+single-image and volume prediction, and the demo trained and evaluated end to end (subprocesses)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval as evaluate
+from tmc.engine import predict_records, summarize
+from tmc.visualize import GT_COLOR, PRED_COLOR, attention_heatmap, outline, overlay_contours
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- metric wiring
+
+class MaskAsLogits(torch.nn.Module):
+    """A stand-in segmenter whose prediction is its input image (0/1): logits ±10."""
+
+    def forward(self, image, return_attention=False, **tokens):
+        return {"logits": image * 20.0 - 10.0, "alignment": []}
+
+
+def _square(y0, x0, h, w, size=8):
+    m = torch.zeros(size, size)
+    m[y0:y0 + h, x0:x0 + w] = 1
+    return m
+
+
+# (case, slice, prediction, ground truth); counts written out by hand below.
+CASES = [
+    ("c1", 0, _square(0, 0, 2, 5), _square(0, 0, 2, 5)),  # perfect: tp 10
+    ("c1", 1, torch.zeros(8, 8), torch.zeros(8, 8)),  # empty vs empty
+    ("c2", 0, _square(0, 0, 1, 5), _square(4, 0, 1, 5)),  # disjoint: fp 5, fn 5
+    ("c2", 1, _square(0, 0, 2, 4), _square(0, 0, 2, 5) + _square(2, 0, 1, 5)),  # tp 8, fp 0, fn 7
+    ("c3", 0, torch.zeros(8, 8), torch.zeros(8, 8)),  # a normal case, correctly empty
+]
+
+
+def _records(cases=CASES, batch_size=2):
+    batches = []
+    for k in range(0, len(cases), batch_size):
+        chunk = cases[k:k + batch_size]
+        batches.append({
+            "image": torch.stack([p for _, _, p, _ in chunk])[:, None],  # (B, 1, 8, 8)
+            "mask": torch.stack([g for _, _, _, g in chunk])[:, None],
+            "text": ["caption"] * len(chunk), "case": [c for c, _, _, _ in chunk],
+            "slice": torch.tensor([s for _, s, _, _ in chunk]),
+            "key": [f"{c}#{s}" for c, s, _, _ in chunk],
+        })
+    return predict_records(MaskAsLogits(), batches, device=torch.device("cpu"),
+                           tokenize=lambda captions: {}, progress=False)
+
+
+def test_counts_and_protocols_match_hand_computation():
+    recs = {r["key"]: r for r in _records()}
+    assert (recs["c1#0"]["tp"], recs["c1#0"]["fp"], recs["c1#0"]["fn"]) == (10, 0, 0)
+    assert (recs["c1#1"]["tp"], recs["c1#1"]["fp"], recs["c1#1"]["fn"]) == (0, 0, 0)
+    assert (recs["c2#0"]["tp"], recs["c2#0"]["fp"], recs["c2#0"]["fn"]) == (0, 5, 5)
+    assert (recs["c2#1"]["tp"], recs["c2#1"]["fp"], recs["c2#1"]["fn"]) == (8, 0, 7)
+
+    s = summarize(list(recs.values()), empty=1.0)  # the paper-consistent rule
+    d4, i4 = 16 / 23, 8 / 15  # slice c2#1: 2·8/(2·8+0+7), 8/(8+0+7)
+    assert s["protocol"] == "per-case" and s["n_images"] == 5 and s["n_cases"] == 3
+    assert s["dice_per_image"] == pytest.approx((1 + 1 + 0 + d4 + 1) / 5)
+    assert s["iou_per_image"] == pytest.approx((1 + 1 + 0 + i4 + 1) / 5)
+    assert s["dice_global"] == pytest.approx(2 * 18 / (2 * 18 + 5 + 12))
+    assert s["iou_global"] == pytest.approx(18 / (18 + 5 + 12))
+    assert s["cases"]["c2"]["dice"] == pytest.approx(d4 / 2)
+    assert s["dice_per_case"] == pytest.approx((1 + d4 / 2 + 1) / 3)
+    assert s["dice"] == s["dice_per_case"] and s["miou"] == s["iou_per_case"]
+    assert s["n_images_empty"] == 2
+
+    n = summarize(list(recs.values()), empty=math.nan)  # nnU-Net: empty-vs-empty left out
+    assert n["dice_per_image"] == pytest.approx((1 + 0 + d4) / 3)
+    assert n["dice_per_case"] == pytest.approx((1 + d4 / 2) / 2)  # c3 has no scorable slice
+    assert n["n_cases_unscored"] == 1
+    assert n["dice_global"] == pytest.approx(s["dice_global"])
+
+
+def test_2d_sets_report_the_per_image_mean():
+    recs = [{**r, "slice": -1} for r in _records()]
+    s = summarize(recs)
+    assert s["protocol"] == "per-image" and s["dice"] == s["dice_per_image"]
+
+
+def test_runs_combine_to_mean_std_and_paired_t_test_matches_formula():
+    def run(dice_by_case, name):
+        return {"checkpoint": name, "cases": {c: {"dice": d, "iou": d / 2, "n_slices": 1}
+                                              for c, d in dice_by_case.items()},
+                **{k: dice_by_case["a"] for k in evaluate.METRIC_KEYS},
+                "protocol": "per-case", "empty_rule": "1", "n_images": 4, "n_cases": 4,
+                "dataset": "demo", "split": "test"}
+
+    a = evaluate.combine_runs([run({"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6}, "a1"),
+                               run({"a": 0.7, "b": 0.8, "c": 0.9, "d": 0.8}, "a2")])
+    b = evaluate.combine_runs([run({"a": 0.5, "b": 0.7, "c": 0.7, "d": 0.65}, "b1")])
+    assert a["dice"] == pytest.approx(0.8) and a["dice_std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert a["cases"]["a"]["dice"] == pytest.approx(0.8)  # averaged over the set's runs first
+    res = evaluate.paired_test(a, b)
+    diff = np.array([0.8 - 0.5, 0.8 - 0.7, 0.8 - 0.7, 0.7 - 0.65])
+    t = diff.mean() / (diff.std(ddof=1) / math.sqrt(4))
+    assert res["n_cases"] == 4
+    assert res["t"] == pytest.approx(t) and res["mean_diff"] == pytest.approx(diff.mean())
+    from scipy.stats import t as student_t
+    assert res["p"] == pytest.approx(2 * student_t.sf(abs(t), df=3))
+
+
+# ---------------------------------------------------------------------------- pictures
+
+def test_attention_heatmap_excludes_padding_and_matches_slow_version():
+    torch.manual_seed(0)
+    B, L, H, W = 2, 5, 16, 16
+    attn = {2: torch.softmax(torch.randn(B, 16, L), -1), 3: torch.softmax(torch.randn(B, 4, L), -1)}
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    heat = attention_heatmap(attn, keep, (H, W))
+    assert heat.shape == (B, H, W) and heat.min() >= 0 and heat.max() <= 1
+
+    def slow(b):
+        stages = []
+        for a in attn.values():
+            a = a[b]  # (N, L)
+            side = int(math.isqrt(a.shape[0]))
+            cols = [a[:, l] / a[:, l].sum() for l in range(L) if keep[b, l]]
+            m = torch.stack(cols).mean(0).view(1, 1, side, side)
+            m = (m - m.min()) / (m.max() - m.min())
+            stages.append(torch.nn.functional.interpolate(m, size=(H, W), mode="bilinear",
+                                                          align_corners=False)[0, 0])
+        m = torch.stack(stages).mean(0)
+        return (m - m.min()) / (m.max() - m.min())
+
+    for b in range(B):
+        torch.testing.assert_close(heat[b], slow(b))
+    # padding tokens carry no say: changing their weights leaves sample 0's map unchanged
+    attn2 = {k: v.clone() for k, v in attn.items()}
+    for v in attn2.values():
+        v[0, :, 3:] = torch.rand_like(v[0, :, 3:])
+    torch.testing.assert_close(attention_heatmap(attn2, keep, (H, W))[0], heat[0])
+
+
+def test_overlay_draws_gt_and_prediction_contours_in_their_colours():
+    image = np.full((10, 10), 0.5, dtype=np.float32)
+    gt = np.zeros((10, 10), bool)
+    gt[1:5, 1:5] = True
+    pred = np.zeros((10, 10), bool)
+    pred[6:9, 6:9] = True
+    rgb = np.asarray(overlay_contours(image, gt, pred))
+    ring = outline(gt)
+    assert ring.sum() == 12 and not ring[2:4, 2:4].any()  # 4×4 square: 12 boundary pixels
+    assert (rgb[ring] == GT_COLOR).all() and (rgb[outline(pred)] == PRED_COLOR).all()
+    assert (rgb[2, 2] == 128).all()  # inside stays the image
+
+
+# ---------------------------------------------------------------------------- prediction files
+
+def test_volume_prediction_keeps_the_input_grid_and_voxel_order(tmp_path):
+    """A NIfTI stored in a non-canonical order (axial axis first, flipped axes) gets a mask with
+    the same shape and affine, voxel for voxel where the input is bright."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    data = np.zeros((5, 12, 12), dtype=np.int16)  # stored as (Z, X', Y') with flips
+    for z in range(5):  # 4×3 blocks: a transposed or flipped slice would not match
+        y0, x0 = rng.integers(0, 8, 2)
+        data[z, y0:y0 + 4, x0:x0 + 3] = 1000
+    affine = np.array([[0, 0, -0.8, 40], [0, 0.7, 0, -20], [2.5, 0, 0, 5], [0, 0, 0, 1]], float)
+    affine[:3, :3] = affine[:3, :3] @ np.diag([1, -1, 1])
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+    def threshold(images):  # a "model" that segments bright pixels
+        return images > 0.5
+
+    out = evaluate.predict_volume(path, threshold, size=12, out=tmp_path / "m.nii.gz",
+                                  intensity="minmax", batch_size=2)
+    written = nib.load(str(out))
+    assert written.shape == data.shape
+    np.testing.assert_allclose(written.affine, affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), (data > 500).astype(np.uint8))

@@ -1,0 +1,183 @@
+"""train.py: flags generated from the configs, per-dataset defaults, non-finite losses, exact resume,
+Ctrl-C and out-of-memory handling, atomic checkpoints."""
+import dataclasses
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from tmc.checkpoint import load_checkpoint, save_checkpoint
+from tmc.config import ModelConfig
+from tmc.engine import NonFiniteGuard, NonFiniteLossError, capture_rng, restore_rng, train_one_epoch
+from tmc.train_config import (
+    DATASET_DEFAULTS, TrainConfig, build_parser, explicit_overrides, resolve_model_config,
+    resolve_train_config,
+)
+
+
+def _resolve(argv):
+    train_over, model_over = explicit_overrides(build_parser().parse_args(argv))
+    cfg = resolve_train_config(train_over)
+    return cfg, resolve_model_config(cfg.preset, model_over)
+
+
+# ---------------------------------------------------------------------------- flags
+
+def test_every_config_field_is_a_flag():
+    options = build_parser()._option_string_actions
+    for cls in (TrainConfig, ModelConfig):
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in options, f.name
+
+
+def test_paper_defaults_per_dataset_and_explicit_flags_win():
+    cfg, model = _resolve(["--dataset", "mosmed"])
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.patience) == (1e-3, 8, 200, 20)
+    assert (cfg.plateau_patience, cfg.plateau_factor, cfg.alignment_weight, cfg.seg_loss) == (10, 0.1, 0.1, "bce")
+    assert cfg.preset == "paper" and model.image_size == 224 and model.text_length == 10
+    assert model.text_model == "bert-base-uncased" and not model.freeze_text
+    for name in ("qata", "duke"):
+        assert _resolve(["--dataset", name])[0].lr == 3e-4
+    demo, tiny = _resolve([])
+    assert demo.dataset == "demo" and demo.preset == "tiny" and tiny.image_size == 64
+    assert _resolve(["--dataset", "mosmed", "--lr", "5e-4"])[0].lr == 5e-4
+    assert _resolve(["--dataset", "demo", "--preset", "paper"])[1].image_size == 224
+    assert set(DATASET_DEFAULTS) == {"demo", "qata", "mosmed", "mosmedplus", "duke", "csv"}
+
+
+def test_ablation_flags():
+    _, m = _resolve(["--dataset", "qata", "--mcm-stages", "none", "--no-alignment",
+                     "--alignment-form", "literal", "--text-length", "24", "--freeze-text",
+                     "--text-model", "minilm"])
+    assert m.mcm_stages == () and not m.use_alignment and m.alignment_form == "literal"
+    assert m.text_length == 24 and m.freeze_text and m.text_model == "minilm"
+    assert _resolve(["--mcm-stages", "4"])[1].mcm_stages == (4,)
+    assert not _resolve(["--no-text"])[1].use_text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--amp", "fp8"])
+
+
+# ---------------------------------------------------------------------------- loop behaviour
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, image, **tokens):
+        return {"logits": image * self.w, "alignment": []}
+
+
+def _batches(values):
+    return [{"image": torch.full((2, 1, 4, 4), v), "mask": torch.ones(2, 1, 4, 4),
+             "text": ["a", "b"]} for v in values]
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run():
+    model = Scale()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    common = dict(device=torch.device("cpu"), tokenize=lambda c: {}, progress=False,
+                  scaler=torch.amp.GradScaler("cpu", enabled=False))
+    guard = NonFiniteGuard(limit=3)
+    stats = train_one_epoch(model, _batches([float("nan"), float("inf"), 1.0]), opt, guard=guard, **common)
+    assert (stats["steps"], stats["skipped"], guard.total, guard.in_a_row) == (1, 2, 2, 0)
+    w = model.w.detach().clone()
+    with pytest.raises(NonFiniteLossError, match="non-finite losses in a row.*--lr"):
+        train_one_epoch(model, _batches([float("nan")] * 5), opt, guard=guard, **common)
+    assert torch.equal(model.w.detach(), w)  # skipped steps never touch the weights
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    save_checkpoint(tmp_path / "r.pt", {"rng": capture_rng({"g": g})})
+    expected = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=g))
+    restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"], {"g": g})
+    got = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=g))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+
+
+# ---------------------------------------------------------------------------- whole runs (tiny)
+
+@pytest.fixture(scope="module")
+def demo_dirs(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo_data")
+
+
+def _argv(data, out, epochs, *extra):
+    return ["--dataset", "demo", "--root", str(data / "demo"), "--cache-dir", str(data / "cache"),
+            "--reader-options", "n=24", "--out", str(out), "--epochs", str(epochs),
+            "--max-steps-per-epoch", "2", "--batch-size", "4", "--limit-eval-batches", "1",
+            "--no-test-at-end", "--no-progress", "--workers", "0", "--device", "cpu",
+            "--time-limit", "0", *extra]
+
+
+def _states_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_continues_exactly(demo_dirs, tmp_path):
+    train.main(_argv(demo_dirs, tmp_path / "straight", 2))
+    train.main(_argv(demo_dirs, tmp_path / "split", 1))
+    result = train.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "2", "--no-progress"])
+    assert result["last"] == str(tmp_path / "split" / "last.pt")
+
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    _states_equal(a["model"], b["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        _states_equal(sa, sb)
+    assert a["scheduler"] == b["scheduler"] and a["early_stop"] == b["early_stop"]
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("straight", "split")]
+    assert [r["train_loss"] for r in rows[0]] == [r["train_loss"] for r in rows[1]]
+    assert len(rows[0]) == 2
+
+    # the checkpoint is a plain dict with the contract's keys, readable with weights_only=True
+    for key in ("model", "model_config", "text_config", "train_config", "epoch", "optimizer",
+                "scheduler", "scaler", "early_stop", "rng", "best_metric", "metrics"):
+        assert key in b, key
+    assert set(b["rng"][0]["generators"]) == {"augment", "loader"}
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert config["train"]["lr"] == 1e-3 and config["model"]["image_size"] == 64
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(demo_dirs, tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.arange(4.0)}, "epoch": 1})
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(4)}, "epoch": 2})
+    monkeypatch.undo()
+    old = load_checkpoint(path)
+    assert old["epoch"] == 1 and torch.equal(old["model"]["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_ctrl_c_saves_last_and_out_of_memory_explains(demo_dirs, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_argv(demo_dirs, tmp_path / "int", 3))
+    ck = load_checkpoint(tmp_path / "int" / "last.pt")
+    assert ck["interrupted"] and ck["epoch"] == 0
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train, "train_one_epoch", oom)
+    with pytest.raises(SystemExit, match="--batch-size.*--amp bf16"):
+        train.main(_argv(demo_dirs, tmp_path / "oom", 1))
