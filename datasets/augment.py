@@ -55,7 +55,7 @@ def _where(flag: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 def augment_batch(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
                   max_angle: float = 20.0, p_rotate: float = 0.5, rot90: bool = True,
-                  p_flip: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+                  p_flip: float = 0.5, return_params: bool = False):
     """Apply the same random geometric transform to each image and its mask.
 
     Args:
@@ -66,9 +66,16 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
         p_rotate: probability of the small rotation.
         rot90: draw k·90° rotations (needs H == W).
         p_flip: probability of each of the horizontal and vertical flips.
+        return_params: also return {"angle" (B,) degrees (0 = none), "k" (B,), "hflip" (B,),
+            "vflip" (B,)}, e.g. to swap "left"/"right" in position captions after a flip.
 
     Returns:
-        (image (B, C, H, W), mask (B, 1, H, W)), same dtypes and device as the inputs.
+        (image (B, C, H, W), mask (B, 1, H, W)) [, params], same dtypes and device as the inputs.
+
+    Flips and k·90° turns move a lesion named "upper left" to another zone, so with captions that name
+    positions (QaTa, the demo) the text no longer matches the mask for those samples. The paper
+    augments anyway. Use rot90=False, p_flip=0 to keep positions, or rewrite the captions from the
+    returned params.
     """
     B, C, H, W = image.shape
     if mask.shape[0] != B or mask.shape[-2:] != (H, W):
@@ -100,4 +107,8 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
     mask = _where(hflip, mask.flip(-1), mask)
     image = _where(vflip, image.flip(-2), image)
     mask = _where(vflip, mask.flip(-2), mask)
+    if return_params:
+        params = {"angle": torch.where(rotate, angle, torch.zeros_like(angle)), "k": k,
+                  "hflip": hflip, "vflip": vflip}
+        return image, mask.to(mask_dtype), params
     return image, mask.to(mask_dtype)

@@ -1,7 +1,7 @@
 """Your own 2D data: a CSV that lists image, mask and text per row.
 
     image,mask,text,case,split
-    scans/p01_a.png,labels/p01_a.png,"Unilateral pulmonary infection, one infected area, lower left lung.",p01,train
+    scans/p01_a.png,labels/p01_a.png,"Unilateral pulmonary infection, ..., lower left lung.",p01,train
     scans/p02.dcm,labels/p02.png,,p02,
 
 Columns: image, mask (required), text (required column; a cell may be empty), case, split, stratum

@@ -53,7 +53,7 @@ _MAX_DEPTH = 3
 
 
 def patient_id(name: str) -> str:
-    """'sub-S11596_ses-E21420_run-1_bp-chest_vp-ap_dx.png' → 'sub-s11596'; 'covid_12.png' → 'covid_12'."""
+    """'sub-S11596_ses-E21420_run-1_bp-chest_vp-ap_dx.png' → 'sub-s11596'; 'covid_12' → 'covid_12'."""
     key = image_key(name)
     m = _SUBJECT.match(key)
     return m.group(1).lower() if m else key

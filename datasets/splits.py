@@ -42,7 +42,8 @@ def apportion(n: int, ratios: Sequence[float], carry: Sequence[float] | None = N
         n: number of items.
         ratios: shares (normalised inside).
         carry: per-split shortfall so far (ideal − given); the leftover items go first to the
-            largest fractional part + carry, ties to the earlier split.
+            largest fractional part + carry; ties to the split with fewer items (5 cases at
+            7:1:2 → 3/1/1, not 4/0/1), then to the earlier split.
 
     Returns:
         counts summing to n.
@@ -52,7 +53,8 @@ def apportion(n: int, ratios: Sequence[float], carry: Sequence[float] | None = N
     ideal = n * r
     counts = np.floor(ideal + 1e-9).astype(int)
     priority = ideal - counts + (np.zeros_like(r) if carry is None else np.asarray(carry))
-    for i in sorted(range(len(r)), key=lambda i: (-priority[i], i))[: n - counts.sum()]:
+    order = sorted(range(len(r)), key=lambda i: (-round(priority[i], 9), counts[i], i))
+    for i in order[: n - counts.sum()]:
         counts[i] += 1
     return counts.tolist()
 
