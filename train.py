@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tmc.checkpoint import load_checkpoint, save_checkpoint
 from tmc.config import ModelConfig
 from tmc.engine import (
-    Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, capture_rng, cleanup_distributed,
+    DDPOutputAdapter, Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, capture_rng, cleanup_distributed,
     gather_lists, init_distributed, make_generator, make_scaler, predict_records, restore_rng, seed_everything,
     seed_worker, summarize, train_one_epoch,
 )
@@ -179,7 +179,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     if dist.enabled:
         # find_unused_parameters: ablations leave heads unused (e.g. alignment off, λ = 0).
         model = torch.nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None,
+            DDPOutputAdapter(raw), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,

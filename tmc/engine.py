@@ -183,6 +183,26 @@ def gather_lists(items: list, dist: Dist) -> list:
     return [x for part in parts for x in part]
 
 
+class DDPOutputAdapter(torch.nn.Module):
+    """LOCAL ADAPTER (remove once tmc/model.py returns logit_scale/logit_bias computed in forward).
+
+    TMC puts its `logit_scale`/`logit_bias` Parameters themselves into out["alignment"]. DDP with
+    find_unused_parameters then finds no autograd path from the outputs to them, marks them unused,
+    and fails when their gradient arrives ("marked as ready twice"). Multiplying by 1 inside the
+    wrapped forward gives DDP that path; values and gradients are unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> dict:
+        out = self.model(*args, **kwargs)
+        out["alignment"] = [{k: v * 1 if isinstance(v, torch.nn.Parameter) else v for k, v in s.items()}
+                            for s in out["alignment"]]
+        return out
+
+
 class ShardSampler(Sampler):
     """Indices rank, rank + world, ... without padding, so evaluation sees every image exactly once
     (DistributedSampler would repeat images to even out the shards)."""
@@ -255,7 +275,8 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         guard: counts non-finite losses; a step with one is skipped on every rank.
 
     Returns:
-        {"loss", "seg", "align"} image-weighted means over all ranks, "steps", "skipped", "images".
+        {"loss", "seg", "align"} image-weighted means over all ranks, "steps" (optimizer updates),
+        "skipped" (non-finite steps), "images" (over all ranks).
     """
     dist = dist or Dist()
     model.train()
@@ -298,10 +319,10 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
             bar.set_postfix(loss=f"{sums[0] / sums[3]:.4f}")
     bar.close()
     loss_sum, seg_sum, align_sum, n = all_reduce_sum(sums, dist, device)
-    steps_all, skipped_all = all_reduce_sum([steps, skipped], dist, device)
     mean = (lambda s: s / n) if n else (lambda s: float("nan"))
+    # steps and skips are the same on every rank (the skip decision is shared)
     return {"loss": mean(loss_sum), "seg": mean(seg_sum), "align": mean(align_sum),
-            "steps": int(steps_all), "skipped": int(skipped_all), "images": int(n)}
+            "steps": steps, "skipped": skipped, "images": int(n)}
 
 
 # ---------------------------------------------------------------------------- evaluation
