@@ -227,7 +227,7 @@ class QataReader:
         text_from_mask: when an image has no text, let the cache generate a caption from its mask
             instead of reporting an error.
         text_files: extra .xlsx/.csv text tables (columns Image, Description) to use besides the
-            ones the layout holds.
+            ones the layout holds (a list, or one comma-separated string).
     """
 
     name = "qata"
@@ -240,7 +240,9 @@ class QataReader:
         self._problems: dict[str, str] = {}  # key → error message, reported when iterated
         self.pairs = self._pair(split_dirs)
         self.text_sources: list[Path] = []
-        self.texts, split_of = self._read_texts([Path(p) for p in (text_files or [])])
+        if isinstance(text_files, (str, Path)):  # from the command line: "a.xlsx,b.xlsx"
+            text_files = [t for t in str(text_files).split(",") if t.strip()]
+        self.texts, split_of = self._read_texts([Path(p).expanduser() for p in (text_files or [])])
         self.splits = {p.key: self._split(p, split_of) for p in self.pairs}
         if not self.texts and not self.text_from_mask:
             raise DatasetError(f"{self.base}: no text found for layout {self.layout!r}; expected "

@@ -159,6 +159,18 @@ def test_layout_mode_cache_and_kaggle_without_id_lists(tmp_path):
         build_cache(QataReader(root), tmp_path / "c2", 8, split_mode="layout", progress=False)
 
 
+def test_workbooks_outside_root_given_explicitly(tmp_path):
+    make_kaggle(tmp_path)
+    inner = tmp_path / "QaTa-COV19" / "QaTa-COV19-v2"
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no text found for layout"):
+        QataReader(inner)
+    books = f"{tmp_path}/Train_text_for_Covid19.xlsx,{tmp_path}/Test_text_for_Covid19.xlsx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reader = QataReader(inner, text_files=books)  # the command-line form
+    assert all(s.text == _text(s.key) for s in reader)
+
+
 def test_auto_detection_errors_and_override(tmp_path):
     with pytest.raises(DatasetError, match=r"no QaTa-COV19 layout found.*expected"):
         QataReader(tmp_path)
