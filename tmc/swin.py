@@ -1,0 +1,397 @@
+"""Swin-Tiny image encoder (Liu et al., 2021), written by hand with the official parameter names.
+
+TMC's decoder and MCM read the four per-stage maps, taken *before* patch merging, through
+`forward_stage(i, x)` (one stage at a time, so the model can swap in a cross-modal feature between
+stages) or `forward(x)` (all four). The final `norm` exists only so official checkpoints load with
+strict semantics; only `forward_features` applies it, never the maps the decoder sees.
+
+Names match microsoft/Swin-Transformer (`patch_embed.{proj,norm}`, `layers.I.blocks.J.{norm1,
+attn.qkv, attn.proj, attn.relative_position_bias_table, norm2, mlp.fc1, mlp.fc2}`,
+`layers.I.downsample.{norm,reduction}` at the END of stage I, `norm`); the derived
+`relative_position_index` and `attn_mask` are non-persistent buffers.
+
+Sizes: image sides must be multiples of patch_size * 2**(n_stages-1) (32 for Swin-T: 224, 256, 64),
+so stage i is exactly H / 2**(i+1). A stage grid that is not a multiple of the window is zero-padded
+right/bottom after norm1 and cropped after attention; a grid no larger than the window is one
+unshifted window (both as HF/timm do).
+
+Shape key: B batch, C channels, H, W token grid of a stage, N tokens per window (ws*ws), nH heads,
+Dh head dim, nW windows per image, ws window size, s shift. Tokens are (B, H, W, C) inside the
+encoder; stage outputs are (B, C, H, W).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- window helpers
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C), H and W multiples of ws -> (B*nW, ws, ws, C): batch outermost, windows row-major."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)  # (B, H/ws, ws, W/ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)  # (B*nW, ws, ws, C)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of `window_partition`: (B*nW, ws, ws, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C)  # (B, H/ws, W/ws, ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    """Row of the (2ws-1)^2 bias table for every (query, key) pair of a ws x ws window: (N, N)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))  # (2, ws, ws)
+    coords = coords.flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)  # (N, N, 2), in [0, 2ws-2]
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]  # (N, N)
+
+
+def shift_attention_mask(H: int, W: int, ws: int, shift: int, device=None) -> torch.Tensor:
+    """Additive mask (nW, N, N) for shifted windows on a (padded) H x W grid: 0 where query and key
+    come from the same region before the cyclic shift, -100 (official; not -inf) otherwise."""
+
+    def region(n: int) -> torch.Tensor:  # 0, 1, 2 for the slices [0:-ws], [-ws:-s], [-s:]
+        i = torch.arange(n, device=device)
+        return (i >= n - ws).long() + (i >= n - shift).long()
+
+    label = region(H)[:, None] * 3 + region(W)[None, :]  # (H, W), 9 region ids
+    win = window_partition(label[None, :, :, None], ws).reshape(-1, ws * ws)  # (nW, N)
+    diff = win[:, None, :] - win[:, :, None]  # (nW, N, N)
+    return torch.zeros(diff.shape, device=device).masked_fill(diff != 0, -100.0)
+
+
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/2, W/2, 4C): each 2x2 neighbourhood on channels in the official order
+    x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (row offset fastest). Another order keeps
+    every shape but silently breaks pretrained weights."""
+    return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale survivors by 1/keep."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative-position bias.
+
+    The bias (and the shift mask) enter `F.scaled_dot_product_attention` as an additive float mask.
+    The table is sized for `window_size`; a smaller window (a stage grid smaller than the window)
+    reads the entries of its own offsets from the same table.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+
+    def relative_position_bias(self, window: int) -> torch.Tensor:
+        """Bias for a window x window window (window <= window_size): (nH, N, N)."""
+        index = self.relative_position_index  # (ws*ws, ws*ws)
+        if window != self.window_size:
+            r = torch.arange(window, device=index.device)
+            keep = (r[:, None] * self.window_size + r[None, :]).flatten()  # tokens of the top-left sub-window
+            index = index[keep][:, keep]  # (N, N): offsets depend only on differences
+        N = window * window
+        bias = self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1)  # (N, N, nH)
+        return bias.permute(2, 0, 1)  # (nH, N, N)
+
+    def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            x: (B, nW, N, C) window tokens, N = window**2.
+            window: side of the windows.
+            mask: (nW, N, N) additive shift mask, or None.
+        Returns:
+            (B, nW, N, C).
+        """
+        B, nW, N, C = x.shape
+        nH = self.num_heads
+        Dh = C // nH
+        qkv = self.qkv(x).view(B, nW, N, 3, nH, Dh).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, Dh)
+        bias = self.relative_position_bias(window)  # (nH, N, N)
+        if mask is None:
+            q, k, v = qkv.reshape(3, B * nW, nH, N, Dh).unbind(0)  # each (B*nW, nH, N, Dh)
+            attn_mask = bias[None]  # (1, nH, N, N), broadcast over windows
+        else:
+            # windows x heads as one axis, so the per-window mask broadcasts over the batch
+            q, k, v = qkv.reshape(3, B, nW * nH, N, Dh).unbind(0)  # each (B, nW*nH, N, Dh)
+            attn_mask = (mask[:, None] + bias[None]).reshape(1, nW * nH, N, N)  # (1, nW*nH, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # scale Dh**-0.5
+        out = out.reshape(B, nW, nH, N, Dh).transpose(2, 3).reshape(B, nW, N, C)  # (B, nW, N, C)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm (shifted-)window attention + MLP, both residual with stochastic depth.
+
+    `window_size`/`shift_size` hold the values for `input_resolution` (the size the model was built
+    for, as in the official code); forward re-derives them from the actual grid, so other image
+    sizes behave like HF/timm.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: bool = False,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+                 input_resolution: tuple[int, int] = (56, 56)):
+        super().__init__()
+        self.nominal_window = window_size
+        self.nominal_shift = window_size // 2 if shift else 0
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        H, W = input_resolution
+        self.window_size, self.shift_size = self.window_and_shift(H, W)
+        Hp, Wp = -(-H // self.window_size) * self.window_size, -(-W // self.window_size) * self.window_size
+        mask = shift_attention_mask(Hp, Wp, self.window_size, self.shift_size) if self.shift_size else None
+        self.register_buffer("attn_mask", mask, persistent=False)  # (nW, N, N) for the padded grid
+        self._mask_key = (Hp, Wp, self.window_size, self.shift_size)
+
+    def window_and_shift(self, H: int, W: int) -> tuple[int, int]:
+        """Window side and shift for an H x W grid: a grid no larger than the window is one
+        unshifted window (shifting it would only wrap tokens around)."""
+        if min(H, W) <= self.nominal_window:
+            return min(H, W), 0
+        return self.nominal_window, self.nominal_shift
+
+    def _shift_mask(self, Hp: int, Wp: int, ws: int, s: int, device) -> torch.Tensor:
+        if self.attn_mask is not None and self._mask_key == (Hp, Wp, ws, s):
+            return self.attn_mask
+        return shift_attention_mask(Hp, Wp, ws, s, device=device)  # another image size: rebuild
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        ws, s = self.window_and_shift(H, W)
+        shortcut = x
+        x = self.norm1(x)
+        pad_b, pad_r = (-H) % ws, (-W) % ws
+        if pad_b or pad_r:  # zero tokens after the norm, as HF/timm do
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
+        Hp, Wp = H + pad_b, W + pad_r
+        if s:
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+        windows = window_partition(x, ws).view(B, -1, ws * ws, C)  # (B, nW, N, C)
+        mask = self._shift_mask(Hp, Wp, ws, s, x.device) if s else None
+        windows = self.attn(windows, ws, mask)  # (B, nW, N, C)
+        x = window_reverse(windows.view(-1, ws, ws, C), ws, Hp, Wp)  # (B, Hp, Wp, C)
+        if s:
+            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
+        x = x[:, :H, :W]  # (B, H, W, C), padding cropped
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> LayerNorm(4C) -> Linear(4C -> 2C, no bias): halves the grid."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            raise ValueError(f"patch merging needs an even grid, got {H}x{W}; fix: use image sides that "
+                             "are multiples of patch_size * 2**(num_stages-1) (32 for Swin-T)")
+        return self.reduction(self.norm(merge_2x2(x)))  # (B, H/2, W/2, 2C)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch_size x patch_size conv, then LayerNorm."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, H/p, W/p, C)."""
+        B, C, H, W = x.shape
+        x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, embed_dim)
+        return self.norm(x)
+
+
+class SwinStage(nn.Module):
+    """Official `BasicLayer`: the blocks of one stage, plus the merging that *follows* it.
+
+    forward runs the blocks only; `SwinTransformer.forward_stage(i+1)` calls `downsample`, so the
+    map before merging is what the stage returns.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 qkv_bias: bool, drop_paths: list[float], input_resolution: tuple[int, int], downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, shift=j % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                      drop_path=drop_paths[j], input_resolution=input_resolution)
+            for j in range(depth)
+        ])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer backbone returning per-stage maps (defaults: Swin-T, official weights).
+
+    Args:
+        img_size: image side (int or (H, W)) the derived buffers are built for; other sizes that are
+            multiples of patch_size * 2**(len(depths)-1) also work.
+        patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias: as in
+            the official code.
+        drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over all blocks.
+    """
+
+    def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0):
+        super().__init__()
+        img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        n = len(depths)
+        if len(num_heads) != n:
+            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need the same length")
+        for i, h in enumerate(num_heads):
+            if (embed_dim * 2**i) % h:
+                raise ValueError(f"stage {i + 1}: {embed_dim * 2**i} channels do not split into {h} heads")
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.num_stages = n
+        self.size_multiple = patch_size * 2 ** (n - 1)
+        self._check_image_size(*img_hw, what="img_size")
+        self.img_size = img_hw
+        self.stage_channels = tuple(embed_dim * 2**i for i in range(n))
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        H, W = img_hw[0] // patch_size, img_hw[1] // patch_size
+        self.layers = nn.ModuleList([
+            SwinStage(self.stage_channels[i], depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias,
+                      dpr[sum(depths[:i]):sum(depths[:i + 1])], (H // 2**i, W // 2**i), downsample=i < n - 1)
+            for i in range(n)
+        ])
+        self.norm = nn.LayerNorm(self.stage_channels[-1])
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_image_size(self, H: int, W: int, what: str = "image") -> None:
+        m = self.size_multiple
+        if H % m or W % m or H <= 0 or W <= 0:
+            near = sorted({m * max(1, v // m) for v in (H, W)} | {m * (v // m + 1) for v in (H, W)})
+            raise ValueError(f"{what} {H}x{W} is not a multiple of {m} (patch {self.patch_size} x "
+                             f"2**{self.num_stages - 1} merges); fix: resize to a multiple of {m}, e.g. "
+                             + " or ".join(map(str, near)))
+
+    def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Run stage i (1-based) alone.
+
+        Args:
+            i: 1..num_stages.
+            x: i == 1: the image (B, in_chans, H, W); i > 1: the (B, C_{i-1}, H_{i-1}, W_{i-1}) output
+                of stage i-1 (or a feature of that shape that replaces it), merged by
+                `layers[i-2].downsample` before the stage-i blocks.
+        Returns:
+            (B, C_i, H_i, W_i), H_i = H / 2**(i+1) (a channels-last view, no copy).
+        """
+        n = self.num_stages
+        if not 1 <= i <= n:
+            raise ValueError(f"stage {i} is outside 1..{n}")
+        if x.ndim != 4:
+            raise ValueError(f"stage {i} expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        if i == 1:
+            if C != self.in_chans:
+                raise ValueError(f"image has {C} channels, the encoder expects {self.in_chans}")
+            if H % self.patch_size or W % self.patch_size:
+                self._check_image_size(H, W)
+            x = self.patch_embed(x)  # (B, H/4, W/4, C1)
+        else:
+            if C != self.stage_channels[i - 2]:
+                raise ValueError(f"stage {i} expects the {self.stage_channels[i - 2]}-channel map of "
+                                 f"stage {i - 1}, got {C} channels")
+            x = self.layers[i - 2].downsample(x.permute(0, 2, 3, 1))  # (B, H/2, W/2, C_i)
+        x = self.layers[i - 1](x)  # (B, H_i, W_i, C_i)
+        return x.permute(0, 3, 1, 2)  # (B, C_i, H_i, W_i)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The per-stage maps TMC's decoder uses.
+
+        Args:
+            x: (B, in_chans, H, W), H and W multiples of `size_multiple`.
+        Returns:
+            list of num_stages maps (B, C_i, H / 2**(i+1), W / 2**(i+1)), before patch merging.
+        """
+        if x.ndim == 4:
+            self._check_image_size(x.shape[-2], x.shape[-1])
+        maps = []
+        for i in range(1, self.num_stages + 1):
+            x = self.forward_stage(i, x)
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage tokens after the final norm, like HF's last_hidden_state; mean over N gives
+        the pooled vector the classification head uses. Not used by TMC's decoder.
+
+        Returns:
+            (B, N, C_last), N = H_last * W_last.
+        """
+        x = self.forward(x)[-1]  # (B, C, H, W)
+        return self.norm(x.flatten(2).transpose(1, 2))  # (B, N, C)
