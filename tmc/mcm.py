@@ -93,10 +93,13 @@ class MultiStageCrossAttentionBlock(nn.Module):
         mlp_ratio: hidden width of both MLPs as a multiple of their input width.
         dropout: dropout on attention weights and inside the MLPs.
         zero_init_visual: start with f_v == v (see 3. above).
+        update_text: False builds the image direction only and returns l unchanged as f_l. The
+            model uses it at the last MCM stage, where F_L has no consumer (no later stage, and the
+            alignment loss reads CLS_i before cross-attention): its parameters would get no gradient.
     """
 
     def __init__(self, vis_dim: int, txt_dim: int, num_heads: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, zero_init_visual: bool = True) -> None:
+                 dropout: float = 0.0, zero_init_visual: bool = True, update_text: bool = True) -> None:
         super().__init__()
         for name, dim in (("vis_dim", vis_dim), ("txt_dim", txt_dim)):
             if dim % num_heads:
@@ -109,16 +112,22 @@ class MultiStageCrossAttentionBlock(nn.Module):
         self.v_attn = MultiHeadCrossAttention(vis_dim, txt_dim, num_heads, dropout=dropout)
         self.v_norm_mlp = nn.LayerNorm(vis_dim)
         self.v_mlp = Mlp(vis_dim, int(vis_dim * mlp_ratio), dropout)
+        self.update_text = update_text
+        if update_text:
+            self._build_text_path(vis_dim, txt_dim, num_heads, mlp_ratio, dropout)
+        if zero_init_visual:
+            for layer in (self.v_attn.out_proj, self.v_mlp.fc2):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def _build_text_path(self, vis_dim: int, txt_dim: int, num_heads: int, mlp_ratio: float,
+                         dropout: float) -> None:
         # Text queries the updated image (image→text refinement).
         self.l_norm_q = nn.LayerNorm(txt_dim)
         self.l_norm_kv = nn.LayerNorm(vis_dim)
         self.l_attn = MultiHeadCrossAttention(txt_dim, vis_dim, num_heads, dropout=dropout)
         self.l_norm_mlp = nn.LayerNorm(txt_dim)
         self.l_mlp = Mlp(txt_dim, int(txt_dim * mlp_ratio), dropout)
-        if zero_init_visual:
-            for layer in (self.v_attn.out_proj, self.v_mlp.fc2):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, text_padding_mask: torch.Tensor | None = None,
                 return_attention: bool = False):
@@ -146,8 +155,10 @@ class MultiStageCrossAttentionBlock(nn.Module):
         v = v + attn
         f_v = v + self.v_mlp(self.v_norm_mlp(v))  # (B, N, C_v)
 
-        l = l + self.l_attn(self.l_norm_q(l), self.l_norm_kv(f_v))  # (B, L, C_l)
-        f_l = l + self.l_mlp(self.l_norm_mlp(l))  # (B, L, C_l)
+        if self.update_text:
+            l = l + self.l_attn(self.l_norm_q(l), self.l_norm_kv(f_v))  # (B, L, C_l)
+            l = l + self.l_mlp(self.l_norm_mlp(l))  # (B, L, C_l)
+        f_l = l
 
         if return_attention:
             return f_v, f_l, weights

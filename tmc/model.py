@@ -116,6 +116,8 @@ class TMC(nn.Module):
         h = x
         for i in range(1, self.num_stages + 1):
             h = self.swin.forward_stage(i, h)  # (B, C_i, H_i, W_i)
+            if i == self.num_stages:  # Swin's final LayerNorm, as its pretrained head consumes stage 4
+                h = self.swin.norm(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C_4, H_4, W_4)
             key = str(i)
             if key in self.text_proj:
                 B, C, H, W = h.shape
@@ -128,7 +130,8 @@ class TMC(nn.Module):
                     f_v, lang = out[0], out[1]  # F_V^i (B, N_i, C_i), F_L^i (B, T, C_i)
                     if return_attention:
                         attention[i] = out[2]  # (B, N_i, T)
-                    h = f_v.transpose(1, 2).reshape(B, C, H, W)  # (B, C_i, H_i, W_i)
+                    # A view with channels-last strides: Swin and the decoder read it without a copy.
+                    h = f_v.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C_i, H_i, W_i)
             fused.append(h)
 
         result = {"logits": self.decoder(x, fused), "alignment": alignment}
@@ -166,7 +169,9 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
             if i in cfg.active_alignment_stages:
                 align[str(i)] = AlignmentHead(c, c, cfg.alignment_dim)
             if i in cfg.active_mcm_stages:
-                mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio)
+                last = i == max(cfg.active_mcm_stages)  # its F_L would have no consumer
+                mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio,
+                                                            update_text=not last)
                 lang_dim = c  # F_L^i feeds the next stage's projection
 
     decoder = DualUDecoder(
