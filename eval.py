@@ -354,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", default=None, metavar="A.pt",
                    help="set A of runs; set B follows `--` (or --ckpt-b)")
     p.add_argument("--ckpt-b", nargs="+", default=[], help="set B for --compare / --ckpt")
-    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--dataset", default="", help="override the run's dataset")
     p.add_argument("--root", default="", help="override the run's dataset folder")
     p.add_argument("--cache-dir", default="", help="override the run's cache folder")
@@ -380,18 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_set_b(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`--compare A1 A2 -- B1 B2 --json x` → (argv without the B paths, [B1, B2]); options may
+    follow set B."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    rest, set_b = argv[i + 1:], []
+    while rest and not rest[0].startswith("--"):
+        set_b.append(rest.pop(0))
+    return argv[:i] + rest, set_b
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv, set_b = split_set_b(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.empty = float(args.empty)
     args.ckpt_list = list(args.ckpt)
-    args.ckpt_b_list = list(args.ckpt_b)
+    args.ckpt_b_list = list(args.ckpt_b) + set_b
     if args.compare is not None:
         args.ckpt_list += args.compare
-        args.ckpt_b_list += args.rest
         if not args.ckpt_b_list:
-            fail("--compare needs a second set: --compare A1.pt A2.pt -- B1.pt B2.pt")
-    elif args.rest:
-        fail(f"unexpected arguments {args.rest}")
+            fail("--compare needs a second set: --compare A1.pt A2.pt -- B1.pt B2.pt (or --ckpt-b)")
     if not args.ckpt_list:
         fail("pass --ckpt PATH (or --compare A.pt ... -- B.pt ...)")
     device = pick_device(args.device)

@@ -181,3 +181,89 @@ def test_volume_prediction_keeps_the_input_grid_and_voxel_order(tmp_path):
     assert written.shape == data.shape
     np.testing.assert_allclose(written.affine, affine)
     np.testing.assert_array_equal(np.asarray(written.dataobj), (data > 500).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------- end to end (subprocesses)
+
+def _run(args, cwd):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`python train.py --dataset demo` shrunk: 30 images, 2 epochs of 2 steps."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "run"
+    stdout = _run([str(REPO / "train.py"), "--dataset", "demo", "--root", str(tmp / "demo"),
+                   "--cache-dir", str(tmp / "cache"), "--reader-options", "n=30", "--out", str(out),
+                   "--epochs", "2", "--max-steps-per-epoch", "2", "--batch-size", "4",
+                   "--no-progress", "--time-limit", "0"], cwd=tmp)
+    return tmp, out, stdout
+
+
+def test_demo_trains_and_evaluates_end_to_end(demo_run):
+    tmp, out, stdout = demo_run
+    assert "test Dice" in stdout and f"checkpoint: {out / 'best.pt'}" in stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["dataset"] == "demo" and config["model"]["image_size"] == 64
+
+    stdout = _run([str(REPO / "eval.py"), "--ckpt", str(out / "best.pt"), str(out / "last.pt"),
+                   "--json", str(tmp / "res.json"), "--save-overlays", str(tmp / "figs"),
+                   "--max-overlays", "3", "--no-progress", "--workers", "0"], cwd=tmp)
+    res = json.loads((tmp / "res.json").read_text())
+    for key in ("dice", "miou", "dice_global", "iou_global", "n_images", "n_cases", "dataset",
+                "split", "checkpoint", "dice_std"):
+        assert key in res, key
+    assert res["dataset"] == "demo" and res["split"] == "test" and res["n_runs"] == 2
+    assert res["n_images"] == 6 and "empty-vs-empty = 1" in stdout
+    test_json = json.loads((out / "test_metrics.json").read_text())  # train.py's own test pass
+    assert res["runs"][0]["dice"] == pytest.approx(test_json["dice"])
+    rows = (tmp / "res_cases.csv").read_text().splitlines()
+    assert rows[0].startswith("case,n_slices,A_dice,A_iou") and len(rows) == 1 + res["n_cases"]
+    for run in ("run",):
+        pictures = sorted((tmp / "figs" / run).glob("*.png"))
+        assert len(pictures) == 4 and pictures[-1].name == "mosaic.png"  # 3 panels + the mosaic
+
+
+
+def test_compare_two_sets_writes_the_paired_test(demo_run):
+    tmp, out, _ = demo_run
+    evaluate.main(["--compare", str(out / "best.pt"), "--", str(out / "last.pt"), "--json",
+                   str(tmp / "cmp.json"), "--no-progress", "--workers", "0"])
+    cmp = json.loads((tmp / "cmp.json").read_text())
+    assert cmp["A"]["checkpoint"] == str(out / "best.pt") and cmp["B"]["checkpoint"] == str(out / "last.pt")
+    assert cmp["compare"]["n_cases"] == 6 and "ttest_rel" in cmp["compare"]["test"]
+    header = (tmp / "cmp_cases.csv").read_text().splitlines()[0]
+    assert header == "case,n_slices,A_dice,A_iou,A_dice_run1,B_dice,B_iou,B_dice_run1"
+
+
+def test_single_image_prediction_is_written_at_the_input_size(demo_run, tmp_path):
+    from PIL import Image
+
+    _, out, _ = demo_run
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 83), dtype=np.uint8)).save(tmp_path / "x.png")
+    evaluate.main(["--ckpt", str(out / "best.pt"), "--image", str(tmp_path / "x.png"),
+                   "--text", "Unilateral pulmonary infection, one infected area, lower left lung.",
+                   "--out", str(tmp_path / "mask.png")])
+    mask = Image.open(tmp_path / "mask.png")
+    assert mask.size == (83, 50) and set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
+def test_volume_prediction_with_the_model(demo_run, tmp_path):
+    nib = pytest.importorskip("nibabel")
+    _, out, _ = demo_run
+    data = np.random.default_rng(0).integers(-1000, 400, (40, 30, 3)).astype(np.int16)
+    affine = np.diag([-0.9, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "ct.nii.gz"))
+    evaluate.main(["--ckpt", str(out / "best.pt"), "--volume", str(tmp_path / "ct.nii.gz"),
+                   "--text", "Bilateral pulmonary infection, two infected areas.",
+                   "--intensity", "ct", "--out", str(tmp_path / "mask.nii.gz")])
+    written = nib.load(str(tmp_path / "mask.nii.gz"))
+    assert written.shape == data.shape
+    np.testing.assert_allclose(written.affine, affine)

@@ -140,7 +140,8 @@ def pick_device(name: str = "", dist: Dist | None = None) -> torch.device:
             raise ValueError(f"--device {name}: CUDA is not available here; fix: --device cpu")
         if dist.enabled:
             name = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(torch.device(name))
+        if torch.device(name).index is not None:
+            torch.cuda.set_device(torch.device(name))
     return torch.device(name)
 
 
