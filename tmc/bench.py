@@ -1,68 +1,401 @@
 """Size and speed of a TMC configuration.
 
-    python -m tmc.bench --config paper --count          # parameters per part + forward FLOPs at 224²
+    python -m tmc.bench --config paper --count          # parameters and forward FLOPs per part at 224²
+    python -m tmc.bench --config tiny --batch 2 --steps 3 --infer-batch 4 --threads 1 --json out.json
+    python -m tmc.bench --config paper --batch 32 --amp bf16 --compile --json b32.json   # one GPU row
+    python -m tmc.bench --config paper --batch 8 --profile    # top kernels + forward time per part
+    python -m tmc.bench --suite bench_out/                    # the whole GPU table, one JSON per row
 
-FLOPs are counted by torch.utils.flop_counter (2 FLOPs per multiply-add, matmuls, convolutions and
-attention; element-wise work is not counted). Papers that quote "FLOPs" from thop/fvcore count
-multiply-adds, i.e. half of this number.
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode: 2 FLOPs per multiply-add of matmuls,
+convolutions and attention; element-wise work (norms, GELU, softmax, the optimizer) is not counted.
+thop/fvcore-style "FLOPs" are multiply-adds (MACs), half of our number; we print both. Attention is
+counted through the math SDPA backend because FlopCounterMode has no formula for the fused CPU kernel
+(it would count 0). Training FLOPs per step are counted directly over forward + backward of the real
+loss (about 3× the forward), not assumed.
+
+A training step is forward + loss (segmentation_loss + 0.1·multistage_alignment_loss) + backward + Adam
+step. Times are medians over --steps steps after --warmup steps, taken with torch.cuda.Event on GPU and
+time.perf_counter on CPU. The fraction of peak divides counted training FLOP/s by the best throughput of
+an n³ matmul measured in the same run (bf16 8192³ on GPU; 1024³ in the compute dtype, fp32 by default,
+on CPU). Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU the growth of the process's
+resident-set high-water mark (ru_maxrss) during training, a lower bound.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tmc.config import get_config
+from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
 from tmc.model import build_model, count_parameters
 
 PAPER_PARAMS = 242.8e6
 PAPER_GFLOPS = 145.7
+ALIGN_WEIGHT = 0.1  # λ of the paper (§4.2)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+# Top-level module names → the parts of count_parameters (text_proj belongs to MCM there).
+PARTS = {"swin": ("swin",), "text_encoder": ("text",), "mcm": ("mcm", "text_proj"),
+         "alignment": ("align",), "decoder": ("decoder",)}
+CAPTIONS = [
+    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+    "Unilateral pulmonary infection, one infected area, middle left lung.",
+    "Bilateral pulmonary infection, three infected areas, all over the right lung.",
+    "No lung infection is visible.",
+]
 
 
-def forward_flops(model, image_size: int, batch: int = 1) -> int:
-    """Forward FLOPs (2·MAC) of one batch with a T-token caption, counted by FlopCounterMode."""
-    image = torch.rand(batch, 1, image_size, image_size)
-    tokens = model.tokenize(["bilateral pulmonary infection, two infected areas, upper left lung."] * batch)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(image, **tokens)
-    return counter.get_total_flops()
+# ---------------------------------------------------------------------------- helpers
 
-
-def count(preset: str, text_model: str | None = None) -> dict:
+def make_model(preset: str, text_model: str | None = None):
+    """(cfg, model) of a preset; the paper preset gets a random BERT-base-shaped encoder by default."""
     overrides = {"text_model": text_model} if text_model else {}
     if preset == "paper" and not text_model:
-        overrides["text_model"] = "random:12x768"  # BERT-base's shape; no download needed to count
+        overrides["text_model"] = "random:12x768"  # BERT-base's shape; no download needed
     cfg = get_config(preset, **overrides)
-    model = build_model(cfg).eval()
-    params = count_parameters(model)
-    flops = forward_flops(model, cfg.image_size)
-    return {"preset": preset, "image_size": cfg.image_size, "text_model": cfg.text_model,
-            "params": params, "forward_gflops_2mac": flops / 1e9, "forward_gmacs": flops / 2e9}
+    return cfg, build_model(cfg)
+
+
+def make_batch(model, image_size: int, batch: int, device, channels_last: bool = False):
+    """Synthetic (image (B,1,H,W), mask (B,1,H,W), tokens {(B,T)}, positive_mask (B,B)) on `device`."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(batch, 1, image_size, image_size, generator=g).to(device)
+    mask = (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.7).float().to(device)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
+    tokens = {k: v.to(device) for k, v in model.tokenize(captions).items()}
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, mask, tokens, caption_positive_mask(captions, device=device)
+
+
+def time_calls(fn, warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Seconds of each of `iters` calls of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int = 10) -> float:
+    """Best FLOP/s of an n×n×n matmul (2n³ FLOPs) in `dtype`: this device's reference peak."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / min(time_calls(lambda: a @ b, warmup=2, iters=iters, device=device))
+
+
+def part_flops(counts: dict[str, dict], root: str = "TMC") -> dict[str, int]:
+    """FLOPs per part from FlopCounterMode.get_flop_counts(); valid for a forward pass only.
+
+    Only modules called through __call__ appear (Swin runs through `forward_stage`: `TMC.swin.layers.0` is
+    there, `TMC.swin` is not), so a part is its entry or the sum of its outermost descendants that are.
+    The rest (TMC.forward itself, a loss) is "other". Not for backward, where ModuleTracker credits a
+    module with whatever autograd interleaves between its output's and its input's gradients.
+    """
+    totals = {name: sum(ops.values()) for name, ops in counts.items()}
+
+    def module(prefix: str) -> int:
+        if prefix in totals:
+            return totals[prefix]
+        inside = [k for k in totals if k.startswith(prefix + ".")]
+        return sum(totals[k] for k in inside if not any(k.startswith(o + ".") for o in inside))
+
+    parts = {part: sum(module(f"{root}.{child}") for child in children) for part, children in PARTS.items()}
+    parts["other"] = totals.get("Global", 0) - sum(parts.values())
+    return parts
+
+
+def count_flops(fn) -> tuple[int, dict[str, int]]:
+    """(total FLOPs, FLOPs per part) of fn(), attention counted through the math SDPA backend."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), part_flops(counter.get_flop_counts())
+
+
+def forward_flops(model, image_size: int, batch: int = 1, per_part: bool = False):
+    """Forward FLOPs (2·MAC) of one batch with a T-token caption [and their split per part]."""
+    image, _, tokens, _ = make_batch(model, image_size, batch, next(model.parameters()).device)
+    was_training = model.training
+    with torch.no_grad():
+        total, parts = count_flops(lambda: model.eval()(image, **tokens))
+    model.train(was_training)
+    return (total, parts) if per_part else total
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = f"{names[0]} ×{len(names)} cores" if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
+
+
+def autocast(device: torch.device, amp: str):
+    return contextlib.nullcontext() if amp == "off" else torch.autocast(device.type, dtype=DTYPES[amp])
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------- one benchmark row
+
+def train_step(model, optimizer, scaler, batch, amp: str, form: str) -> torch.Tensor:
+    """One optimisation step with the paper's objective; returns the detached loss (no sync)."""
+    image, mask, tokens, positive = batch
+    with autocast(image.device, amp):
+        out = model(image, **tokens)
+        align = multistage_alignment_loss(out["alignment"], form, positive, device=image.device)
+        loss = segmentation_loss(out["logits"].float(), mask) + ALIGN_WEIGHT * align
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def setup(args) -> SimpleNamespace:
+    """What one row needs: device, amp, cfg, `model` (eager: FLOPs are counted on it), `run` (the model
+    or its torch.compile wrapper: times are taken on it) and `step(eager=False)`, one training step."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA (GradScaler); fix: use --amp bf16 or --amp off on CPU")
+    if args.cuda_graphs and not (args.compile and device.type == "cuda"):
+        raise ValueError("--cuda-graphs means torch.compile(mode='reduce-overhead'); fix: add --compile, on CUDA")
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    cfg, model = make_model(args.config, args.text_model)
+    model.to(device).train()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    run = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
+    # Fused Adam on GPU (one kernel for all parameters), as a tuned trainer would use it.
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    batch = make_batch(model, cfg.image_size, args.batch, device, args.channels_last)
+
+    def step(eager: bool = False) -> torch.Tensor:  # eager: uncompiled, for counting FLOPs
+        return train_step(model if eager else run, optimizer, scaler, batch, amp, cfg.alignment_form)
+
+    return SimpleNamespace(device=device, amp=amp, cfg=cfg, model=model, run=run, step=step)
+
+
+def measure_training(s: SimpleNamespace, args) -> dict:
+    """Step time, images/s, peak memory, counted FLOPs per step and their fraction of the matmul peak."""
+    cuda = s.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(s.device)
+    rss0, losses = maxrss_bytes(), []
+    times = time_calls(lambda: losses.append(s.step()), args.warmup, args.steps, s.device)
+    if cuda:
+        memory, kind = torch.cuda.max_memory_allocated(s.device), "torch.cuda.max_memory_allocated"
+    else:
+        memory, kind = maxrss_bytes() - rss0, "ru_maxrss growth during training (lower bound)"
+    step = statistics.median(times)
+    # Counted after timing, so the CPU high-water mark above is the timed step's own.
+    flops, _ = count_flops(lambda: s.step(eager=True))
+    peak_dtype, peak_n = (torch.bfloat16, 8192) if cuda else (DTYPES[s.amp], 1024)
+    peak_n = args.peak_n or peak_n
+    peak = matmul_peak(s.device, peak_dtype, peak_n)
+    return {"train_step_ms": step * 1e3, "train_step_ms_min": min(times) * 1e3, "warmup": args.warmup,
+            "steps": args.steps, "train_images_per_s": args.batch / step, "loss": losses[-1].item(),
+            "peak_memory_gib": memory / 2**30, "peak_memory_kind": kind, "train_gflops_per_step": flops / 1e9,
+            "train_flops_method": "FlopCounterMode over forward+backward (2 FLOPs per MAC)",
+            "achieved_tflops": flops / step / 1e12, "peak_tflops": peak / 1e12,
+            "peak_matmul": f"{peak_n}^3 {str(peak_dtype).removeprefix('torch.')}",
+            "fraction_of_peak": flops / step / peak}
+
+
+def measure_inference(s: SimpleNamespace, args) -> dict:
+    """Images/s at --infer-batch and latency at batch 1, eval mode, no autograd."""
+    result = {"infer_batch": args.infer_batch}
+    s.run.eval()
+    for key, b in (("infer_images_per_s", args.infer_batch), ("infer_latency_ms_b1", 1)):
+        image, _, tokens, _ = make_batch(s.model, s.cfg.image_size, b, s.device, args.channels_last)
+        with torch.inference_mode(), autocast(s.device, s.amp):
+            t = statistics.median(time_calls(lambda: s.run(image, **tokens), args.warmup, args.infer_iters, s.device))
+        result[key] = b / t if key == "infer_images_per_s" else t * 1e3
+    s.run.train()
+    return result
+
+
+def bench(args) -> dict:
+    """Measure one row of the table (see the module docstring); returns the JSON-ready dict."""
+    s = setup(args)
+    params = count_parameters(s.model)
+    result = {"command": " ".join(["python -m tmc.bench", *args.argv]), "preset": args.config,
+              "device": s.device.type, "device_name": device_name(s.device), "torch_version": torch.__version__,
+              "amp": s.amp, "dtype": str(DTYPES[s.amp]).removeprefix("torch."), "compile": args.compile,
+              "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "batch": args.batch,
+              "image_size": s.cfg.image_size, "text_model": s.cfg.text_model, "text_length": s.cfg.text_length,
+              "params": params, "params_total": params["total"]}
+    if args.steps > 0:
+        result.update(measure_training(s, args))
+    forward, parts = forward_flops(s.model, s.cfg.image_size, per_part=True)
+    result.update(forward_gflops=forward / 1e9, forward_gmacs=forward / 2e9,
+                  forward_gflops_per_part={k: v / 1e9 for k, v in parts.items()})
+    if args.steps > 0:
+        result["train_over_forward"] = result["train_gflops_per_step"] / (args.batch * result["forward_gflops"])
+    if args.infer_iters > 0:
+        result.update(measure_inference(s, args))
+    return result
+
+
+# ---------------------------------------------------------------------------- profile, suite, CLI
+
+def label_parts(model) -> list:
+    """Wrap the forward of each part (Swin stage, text encoder, MCM block, decoder block) in a profiler
+    range "part:<name>"; returns the hook handles. Backward runs in autograd's engine, unlabelled."""
+    def enter(name):
+        def hook(module, inputs):
+            module._bench_range = torch.profiler.record_function(f"part:{name}")
+            module._bench_range.__enter__()
+        return hook
+
+    def leave(module, inputs, output):
+        module._bench_range.__exit__(None, None, None)
+
+    handles = []
+    for name, m in model.named_modules():
+        if name and name.count(".") <= 1 or name.startswith("swin.layers.") and name.count(".") == 2:
+            handles += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
+    return handles
+
+
+def profile(args, steps: int = 3, rows: int = 20) -> str:
+    """Top ops by self device (CUDA, else CPU) time over a few training steps, then forward time per part."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    s = setup(args)
+    for _ in range(max(args.warmup, 1)):
+        s.step()
+    cuda = s.device.type == "cuda"
+    handles = label_parts(s.model)
+    with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(steps):
+            s.step()
+        if cuda:
+            torch.cuda.synchronize(s.device)
+    for h in handles:
+        h.remove()
+    events = prof.key_averages()
+    total = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    lines = [events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows),
+             f"forward time per part, {'device' if cuda else 'CPU'} ms per step (nested parts overlap):"]
+    for e in sorted((e for e in events if e.key.startswith("part:")), key=total, reverse=True)[:rows]:
+        lines.append(f"  {e.key[5:]:<28} {total(e) / 1e3 / steps:9.2f}")
+    return "\n".join(lines)
+
+
+def suite(out_dir: str, text_model: str | None = None) -> list[dict]:
+    """The issue's GPU table in one process (paper config, 224², bf16, channels_last, the decoder's GPU
+    layout), one JSON per row in out_dir: training at batch 8 and 32, eager and torch.compile; inference
+    at batch 64 and 1 (eager). A few minutes on one H100, most of it compiling."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [(f"train_b{b}_{'compile' if c else 'eager'}", ["--batch", str(b), "--warmup", "10" if c else "5",
+             "--steps", "20", "--infer-iters", "0"] + ["--compile"] * c) for b in (8, 32) for c in (False, True)]
+    rows.append(("infer_eager", ["--batch", "1", "--steps", "0", "--infer-batch", "64", "--warmup", "5",
+                                 "--infer-iters", "30"]))
+    keys = ("train_step_ms", "train_images_per_s", "fraction_of_peak", "peak_memory_gib", "infer_images_per_s",
+            "infer_latency_ms_b1")
+    results = []
+    for name, extra in rows:
+        argv = ["--config", "paper", "--amp", "bf16", "--channels-last", *extra] + ["--text-model", text_model] * bool(text_model)
+        result = bench(parse_args(argv))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(name, {k: round(result[k], 4) for k in keys if k in result}, flush=True)
+        results.append(result)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="paper", choices=["paper", "tiny"], help="model preset")
+    p.add_argument("--text-model", default=None, help="default for paper: random:12x768 (BERT-base shape)")
+    p.add_argument("--count", action="store_true", help="only parameters and forward FLOPs")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--batch", type=int, default=8, help="training batch size")
+    p.add_argument("--amp", default=None, choices=list(DTYPES), help="autocast (default: bf16 GPU, off CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (and inference calls) before timing")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (0: no training)")
+    p.add_argument("--infer-batch", type=int, default=64, help="batch of the inference images/s")
+    p.add_argument("--infer-iters", type=int, default=10, help="timed inference calls (0: no inference)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 is faster on a busy shared CPU)")
+    p.add_argument("--peak-n", type=int, default=None, help="matmul size of the peak (8192 GPU, 1024 CPU)")
+    p.add_argument("--profile", action="store_true", help="profile a few training steps, print the top ops")
+    p.add_argument("--suite", default=None, metavar="DIR", help="run the GPU table, one JSON per row in DIR")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def count(args) -> dict:
+    """--count: parameters per part and forward FLOPs of one image (total and per part), printed."""
+    cfg, model = make_model(args.config, args.text_model)
+    fwd, parts = forward_flops(model, cfg.image_size, per_part=True)
+    params, fwd = count_parameters(model), fwd / 1e9
+    print(f"TMC preset {args.config!r} at {cfg.image_size}², text encoder {cfg.text_model}")
+    for part, n in params.items():
+        print(f"  {part:<13} {n / 1e6:9.2f} M")
+    print(f"  forward       {fwd:9.2f} GFLOPs (2·MAC)  = {fwd / 2:.2f} GMACs")
+    for part, g in parts.items():
+        print(f"    {part:<11} {g / 1e9:9.2f} GFLOPs ({100 * g / 1e9 / fwd:.1f}%)")
+    if args.config == "paper":
+        ratio = f"params {params['total'] / PAPER_PARAMS:.3f}, 2·MAC {fwd / PAPER_GFLOPS:.3f}, MAC {fwd / 2 / PAPER_GFLOPS:.3f}"
+        print(f"  paper         {PAPER_PARAMS / 1e6:9.2f} M, {PAPER_GFLOPS} GFLOPs (ours/paper: {ratio})")
+    return {"preset": args.config, "image_size": cfg.image_size, "text_model": cfg.text_model, "params": params,
+            "forward_gflops_2mac": fwd, "forward_gmacs": fwd / 2,
+            "forward_gflops_per_part": {k: v / 1e9 for k, v in parts.items()}}
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="paper", help="preset: paper or tiny")
-    p.add_argument("--text-model", default=None)
-    p.add_argument("--count", action="store_true", help="parameters and forward FLOPs")
-    p.add_argument("--json", default=None, help="also write the result here")
-    args = p.parse_args(argv)
-    result = count(args.config, args.text_model)
-    params = result["params"]
-    print(f"TMC preset {args.config!r} at {result['image_size']}², text encoder {result['text_model']}")
-    for part, n in params.items():
-        print(f"  {part:<13} {n / 1e6:9.2f} M")
-    print(f"  forward       {result['forward_gflops_2mac']:9.2f} GFLOPs (2·MAC)  = "
-          f"{result['forward_gmacs']:.2f} GMACs")
-    if args.config == "paper":
-        print(f"  paper         {PAPER_PARAMS / 1e6:9.2f} M, {PAPER_GFLOPS} GFLOPs "
-              f"(ours/paper: params {params['total'] / PAPER_PARAMS:.3f}, "
-              f"2·MAC {result['forward_gflops_2mac'] / PAPER_GFLOPS:.3f}, MAC {result['forward_gmacs'] / PAPER_GFLOPS:.3f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.suite:
+        suite(args.suite, args.text_model)
+    elif args.profile:
+        print(profile(args))
+    else:
+        result = count(args) if args.count else bench(args)
+        if not args.count:
+            print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

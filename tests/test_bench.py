@@ -1,0 +1,152 @@
+"""tmc.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
+
+No timing is asserted, only that times are positive and the derived figures are consistent.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tmc import bench
+from tmc.config import tiny_config
+from tmc.model import build_model
+
+
+@pytest.fixture
+def one_thread():
+    """The shared 2-core CI machine runs much faster on one thread; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(n)
+
+
+class _Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 16)])
+
+    def forward_stage(self, i, x):  # called directly, like SwinTransformer.forward_stage
+        return self.layers[i](x)
+
+
+class TMC(nn.Module):
+    """A stand-in with TMC's top-level names, so part attribution can be checked by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.swin, self.text = _Stage(), nn.Linear(4, 8)
+        self.text_proj = nn.ModuleDict({"2": nn.Linear(8, 16)})
+        self.mcm = nn.ModuleDict({"2": nn.Linear(16, 16)})
+        self.align = nn.ModuleDict({"2": nn.Linear(16, 2)})
+        self.decoder = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x, t):
+        h = self.swin.forward_stage(1, self.swin.forward_stage(0, x))  # (B, 16)
+        lang = self.text_proj["2"](self.text(t))  # (B, 16)
+        h = self.mcm["2"](h + lang)
+        self.align["2"](h)
+        return self.decoder(h) + (h @ h.T).sum()  # the B×B matmul is TMC's own: "other"
+
+
+def test_part_flops_match_a_hand_count_including_modules_called_by_method():
+    B = 3
+    x, t = torch.randn(B, 8), torch.randn(B, 4)
+    lin = lambda i, o: 2 * B * i * o  # noqa: E731  (2 FLOPs per multiply-add)
+    total, parts = bench.count_flops(lambda: TMC()(x, t))
+    assert parts == {
+        "swin": lin(8, 8) + lin(8, 16),
+        "text_encoder": lin(4, 8),
+        "mcm": lin(16, 16) + lin(8, 16),
+        "alignment": lin(16, 2),
+        "decoder": lin(16, 32) + lin(32, 1),
+        "other": 2 * B * 16 * B,
+    }
+    assert total == sum(parts.values())
+
+
+def test_fused_attention_is_counted():
+    B, nH, N, Dh = 2, 3, 49, 16
+    q, k, v = (torch.randn(B, nH, N, Dh) for _ in range(3))
+    total, _ = bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert total == 2 * (2 * B * nH * N * N * Dh)  # q·kᵀ and weights·v
+
+
+def test_matmul_peak_is_a_positive_measurement():
+    peak = bench.matmul_peak(torch.device("cpu"), torch.float32, n=128, iters=3)
+    assert math.isfinite(peak) and 1e6 < peak < 1e15
+
+
+def test_fp16_on_cpu_is_refused_with_a_fix():
+    with pytest.raises(ValueError, match="fix"):
+        bench.bench(bench.parse_args(["--config", "tiny", "--device", "cpu", "--amp", "fp16"]))
+
+
+def test_count_prints_parts_and_forward_flops(one_thread, capsys, tmp_path):
+    out = tmp_path / "count.json"
+    bench.main(["--config", "tiny", "--count", "--json", str(out), *one_thread])
+    text = capsys.readouterr().out
+    for part in ("text_encoder", "swin", "mcm", "alignment", "decoder", "total", "forward"):
+        assert f"  {part}" in text
+    r = json.loads(out.read_text())
+    assert r["forward_gflops_2mac"] == pytest.approx(2 * r["forward_gmacs"])
+    assert sum(r["forward_gflops_per_part"].values()) == pytest.approx(r["forward_gflops_2mac"])
+    assert r["params"]["total"] == sum(p.numel() for p in build_model(tiny_config()).parameters())
+
+
+def test_cpu_benchmark_writes_sane_json(one_thread, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--config", "tiny", "--device", "cpu", "--batch", "2", "--warmup", "1", "--steps", "2",
+            "--infer-batch", "2", "--infer-iters", "1", "--peak-n", "256", "--json", str(out), *one_thread]
+    bench.main(argv)
+    r = json.loads(out.read_text())
+
+    types = {"command": str, "device_name": str, "torch_version": str, "dtype": str, "text_model": str,
+             "batch": int, "image_size": int, "text_length": int, "params_total": int, "compile": bool,
+             "train_step_ms": float, "train_images_per_s": float, "peak_memory_gib": float,
+             "peak_memory_kind": str, "train_gflops_per_step": float, "peak_tflops": float,
+             "fraction_of_peak": float, "forward_gflops": float, "infer_images_per_s": float,
+             "infer_latency_ms_b1": float}
+    for key, kind in types.items():
+        assert isinstance(r[key], kind), (key, r.get(key))
+    cfg = tiny_config()
+    assert r["device"] == "cpu" and r["torch_version"] == torch.__version__ and r["dtype"] == "float32"
+    assert "--config tiny" in r["command"] and r["batch"] == 2
+    assert (r["image_size"], r["text_length"]) == (cfg.image_size, cfg.text_length)
+    assert r["params_total"] == sum(p.numel() for p in build_model(cfg).parameters())
+    assert sum(v for k, v in r["params"].items() if k != "total") == r["params_total"]
+
+    # Times and throughputs are positive and consistent with each other.
+    assert r["train_step_ms"] > 0 and r["infer_latency_ms_b1"] > 0 and r["infer_images_per_s"] > 0
+    assert r["train_images_per_s"] == pytest.approx(2 / (r["train_step_ms"] / 1e3))
+    assert r["achieved_tflops"] == pytest.approx(r["train_gflops_per_step"] / r["train_step_ms"])
+    assert 0 < r["fraction_of_peak"] <= 1 and r["peak_tflops"] > 0 and "256^3" in r["peak_matmul"]
+    assert r["peak_memory_gib"] >= 0 and "ru_maxrss" in r["peak_memory_kind"]
+    assert math.isfinite(r["loss"])
+
+    # FLOPs: forward per part adds up; forward+backward is about 3× the forward of the batch.
+    parts = r["forward_gflops_per_part"]
+    assert sum(parts.values()) == pytest.approx(r["forward_gflops"])
+    assert all(parts[p] > 0 for p in ("swin", "text_encoder", "mcm", "decoder"))
+    assert 2.5 < r["train_over_forward"] < 3.5
+
+
+def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_bench(args):
+        seen.append(args)
+        return {"params_total": 1, "forward_gflops": 1.0, "batch": args.batch}
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    bench.suite(str(tmp_path))
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "train_b8_eager.json", "train_b8_compile.json", "train_b32_eager.json", "train_b32_compile.json",
+        "infer_eager.json"}
+    assert all(a.config == "paper" and a.amp == "bf16" and a.channels_last and a.text_model is None for a in seen)
+    train = {(a.batch, a.compile) for a in seen if a.steps > 0 and a.infer_iters == 0}
+    assert train == {(8, False), (8, True), (32, False), (32, True)}
+    (infer,) = [a for a in seen if a.steps == 0]
+    assert infer.infer_batch == 64 and infer.infer_iters > 0
