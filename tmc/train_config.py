@@ -67,9 +67,11 @@ class TrainConfig:
 # The demo is sized to finish on 2 CPU cores in a few minutes.
 DATASET_DEFAULTS: dict[str, dict] = {
     # demo: short "epochs" of 25 steps so validation, best.pt and early stopping act often; the time
-    # limit keeps `python train.py --dataset demo` under 5 minutes on 2 busy CPU cores.
+    # limit keeps `python train.py --dataset demo` under 5 minutes on 2 busy CPU cores. BCE alone
+    # (the paper's loss) needs far more steps on these small lesions: after 25 steps val Dice was
+    # 0.02 with bce and 0.36 with bce+dice, so the demo adds the Dice term.
     "demo": dict(preset="tiny", lr=1e-3, epochs=40, patience=10, plateau_patience=5, workers=0,
-                 max_steps_per_epoch=25, time_limit=3.5),
+                 max_steps_per_epoch=25, time_limit=3.5, seg_loss="bce+dice"),
     "qata": dict(lr=3e-4),
     "mosmed": dict(lr=1e-3),
     "mosmedplus": dict(lr=1e-3),  # same CT source as MosMed; the paper gives only MosMed's value
