@@ -149,7 +149,8 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         cpu = f"{names[0]} ×{len(names)} cores" if names else cpu
     return f"{cpu}, {torch.get_num_threads()} torch threads"
 
@@ -282,9 +283,13 @@ def label_parts(model) -> list:
     def leave(module, inputs, output):
         module._bench_range.__exit__(None, None, None)
 
-    handles = []
-    for name, m in model.named_modules():
-        if name and name.count(".") <= 1 or name.startswith("swin.layers.") and name.count(".") == 2:
+    modules, handles = dict(model.named_modules()), []
+    for name, m in modules.items():
+        depth, parent = name.count("."), name.rpartition(".")[0]
+        # Parts and their children; the entries of a ModuleList/ModuleDict (swin.layers.0, decoder.up.3)
+        # count as children of the part, since the container itself is never called.
+        listed = depth == 2 and isinstance(modules[parent], (torch.nn.ModuleList, torch.nn.ModuleDict))
+        if name and (depth <= 1 or listed):
             handles += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
     return handles
 
@@ -328,7 +333,8 @@ def suite(out_dir: str, text_model: str | None = None) -> list[dict]:
             "infer_latency_ms_b1")
     results = []
     for name, extra in rows:
-        argv = ["--config", "paper", "--amp", "bf16", "--channels-last", *extra] + ["--text-model", text_model] * bool(text_model)
+        argv = ["--config", "paper", "--amp", "bf16", "--channels-last", *extra]
+        argv += ["--text-model", text_model] if text_model else []
         result = bench(parse_args(argv))
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
         print(name, {k: round(result[k], 4) for k in keys if k in result}, flush=True)
@@ -375,7 +381,8 @@ def count(args) -> dict:
     for part, g in parts.items():
         print(f"    {part:<11} {g / 1e9:9.2f} GFLOPs ({100 * g / 1e9 / fwd:.1f}%)")
     if args.config == "paper":
-        ratio = f"params {params['total'] / PAPER_PARAMS:.3f}, 2·MAC {fwd / PAPER_GFLOPS:.3f}, MAC {fwd / 2 / PAPER_GFLOPS:.3f}"
+        ratio = (f"params {params['total'] / PAPER_PARAMS:.3f}, 2·MAC {fwd / PAPER_GFLOPS:.3f}, "
+                 f"MAC {fwd / 2 / PAPER_GFLOPS:.3f}")
         print(f"  paper         {PAPER_PARAMS / 1e6:9.2f} M, {PAPER_GFLOPS} GFLOPs (ours/paper: {ratio})")
     return {"preset": args.config, "image_size": cfg.image_size, "text_model": cfg.text_model, "params": params,
             "forward_gflops_2mac": fwd, "forward_gmacs": fwd / 2,
