@@ -138,7 +138,7 @@ def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkey
 
     def fake_bench(args):
         seen.append(args)
-        return {"params_total": 1, "forward_gflops": 1.0, "batch": args.batch}
+        return {"params_total": 1, "forward_gflops": 1.0, "batch": args.batch, "infer_latency_ms_b1": 20.0}
 
     monkeypatch.setattr(bench, "bench", fake_bench)
     bench.suite(str(tmp_path))
@@ -150,3 +150,13 @@ def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkey
     assert train == {(8, False), (8, True), (32, False), (32, True)}
     (infer,) = [a for a in seen if a.steps == 0]
     assert infer.infer_batch == 64 and infer.infer_iters > 0
+    assert json.loads((tmp_path / "infer_eager.json").read_text())["targets_met"] == {"infer_latency_ms_b1": False}
+
+
+def test_targets_follow_the_issue_thresholds():
+    row = {"train_step_ms": 1.0, "batch": 8, "fraction_of_peak": 0.11, "peak_memory_gib": 12.5}
+    assert bench.targets_met(row) == {"fraction_of_peak": True, "peak_memory_gib": False}
+    row.update(batch=32, peak_memory_gib=20.0)
+    assert bench.targets_met(row) == {"fraction_of_peak": False, "peak_memory_gib": True}
+    assert bench.targets_met({"batch": 1, "infer_latency_ms_b1": 9.5}) == {"infer_latency_ms_b1": True}
+    assert bench.targets_met({"batch": 16, "train_step_ms": 1.0, "fraction_of_peak": 0.5}) == {}
