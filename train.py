@@ -210,6 +210,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                   f"{early['best']:.4f} at epoch {early['best_epoch']})")
 
     guard = NonFiniteGuard(cfg.max_nonfinite)
+    deadline = t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
     completed = start_epoch - 1  # last finished epoch
     metrics: dict = {}
     state = dict(model_cfg=model_cfg, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
@@ -220,7 +221,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                 break
             metrics = train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg,
                                          optimizer, scheduler, scaler, early, guard, augment_fn,
-                                         aug_gen, dist, device)
+                                         aug_gen, dist, device, deadline)
             rng = gather_lists([capture_rng(generators)], dist)  # one state per rank
             if dist.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
@@ -231,13 +232,13 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                 save_checkpoint(out / "last.pt", ck)
                 print(summary_line(metrics, cfg.epochs), flush=True)
             completed = epoch
-            # Rank 0 decides, so every rank stops after the same epoch.
-            out_of_time = _broadcast(bool(cfg.time_limit) and
-                                     time.time() - t_start + metrics["time_s"] > 60 * cfg.time_limit, dist)
-            if out_of_time and epoch < cfg.epochs:
-                log(dist, f"time limit: {cfg.time_limit:g} min would pass during the next epoch; "
-                          f"stopping after epoch {epoch} (--time-limit 0 for no limit)")
-                break
+            if deadline is not None and epoch < cfg.epochs:
+                # Room for one more step and a validation? Rank 0 decides for every rank.
+                need = metrics["val_time_s"] + metrics["train_time_s"] / max(1, metrics["steps"])
+                if _broadcast(time.time() + need > deadline, dist):
+                    log(dist, f"time limit of {cfg.time_limit:g} min reached after epoch {epoch} "
+                              f"(--time-limit 0 for no limit)")
+                    break
             if early["bad_epochs"] >= cfg.patience:
                 log(dist, f"early stop: no validation-Dice gain for {cfg.patience} epochs "
                           f"(best {early['best']:.4f} at epoch {early['best_epoch']})")
@@ -266,7 +267,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
 
 
 def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg, optimizer,
-                       scheduler, scaler, early, guard, augment_fn, aug_gen, dist, device) -> dict:
+                       scheduler, scaler, early, guard, augment_fn, aug_gen, dist, device,
+                       deadline=None) -> dict:
     """One epoch of training, then validation; updates the scheduler and early-stop state."""
     train_loader.sampler.set_epoch(epoch)
     t0 = time.time()
@@ -275,7 +277,8 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
         guard=guard, amp=cfg.amp, seg_loss_kind=cfg.seg_loss, alignment_weight=cfg.alignment_weight,
         alignment_form=model_cfg.alignment_form, augment_fn=augment_fn, aug_generator=aug_gen,
         max_steps=cfg.max_steps_per_epoch, grad_clip=cfg.grad_clip, dist=dist,
-        desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress)
+        desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress, deadline=deadline)
+    t1 = time.time()
     records = predict_records(raw, val_loader, device=device, tokenize=raw.tokenize, amp=cfg.amp,
                               max_batches=cfg.limit_eval_batches, dist=dist, desc="val",
                               progress=cfg.progress)
@@ -293,13 +296,14 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
         "val_dice": val["dice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
         "val_protocol": val["protocol"], "lr": optimizer.param_groups[0]["lr"],
         "improved": improved, "best_val_dice": early["best"], "time_s": round(time.time() - t0, 2),
+        "train_time_s": round(t1 - t0, 2), "val_time_s": round(time.time() - t1, 2),
     }
 
 
 def summary_line(m: dict, epochs: int) -> str:
     return (f"epoch {m['epoch']:3d}/{epochs} | loss {m['train_loss']:.4f} (seg {m['train_seg']:.4f} "
             f"align {m['train_align']:.4f}) | val Dice {m['val_dice']:.4f} mIoU {m['val_miou']:.4f} "
-            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['time_s']:.1f}s"
+            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['steps']} steps {m['time_s']:.1f}s"
             + (" | best" if m["improved"] else "")
             + (f" | skipped {m['skipped_nonfinite']} non-finite" if m["skipped_nonfinite"] else ""))
 

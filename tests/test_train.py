@@ -181,3 +181,12 @@ def test_ctrl_c_saves_last_and_out_of_memory_explains(demo_dirs, tmp_path, monke
     monkeypatch.setattr(train, "train_one_epoch", oom)
     with pytest.raises(SystemExit, match="--batch-size.*--amp bf16"):
         train.main(_argv(demo_dirs, tmp_path / "oom", 1))
+
+
+def test_time_limit_cuts_the_epoch_and_stops(demo_dirs, tmp_path):
+    # The deadline (0.01 min) passes while the model is built: one step, validation, then stop.
+    result = train.main(_argv(demo_dirs, tmp_path / "t", 5, "--time-limit", "0.01",
+                              "--max-steps-per-epoch", "0"))
+    rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in rows] == [1]
+    assert result["best_epoch"] == 1 and load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 1

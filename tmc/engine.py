@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -265,8 +266,8 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
                     alignment_weight: float = 0.1, alignment_form: str = "sigmoid", augment_fn=None,
                     aug_generator: torch.Generator | None = None, max_steps: int = 0,
                     grad_clip: float = 0.0, dist: Dist | None = None, desc: str = "",
-                    progress: bool = True) -> dict:
-    """One pass over `loader` (or `max_steps` batches).
+                    progress: bool = True, deadline: float | None = None) -> dict:
+    """One pass over `loader` (or `max_steps` batches, or until the `deadline`).
 
     Args:
         model: TMC, possibly wrapped in DistributedDataParallel.
@@ -274,6 +275,8 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         tokenize: captions → {"input_ids", "attention_mask"} (the unwrapped model's `tokenize`).
         augment_fn: `augment_batch(image, mask, generator=...)` applied on `device`, or None.
         guard: counts non-finite losses; a step with one is skipped on every rank.
+        deadline: time.time() after which no further step starts (after at least one step); every
+            rank stops at the same step.
 
     Returns:
         {"loss", "seg", "align"} image-weighted means over all ranks, "steps" (optimizer updates),
@@ -288,6 +291,9 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
                disable=not (progress and dist.is_main))
     for batch in bar:
         if max_steps and steps + skipped >= max_steps:
+            break
+        if deadline is not None and steps + skipped > 0 and \
+                all_reduce_sum([float(time.time() > deadline)], dist, device)[0] > 0:
             break
         image = batch["image"].to(device, non_blocking=True)  # (B, 1, H, W)
         mask = batch["mask"].to(device, non_blocking=True)  # (B, 1, H, W)
