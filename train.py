@@ -5,6 +5,7 @@
     python train.py --dataset mosmed --root /data/MosMed --mcm-stages none     # ablation: no MCM
     python train.py --out runs/qata-s0 --resume                                  # continue exactly
     torchrun --nproc_per_node 4 train.py --dataset qata --root ...               # DistributedDataParallel
+    (build a large cache once first: python -m datasets.prepare --dataset NAME --root PATH)
 
 The run folder (--out) receives config.json, metrics.jsonl (one line per epoch), best.pt (best
 validation Dice), last.pt (end of the latest epoch; also written on Ctrl-C) and test_metrics.json.

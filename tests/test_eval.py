@@ -149,10 +149,12 @@ def test_overlay_draws_gt_and_prediction_contours_in_their_colours():
     gt[1:5, 1:5] = True
     pred = np.zeros((10, 10), bool)
     pred[6:9, 6:9] = True
+    pred[1:5, 1:5] = True  # coincides with the ground truth there: both contours stay visible
     rgb = np.asarray(overlay_contours(image, gt, pred))
-    ring = outline(gt)
-    assert ring.sum() == 12 and not ring[2:4, 2:4].any()  # 4×4 square: 12 boundary pixels
-    assert (rgb[ring] == GT_COLOR).all() and (rgb[outline(pred)] == PRED_COLOR).all()
+    inner, outer = outline(gt), outline(gt, outer=True)
+    assert inner.sum() == 12 and not inner[2:4, 2:4].any()  # 4×4 square: 12 boundary pixels
+    assert outer.sum() == 16 and not (outer & gt).any() and outer[0, 1:5].all()  # 4-neighbour ring
+    assert (rgb[outer] == GT_COLOR).all() and (rgb[outline(pred)] == PRED_COLOR).all()
     assert (rgb[2, 2] == 128).all()  # inside stays the image
 
 

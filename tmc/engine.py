@@ -18,6 +18,7 @@ the means; a case with no scorable slice is left out of the mean over cases).
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -153,7 +154,9 @@ def init_distributed(device_name: str = "") -> tuple[Dist, torch.device]:
     device = pick_device(device_name, dist)
     if dist.enabled and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        # The other ranks wait while rank 0 builds the dataset cache (minutes for CT volumes).
+        torch_dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
+                                      timeout=datetime.timedelta(minutes=60))
     return dist, device
 
 

@@ -45,14 +45,19 @@ def to_rgb(image) -> np.ndarray:
     return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def outline(mask, width: int = 1) -> np.ndarray:
-    """Boundary pixels of a binary mask: the mask minus its `width`-times 4-neighbour erosion."""
+def outline(mask, width: int = 1, outer: bool = False) -> np.ndarray:
+    """Boundary ring of a binary mask, `width` pixels thick (4-neighbour erosion/dilation).
+
+    Inner ring (default): mask pixels next to the background. Outer ring: background pixels next
+    to the mask. Drawing the ground truth outside and the prediction inside keeps both visible
+    where they coincide.
+    """
     m = _numpy(mask).astype(bool).squeeze()
-    inner = m.copy()
-    for _ in range(width):
-        p = np.pad(inner, 1, constant_values=False)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~inner
+    grown = ~m if not outer else m.copy()
+    for _ in range(width):  # erode the mask = dilate the background
+        p = np.pad(grown, 1, constant_values=not outer)
+        grown = grown | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    return m & grown if not outer else grown & ~m
 
 
 def colormap(values) -> np.ndarray:
@@ -72,7 +77,8 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- drawings
 
 def overlay_contours(image, gt=None, pred=None, width: int = 1, scale: int = 1) -> Image.Image:
-    """The image with the ground-truth (green) and predicted (magenta) contours drawn on top.
+    """The image with the ground-truth (green, just outside) and predicted (magenta, just inside)
+    contours drawn on top.
 
     Args:
         image: (H, W) float in [0, 1] or (H, W, 3) uint8.
@@ -83,13 +89,13 @@ def overlay_contours(image, gt=None, pred=None, width: int = 1, scale: int = 1) 
     rgb = to_rgb(image)
     if scale > 1:
         rgb = rgb.repeat(scale, 0).repeat(scale, 1)
-    for mask, color in ((gt, GT_COLOR), (pred, PRED_COLOR)):
+    for mask, color, outer in ((gt, GT_COLOR, True), (pred, PRED_COLOR, False)):
         if mask is None:
             continue
         m = _numpy(mask).astype(bool).squeeze()
         if scale > 1:
             m = m.repeat(scale, 0).repeat(scale, 1)
-        rgb[outline(m, width)] = color
+        rgb[outline(m, width, outer=outer)] = color
     return Image.fromarray(rgb)
 
 
