@@ -4,7 +4,7 @@
     python eval.py --ckpt runs/qata-s{0,1,2}/best.pt --json res.json  # mean ± std over seeds (Table 1)
     python eval.py --compare runs/tmc-s*/best.pt -- runs/nomcm-s*/best.pt   # paired t-test per case
     python eval.py --ckpt best.pt --save-overlays figs/               # contours + attention heatmaps
-    python eval.py --ckpt best.pt --image cxr.png --text "Bilateral pulmonary infection, ..." --out mask.png
+    python eval.py --ckpt best.pt --image cxr.png --text "Bilateral pulmonary infection." --out m.png
     python eval.py --ckpt best.pt --volume ct.nii.gz --text "..." --out mask.nii.gz
 
 Metrics (threshold 0.5 on the sigmoid, at the model's input size), reported three ways:
@@ -134,8 +134,9 @@ def evaluate_checkpoint(path: str, args, device: torch.device) -> tuple[dict, li
         if len(args.ckpt_list) > 1:
             folder = folder / Path(path).parent.name
         writer = OverlayWriter(folder, model, args.max_overlays)
+    attention = writer is not None and len(model.mcm) > 0
     records = predict_records(model, loader, device=device, tokenize=model.tokenize, amp=args.amp,
-                              on_batch=writer, return_attention=writer is not None and len(model.mcm) > 0,
+                              on_batch=writer, return_attention=attention,
                               desc=f"eval {Path(path).name}", progress=not args.no_progress)
     summary = summarize(records, empty=args.empty)
     summary.update(dataset=settings["dataset"], split=args.split, checkpoint=str(path),
@@ -213,7 +214,8 @@ def write_case_csv(path: Path, sets: dict[str, dict]) -> None:
         w = csv.writer(f)
         header = ["case", "n_slices"]
         for name, r in sets.items():
-            header += [f"{name}_dice", f"{name}_iou"] + [f"{name}_dice_run{k + 1}" for k in range(r["n_runs"])]
+            header += [f"{name}_dice", f"{name}_iou"]
+            header += [f"{name}_dice_run{k + 1}" for k in range(r["n_runs"])]
         w.writerow(header)
         for case, c in first["cases"].items():
             row = [case, c["n_slices"]]
@@ -235,7 +237,8 @@ def evaluate_sets(args, device: torch.device) -> dict:
         print_result(name if len(sets) > 1 else "result", results[name])
     summary = dict(results["A"])
     if "B" in results:
-        summary = {"A": results["A"], "B": results["B"], "compare": paired_test(results["A"], results["B"])}
+        summary = {"A": results["A"], "B": results["B"],
+                   "compare": paired_test(results["A"], results["B"])}
         c = summary["compare"]
         for k in ("dataset", "split", "n_images", "n_cases"):
             summary[k] = results["A"][k]
@@ -350,7 +353,8 @@ def default_intensity(dataset: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint(s); several = runs with different seeds")
+    p.add_argument("--ckpt", nargs="+", default=[],
+                   help="checkpoint(s); several = runs with different seeds")
     p.add_argument("--compare", nargs="+", default=None, metavar="A.pt",
                    help="set A of runs; set B follows `--` (or --ckpt-b)")
     p.add_argument("--ckpt-b", nargs="+", default=[], help="set B for --compare / --ckpt")
@@ -411,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
         model, cfg, ckpt = load_model(args.ckpt_list[0], device)
         segment = make_segmenter(model, args.text, device, args.amp)
         if args.image:
-            out = predict_image(args.image, segment, cfg.image_size, args.out or Path(args.image).stem + "_mask.png")
+            out = predict_image(args.image, segment, cfg.image_size,
+                                args.out or Path(args.image).stem + "_mask.png")
         else:
             mode = args.intensity
             if mode == "auto":

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tmc.checkpoint import load_checkpoint, save_checkpoint
 from tmc.config import ModelConfig
 from tmc.engine import (
-    DDPOutputAdapter, Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, capture_rng, cleanup_distributed,
-    gather_lists, init_distributed, make_generator, make_scaler, predict_records, restore_rng, seed_everything,
-    seed_worker, summarize, train_one_epoch,
+    DDPOutputAdapter, Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
+    cleanup_distributed, gather_lists, init_distributed, make_generator, make_scaler, predict_records,
+    restore_rng, seed_everything, seed_worker, summarize, train_one_epoch,
 )
 from tmc.model import build_model
 from tmc.train_config import (
@@ -186,7 +186,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+        min_lr=cfg.min_lr)
     scaler = make_scaler(device, cfg.amp)
     # Different augmentations per rank; the same stream on every run with this seed.
     aug_gen = make_generator(cfg.seed + 7919 * (dist.rank + 1), device)
@@ -232,6 +233,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                     save_checkpoint(out / "best.pt", ck)
                 save_checkpoint(out / "last.pt", ck)
                 print(summary_line(metrics, cfg.epochs), flush=True)
+            barrier(dist)  # best.pt / last.pt are complete before any rank reads them
             completed = epoch
             if deadline is not None and epoch < cfg.epochs:
                 # Room for one more step and a validation? Rank 0 decides for every rank.
@@ -304,7 +306,8 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
 def summary_line(m: dict, epochs: int) -> str:
     return (f"epoch {m['epoch']:3d}/{epochs} | loss {m['train_loss']:.4f} (seg {m['train_seg']:.4f} "
             f"align {m['train_align']:.4f}) | val Dice {m['val_dice']:.4f} mIoU {m['val_miou']:.4f} "
-            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['steps']} steps {m['time_s']:.1f}s"
+            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['steps']} steps "
+            f"{m['time_s']:.1f}s"
             + (" | best" if m["improved"] else "")
             + (f" | skipped {m['skipped_nonfinite']} non-finite" if m["skipped_nonfinite"] else ""))
 

@@ -238,7 +238,8 @@ def test_compare_two_sets_writes_the_paired_test(demo_run):
     evaluate.main(["--compare", str(out / "best.pt"), "--", str(out / "last.pt"), "--json",
                    str(tmp / "cmp.json"), "--no-progress", "--workers", "0"])
     cmp = json.loads((tmp / "cmp.json").read_text())
-    assert cmp["A"]["checkpoint"] == str(out / "best.pt") and cmp["B"]["checkpoint"] == str(out / "last.pt")
+    assert cmp["A"]["checkpoint"] == str(out / "best.pt")
+    assert cmp["B"]["checkpoint"] == str(out / "last.pt")
     assert cmp["compare"]["n_cases"] == 6 and "ttest_rel" in cmp["compare"]["test"]
     header = (tmp / "cmp_cases.csv").read_text().splitlines()[0]
     assert header == "case,n_slices,A_dice,A_iou,A_dice_run1,B_dice,B_iou,B_dice_run1"

@@ -253,7 +253,8 @@ def _float_alignment(stages: list[dict]) -> list[dict]:
 
 
 def compute_loss(out: dict, mask: torch.Tensor, captions: list[str], seg_loss_kind: str,
-                 alignment_weight: float, alignment_form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 alignment_weight: float, alignment_form: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L = L_seg + λ·L_align (paper §3.4). Returns (loss, seg, align), 0-d tensors."""
     seg = segmentation_loss(out["logits"].float(), mask, kind=seg_loss_kind)
     if out["alignment"] and alignment_weight > 0:
@@ -405,7 +406,8 @@ def summarize(records: list[dict], empty: float = 1.0) -> dict:
     volumetric = any(r["slice"] >= 0 for r in records)
     s = {
         "protocol": "per-case" if volumetric else "per-image",
-        "empty_rule": "empty-vs-empty = " + ("NaN (left out of means)" if math.isnan(empty) else f"{empty:g}"),
+        "empty_rule": "empty-vs-empty = "
+                      + ("NaN (left out of means)" if math.isnan(empty) else f"{empty:g}"),
         "dice_per_image": per_image["dice"], "iou_per_image": per_image["iou"],
         "dice_global": glob["dice_global"], "iou_global": glob["iou_global"],
         "dice_per_case": per_case["mean_dice"], "iou_per_case": per_case["mean_iou"],

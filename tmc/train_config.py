@@ -152,7 +152,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> list[str]:
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The train.py parser: every TrainConfig and ModelConfig field as a flag."""
     epilog = "per-dataset defaults (paper §4.2):\n" + "\n".join(
-        f"  {name:<11} {', '.join(f'{k}={v}' for k, v in d.items())}" for name, d in DATASET_DEFAULTS.items())
+        f"  {name:<11} {', '.join(f'{k}={v}' for k, v in d.items())}"
+        for name, d in DATASET_DEFAULTS.items())
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     train_names = _add_fields(parser, TrainConfig, "training (TrainConfig)")

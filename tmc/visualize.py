@@ -139,7 +139,8 @@ def attention_heatmap(attention: dict, attention_mask: torch.Tensor | None,
         h = max(1, round(math.sqrt(N * H / W)))
         w = N // h
         if h * w != N:
-            raise ValueError(f"stage {stage}: {N} tokens do not form a grid with the image's aspect {H}x{W}")
+            raise ValueError(f"stage {stage}: {N} tokens do not form a grid with the image's "
+                             f"aspect {H}x{W}")
         heat = heat.view(B, 1, h, w)  # (B, 1, h, w)
         heat = F.interpolate(_normalize(heat), size=(H, W), mode="bilinear", align_corners=False)
         maps.append(heat[:, 0])  # (B, H, W)
@@ -197,5 +198,6 @@ def prediction_panel(image, gt, pred, heat=None, caption: str = "", scale: int =
         return row
     canvas = Image.new("RGB", (row.width, row.height + 14))
     canvas.paste(row, (0, 0))
-    ImageDraw.Draw(canvas).text((3, row.height + 1), caption[: max(20, row.width // 6)], fill=(255, 255, 255))
+    text = caption[: max(20, row.width // 6)]  # about what fits in PIL's default 6-pixel font
+    ImageDraw.Draw(canvas).text((3, row.height + 1), text, fill=(255, 255, 255))
     return canvas
