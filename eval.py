@@ -306,12 +306,13 @@ def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path
     return out
 
 
-def volume_intensity(volume: np.ndarray, mode: str) -> np.ndarray:
-    """Map a volume to [0, 1] as the training cache did: CT lung window or MR percentiles."""
+def volume_intensity(volume: np.ndarray, mode: str, ct_window=(-1350.0, 150.0)) -> np.ndarray:
+    """Map a volume to [0, 1] as the training cache did: CT window (MosMed reader's lung window
+    W1500/L-600 by default) or MR percentiles (Duke reader); "minmax" for anything else."""
     from datasets.volumes import percentile_normalise, window
 
     if mode == "ct":
-        return window(volume, -1350.0, 150.0)  # lung window W1500/L-600, as the MosMed reader
+        return window(volume, *ct_window)
     if mode == "mr":
         return percentile_normalise(volume)
     v = volume.astype(np.float32)
@@ -320,7 +321,8 @@ def volume_intensity(volume: np.ndarray, mode: str) -> np.ndarray:
 
 
 def predict_volume(path: str | Path, segment, size: int, out: str | Path, intensity: str = "ct",
-                   batch_size: int = 8, series_uid: str | None = None) -> Path:
+                   batch_size: int = 8, series_uid: str | None = None,
+                   ct_window=(-1350.0, 150.0)) -> Path:
     """Segment every axial slice of a NIfTI file or DICOM series folder; write a NIfTI mask.
 
     For NIfTI input the mask has the input's shape, voxel order and affine; for DICOM, the RAS+
@@ -332,7 +334,7 @@ def predict_volume(path: str | Path, segment, size: int, out: str | Path, intens
     path = Path(path)
     is_nifti = path.is_file()
     volume, affine = read_nifti(path) if is_nifti else read_dicom_series(path, series_uid)  # (X, Y, Z)
-    unit = volume_intensity(np.asarray(volume), intensity)  # (X, Y, Z) in [0, 1]
+    unit = volume_intensity(np.asarray(volume), intensity, ct_window)  # (X, Y, Z) in [0, 1]
     mask = np.zeros(unit.shape, dtype=bool)  # (X, Y, Z)
     Z = unit.shape[2]
     for z0 in range(0, Z, batch_size):
@@ -418,12 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
             out = predict_image(args.image, segment, cfg.image_size,
                                 args.out or Path(args.image).stem + "_mask.png")
         else:
-            mode = args.intensity
-            if mode == "auto":
-                mode = default_intensity(ckpt.get("train_config", {}).get("dataset"))
+            tc = ckpt.get("train_config", {})
+            mode = default_intensity(tc.get("dataset")) if args.intensity == "auto" else args.intensity
+            window = parse_reader_options(tc.get("reader_options", "")).get("window", (-1350.0, 150.0))
             name = Path(args.volume).name.split(".")[0]
             out = predict_volume(args.volume, segment, cfg.image_size, args.out or f"{name}_mask.nii.gz",
-                                 intensity=mode, batch_size=args.batch_size, series_uid=args.series_uid)
+                                 intensity=mode, batch_size=args.batch_size, series_uid=args.series_uid,
+                                 ct_window=window)
         print(f"wrote {out}")
         return {"out": str(out)}
     return evaluate_sets(args, device)

@@ -185,6 +185,26 @@ def test_volume_prediction_keeps_the_input_grid_and_voxel_order(tmp_path):
     np.testing.assert_array_equal(np.asarray(written.dataobj), (data > 500).astype(np.uint8))
 
 
+
+def test_dicom_series_prediction_is_on_the_series_ras_grid(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("pydicom")
+    from datasets.volumes import read_dicom_series
+    from tests.test_volumes import write_dicom_series
+
+    stored = np.zeros((12, 12, 4), dtype=np.uint16)  # (Co, R, S)
+    for s in range(4):
+        stored[s:s + 5, 2 * s:2 * s + 3, s] = 900  # a 5×3 block moving with the slice
+    write_dicom_series(tmp_path / "series", stored, iop=(1, 0, 0, 0, 1, 0), ipp0=(-10, 20, 5),
+                       spacing=(0.7, 0.8), step=2.5)
+    out = evaluate.predict_volume(tmp_path / "series", lambda im: im > 0.5, size=12,
+                                  out=tmp_path / "m.nii.gz", intensity="minmax")
+    array, affine = read_dicom_series(tmp_path / "series")
+    written = nib.load(str(out))
+    np.testing.assert_allclose(written.affine, affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), (array > 450).astype(np.uint8))
+    assert np.asarray(written.dataobj).sum() == 4 * 15
+
 # ---------------------------------------------------------------------------- end to end (subprocesses)
 
 def _run(args, cwd):
