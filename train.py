@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tmc.checkpoint import load_checkpoint, save_checkpoint
 from tmc.config import ModelConfig
 from tmc.engine import (
-    DDPOutputAdapter, Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
+    Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
     cleanup_distributed, gather_lists, init_distributed, make_generator, make_scaler, predict_records,
     restore_rng, seed_everything, seed_worker, summarize, train_one_epoch,
 )
@@ -180,7 +180,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     if dist.enabled:
         # find_unused_parameters: ablations leave heads unused (e.g. alignment off, λ = 0).
         model = torch.nn.parallel.DistributedDataParallel(
-            DDPOutputAdapter(raw), device_ids=[device.index] if device.type == "cuda" else None,
+            raw, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -193,9 +193,11 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     aug_gen = make_generator(cfg.seed + 7919 * (dist.rank + 1), device)
     generators = {"augment": aug_gen, "loader": loader_gen}
     augment_fn = None
-    if cfg.augment:
-        from datasets.augment import augment_batch
-        augment_fn = augment_batch
+    if cfg.augment != "none":
+        import functools
+
+        from datasets.augment import augment_training_batch
+        augment_fn = functools.partial(augment_training_batch, mode=cfg.augment)
 
     early = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
     start_epoch = 1

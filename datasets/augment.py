@@ -19,7 +19,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rotate_batch", "augment_batch"]
+__all__ = ["rotate_batch", "augment_batch", "swap_caption_sides", "augment_training_batch", "AUGMENT_MODES"]
+
+import re
+
+# train.py --augment: the paper's set, the subset that keeps position captions true, or nothing.
+AUGMENT_MODES = ("paper", "text-consistent", "none")
+_SIDES = {"left": "right", "right": "left", "upper": "lower", "lower": "upper"}
 
 
 def rotate_batch(x: torch.Tensor, angles_deg: torch.Tensor, mode: str) -> torch.Tensor:
@@ -112,3 +118,46 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gene
                   "hflip": hflip, "vflip": vflip}
         return image, mask.to(mask_dtype), params
     return image, mask.to(mask_dtype)
+
+
+def swap_caption_sides(caption: str, hflip: bool, vflip: bool) -> str:
+    """Rewrite a position caption after a flip: left↔right for a horizontal flip, upper↔lower for
+    a vertical one ("upper left lung" → "lower right lung" after both). Case is kept."""
+    swap = {k: v for k, v in _SIDES.items() if (hflip and k in ("left", "right")) or
+            (vflip and k in ("upper", "lower"))}
+    if not swap:
+        return caption
+
+    def repl(m: re.Match) -> str:
+        word = m[0]
+        new = swap[word.lower()]
+        return new.capitalize() if word[0].isupper() else new
+
+    return re.sub(r"\b(" + "|".join(swap) + r")\b", repl, caption, flags=re.IGNORECASE)
+
+
+def augment_training_batch(image: torch.Tensor, mask: torch.Tensor, captions: list[str], mode: str,
+                           generator: torch.Generator | None = None):
+    """The training augmentation chosen by `mode` (AUGMENT_MODES), captions included.
+
+    "paper": §4.2's rotation within ±20°, k·90° rotations and flips. A flip or a quarter turn moves
+        a lesion the caption places ("upper left lung") elsewhere, so for QaTa-style captions the
+        text is wrong for most augmented samples, as it was in the paper (and in LViT).
+    "text-consistent": rotation within ±20° and both flips, with the caption's left/right and
+        upper/lower swapped to match; no quarter turns (they have no caption equivalent).
+    "none": unchanged.
+
+    Returns:
+        (image (B, C, H, W), mask (B, 1, H, W), captions list[str])
+    """
+    if mode == "none":
+        return image, mask, captions
+    if mode == "paper":
+        image, mask = augment_batch(image, mask, generator=generator)
+        return image, mask, captions
+    if mode != "text-consistent":
+        raise ValueError(f"unknown augmentation {mode!r}; choose one of {AUGMENT_MODES}")
+    image, mask, p = augment_batch(image, mask, generator=generator, rot90=False, return_params=True)
+    hflip, vflip = p["hflip"].tolist(), p["vflip"].tolist()
+    captions = [swap_caption_sides(c, h, v) for c, h, v in zip(captions, hflip, vflip)]
+    return image, mask, captions

@@ -66,7 +66,7 @@ class MultiHeadCrossAttention(nn.Module):
         return x.transpose(1, 2)  # (B, nH, M, Dh)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_padding_mask: torch.Tensor | None = None,
-                return_weights: bool = False):
+                return_weights: bool = False, k_pos: torch.Tensor | None = None):
         """Attend from `q` to `kv`.
 
         Args:
@@ -74,6 +74,7 @@ class MultiHeadCrossAttention(nn.Module):
             kv: (B, Nk, kv_dim) keys and values (the same tokens, projected twice).
             kv_padding_mask: optional (B, Nk) bool, True = padding (never attended to).
             return_weights: also return the attention weights averaged over heads.
+            k_pos: optional position code added to `kv` for the keys only (values stay free of it).
 
         Returns:
             out (B, Nq, q_dim), and with `return_weights` also weights (B, Nq, Nk): the softmax
@@ -101,7 +102,7 @@ class MultiHeadCrossAttention(nn.Module):
             keep = (~all_pad).to(q.dtype)[:, None, None, None]  # (B, 1, 1, 1)
 
         qh = self._split_heads(self.q_proj(q))  # (B, nH, Nq, Dh)
-        kh = self._split_heads(self.k_proj(kv))  # (B, nH, Nk, Dh)
+        kh = self._split_heads(self.k_proj(kv if k_pos is None else kv + k_pos))  # (B, nH, Nk, Dh)
         vh = self._split_heads(self.v_proj(kv))  # (B, nH, Nk, Dh)
 
         drop = self.dropout if self.training else 0.0

@@ -188,26 +188,6 @@ def gather_lists(items: list, dist: Dist) -> list:
     return [x for part in parts for x in part]
 
 
-class DDPOutputAdapter(torch.nn.Module):
-    """LOCAL ADAPTER (remove once tmc/model.py returns logit_scale/logit_bias computed in forward).
-
-    TMC puts its `logit_scale`/`logit_bias` Parameters themselves into out["alignment"]. DDP with
-    find_unused_parameters then finds no autograd path from the outputs to them, marks them unused,
-    and fails when their gradient arrives ("marked as ready twice"). Multiplying by 1 inside the
-    wrapped forward gives DDP that path; values and gradients are unchanged.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs) -> dict:
-        out = self.model(*args, **kwargs)
-        out["alignment"] = [{k: v * 1 if isinstance(v, torch.nn.Parameter) else v for k, v in s.items()}
-                            for s in out["alignment"]]
-        return out
-
-
 class ShardSampler(Sampler):
     """Indices rank, rank + world, ... without padding, so evaluation sees every image exactly once
     (DistributedSampler would repeat images to even out the shards)."""
@@ -277,7 +257,8 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         model: TMC, possibly wrapped in DistributedDataParallel.
         loader: yields dicts with "image" (B, 1, H, W), "mask" (B, 1, H, W), "text" list[str].
         tokenize: captions → {"input_ids", "attention_mask"} (the unwrapped model's `tokenize`).
-        augment_fn: `augment_batch(image, mask, generator=...)` applied on `device`, or None.
+        augment_fn: `(image, mask, captions, generator) -> (image, mask, captions)` applied on
+            `device` (datasets.augment.augment_training_batch with its mode bound), or None.
         guard: counts non-finite losses; a step with one is skipped on every rank.
         deadline: time.time() after which no further step starts (after at least one step); every
             rank stops at the same step.
@@ -301,12 +282,13 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
             break
         image = batch["image"].to(device, non_blocking=True)  # (B, 1, H, W)
         mask = batch["mask"].to(device, non_blocking=True)  # (B, 1, H, W)
+        captions = list(batch["text"])
         if augment_fn is not None:
-            image, mask = augment_fn(image, mask, generator=aug_generator)
-        tokens = {k: v.to(device) for k, v in tokenize(list(batch["text"])).items()}  # (B, T) each
+            image, mask, captions = augment_fn(image, mask, captions, generator=aug_generator)
+        tokens = {k: v.to(device) for k, v in tokenize(captions).items()}  # (B, T) each
         with autocast(device, amp):
             out = model(image, **tokens)
-        loss, seg, align = compute_loss(out, mask, list(batch["text"]), seg_loss_kind,
+        loss, seg, align = compute_loss(out, mask, captions, seg_loss_kind,
                                         alignment_weight, alignment_form)
         # Every rank must agree to skip, or DDP's gradient all-reduce would hang.
         finite = all_reduce_sum([float(torch.isfinite(loss))], dist, device)[0] == dist.world_size

@@ -28,7 +28,23 @@ from torch import nn
 
 from tmc.attention import MultiHeadCrossAttention
 
-__all__ = ["Mlp", "MultiStageCrossAttentionBlock"]
+__all__ = ["Mlp", "MultiStageCrossAttentionBlock", "sincos_position_embedding"]
+
+
+def sincos_position_embedding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2D sine-cosine position code of an h × w grid (ViT-MAE / DETR style), (h·w, dim).
+
+    Half the channels encode the row, half the column, each as sin/cos at geometric frequencies.
+    It has no parameters, so it fits every stage and image size.
+    """
+    if dim % 4:
+        raise ValueError(f"position code width {dim} must be divisible by 4")
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freq  # (h, dim/4)
+    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freq  # (w, dim/4)
+    rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(h, w, dim // 2)
+    cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(h, w, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(h * w, dim).to(dtype or torch.float32)  # (h·w, dim)
 
 
 class Mlp(nn.Module):
@@ -63,6 +79,14 @@ class MultiStageCrossAttentionBlock(nn.Module):
         l = l + MLP_l(LN(l))                       # → f_l
 
     Departures from the paper's bare equations, and why:
+
+    0. Position codes. Swin's tokens carry no absolute position (only a relative bias inside each
+       window), yet captions name places ("upper left lung"). So, as SAM and DETR do for their
+       cross-attention, a fixed 2D sine-cosine code of each token's grid position is added to the
+       image side where it meets the text: to the image queries of the first attention and to the
+       image keys of the second. Values carry no code, so the residual stream stays Swin's feature.
+       On the demo, where the caption alone decides which blobs to segment, TMC could not beat the
+       image-only model without it (README, results).
 
     1. Residual connections. The paper writes F_V = MLP(MHCA(V, L, L)), which would *replace* the
        Swin feature by a function of the text-weighted values only; the result is fed to the next
@@ -130,7 +154,7 @@ class MultiStageCrossAttentionBlock(nn.Module):
         self.l_mlp = Mlp(txt_dim, int(txt_dim * mlp_ratio), dropout)
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, text_padding_mask: torch.Tensor | None = None,
-                return_attention: bool = False):
+                return_attention: bool = False, v_pos: torch.Tensor | None = None):
         """Run one MCM stage.
 
         Args:
@@ -138,6 +162,7 @@ class MultiStageCrossAttentionBlock(nn.Module):
             l: (B, L, C_l) stage-specific text L_i.
             text_padding_mask: optional (B, L) bool, True = padding token.
             return_attention: also return the image→text attention weights.
+            v_pos: optional (N, C_v) or (B, N, C_v) position code of the image tokens (see 0. above).
 
         Returns:
             f_v (B, N, C_v), f_l (B, L, C_l), and with `return_attention` the head-averaged weights
@@ -149,14 +174,15 @@ class MultiStageCrossAttentionBlock(nn.Module):
             raise ValueError(f"v has batch {B} but l has batch {l.shape[0]}")
 
         l_kv = self.v_norm_kv(l)  # (B, L, C_l)
-        res = self.v_attn(self.v_norm_q(v), l_kv, kv_padding_mask=text_padding_mask,
+        pos = 0 if v_pos is None else v_pos
+        res = self.v_attn(self.v_norm_q(v) + pos, l_kv, kv_padding_mask=text_padding_mask,
                           return_weights=return_attention)
         attn, weights = res if return_attention else (res, None)  # (B, N, C_v), (B, N, L)
         v = v + attn
         f_v = v + self.v_mlp(self.v_norm_mlp(v))  # (B, N, C_v)
 
         if self.update_text:
-            l = l + self.l_attn(self.l_norm_q(l), self.l_norm_kv(f_v))  # (B, L, C_l)
+            l = l + self.l_attn(self.l_norm_q(l), self.l_norm_kv(f_v), k_pos=v_pos)  # (B, L, C_l)
             l = l + self.l_mlp(self.l_norm_mlp(l))  # (B, L, C_l)
         f_l = l
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from tmc.config import ModelConfig
 from tmc.decoder import DualUDecoder
-from tmc.mcm import MultiStageCrossAttentionBlock
+from tmc.mcm import MultiStageCrossAttentionBlock, sincos_position_embedding
 from tmc.swin import SwinTransformer
 from tmc.swin_weights import load_swin_weights
 from tmc.text import TextEncoder
@@ -54,8 +54,10 @@ class AlignmentHead(nn.Module):
     def forward(self, v: torch.Tensor, cls: torch.Tensor) -> dict:
         """v (B, N, C) visual tokens, cls (B, C_t) → {"img": (B, D), "txt": (B, D), scale, bias}."""
         img = self.img_proj(v).mean(dim=1)  # GAP over the N tokens of Linear(V_i): (B, D)
-        return {"img": img, "txt": self.txt_proj(cls), "logit_scale": self.logit_scale,
-                "logit_bias": self.logit_bias}
+        # Scale and bias leave through an op (× 1), not as the Parameters themselves: DDP only
+        # tracks parameters that reach the outputs through the autograd graph.
+        return {"img": img, "txt": self.txt_proj(cls), "logit_scale": self.logit_scale * 1,
+                "logit_bias": self.logit_bias * 1}
 
 
 class TMC(nn.Module):
@@ -126,7 +128,8 @@ class TMC(nn.Module):
                 if key in self.align:  # before cross-attention (§3.2)
                     alignment.append(self.align[key](v, lang_i[:, 0]))
                 if key in self.mcm:
-                    out = self.mcm[key](v, lang_i, pad, return_attention=return_attention)
+                    pos = sincos_position_embedding(H, W, C, device=v.device, dtype=v.dtype)  # (N_i, C_i)
+                    out = self.mcm[key](v, lang_i, pad, return_attention=return_attention, v_pos=pos)
                     f_v, lang = out[0], out[1]  # F_V^i (B, N_i, C_i), F_L^i (B, T, C_i)
                     if return_attention:
                         attention[i] = out[2]  # (B, N_i, T)

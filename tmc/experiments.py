@@ -1,0 +1,149 @@
+"""The experiments behind the README's results table; each writes raw JSON under results/.
+
+    python -m tmc.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
+    python -m tmc.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
+    python -m tmc.experiments qata --root ../shared/data/qata --minutes 4          # GPU, bf16
+    python -m tmc.experiments qata --root ../shared/data/qata --cpu-small          # same, reduced, CPU
+
+Every run is `train.py` in a subprocess with a fixed budget (steps on the demo, minutes on QaTa), so
+the numbers depend only on the flags written beside them. `summary.json` in each folder holds the
+per-run test metrics and the mean ± std per variant; `table.md` is what the README quotes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo's ablations (issue 5): name → extra train.py flags.
+DEMO_VARIANTS = {
+    "full": [],
+    "no-text": ["--no-text"],
+    "bottleneck-only": ["--mcm-stages", "4", "--alignment-stages", "4"],
+    "no-alignment": ["--no-alignment"],
+    "literal-alignment": ["--alignment-form", "literal"],
+}
+# A fixed step budget instead of the demo's wall-clock limit, so a busy machine changes only the
+# time a run takes, never its result.
+DEMO_BUDGET = ["--epochs", "24", "--max-steps-per-epoch", "25", "--patience", "100", "--time-limit", "0"]
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def run_train(out: Path, flags: list[str], threads: int | None = None) -> dict:
+    """Run train.py once (unless `out` already holds its result) and return its test metrics."""
+    result = out / "test_metrics.json"
+    if not result.is_file():
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        cmd = [sys.executable, str(REPO / "train.py"), "--out", str(out), "--no-progress", *flags]
+        print("$", " ".join(cmd), flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, env=env, cwd=REPO)
+        (out / "wall_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    metrics = json.loads(result.read_text())
+    metrics["run"] = str(out.relative_to(REPO) if out.is_relative_to(REPO) else out)
+    metrics["flags"] = flags
+    return metrics
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def summarise(folder: Path, runs: dict[str, list[dict]], command: str, note: str) -> dict:
+    summary = {"command": command, "machine": machine(), "note": note, "variants": {}}
+    lines = ["| variant | Dice (per image) | mIoU | Dice (global) | seeds |", "|---|---|---|---|---|"]
+    for name, metrics in runs.items():
+        row = {k: mean_std([m[k] for m in metrics]) for k in ("dice", "miou", "dice_global")}
+        row["runs"] = metrics
+        summary["variants"][name] = row
+        lines.append(f"| {name} | {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f} | "
+                     f"{row['miou']['mean']:.3f} ± {row['miou']['std']:.3f} | "
+                     f"{row['dice_global']['mean']:.3f} ± {row['dice_global']['std']:.3f} | {len(metrics)} |")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = "\n".join(lines) + f"\n\nMachine: {summary['machine']}. Command: `{command}`. {note}\n"
+    (folder / "table.md").write_text(table)
+    print(table)
+    return summary
+
+
+def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threads: int) -> dict:
+    folder = REPO / "results" / name
+    runs = {}
+    for variant, flags in variants.items():
+        runs[variant] = [
+            run_train(folder / f"{variant}-s{seed}",
+                      ["--dataset", "demo", "--seed", str(seed), *DEMO_BUDGET, *flags], threads)
+            for seed in seeds
+        ]
+    command = f"python -m tmc.experiments {name} --seeds {' '.join(map(str, seeds))}"
+    note = (f"Demo test split (120 synthetic images, 64²), tiny preset, {' '.join(DEMO_BUDGET)}; "
+            "mean ± std over seeds of the test metrics of best.pt (selected on validation Dice).")
+    return summarise(folder, runs, command, note)
+
+
+def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
+    """Paper config on real QaTa: full TMC vs no text, a fixed time budget each, scored on 'valid'.
+
+    The subset's own split is kept (2000 train / 500 valid; it has no test split), so the best
+    checkpoint is selected on the same 500 images it is scored on: the numbers measure what the
+    model reaches in the budget, not held-out generalisation.
+    """
+    name = "qata_cpu_small" if cpu_small else "qata_gpu"
+    folder = REPO / "results" / name
+    common = ["--dataset", "qata", "--root", root, "--split-mode", "layout", "--time-limit", str(minutes),
+              "--patience", "1000", "--test-split", "valid"]
+    if cpu_small:
+        # The same protocol shrunk for 2 CPU cores: 96² images, a 4-layer 256-wide random BERT.
+        common += ["--image-size", "96", "--text-model", "random:4x256", "--workers", "0",
+                   "--max-steps-per-epoch", "30", "--limit-eval-batches", "16"]
+    else:
+        common += ["--text-model", "random:12x768", "--amp", "bf16", "--workers", "8", "--batch-size", "32"]
+    runs = {v: [run_train(folder / f"{v}-s{s}", [*common, "--seed", str(s), *flags]) for s in seeds]
+            for v, flags in (("full", []), ("no-text", ["--no-text"]))}
+    command = (f"python -m tmc.experiments qata --root {root} --minutes {minutes}"
+               + (" --cpu-small" if cpu_small else ""))
+    note = ("Real QaTa-COV19 subset, scored on its 500 'valid' images (also used for selection). "
+            "Text encoder: randomly initialised BERT (no pretrained weights can be downloaded here); "
+            "Swin from random weights.")
+    return summarise(folder, runs, command, note)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=("demo-ablation", "token-length", "qata"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
+    p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "qata"))
+    p.add_argument("--minutes", type=float, default=4.0, help="qata: training budget per run")
+    p.add_argument("--cpu-small", action="store_true", help="qata: reduced size for a CPU")
+    args = p.parse_args(argv)
+    if args.experiment == "demo-ablation":
+        demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads)
+    elif args.experiment == "token-length":
+        demo_grid("demo_token_length", {"T10": ["--text-length", "10"], "T24": ["--text-length", "24"]},
+                  args.seeds, args.threads)
+    else:
+        qata(args.root, args.minutes, args.cpu_small, args.seeds if len(args.seeds) < 3 else [0])
+
+
+if __name__ == "__main__":
+    main()
