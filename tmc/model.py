@@ -40,16 +40,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class AlignmentHead(nn.Module):
     """Projects V_i and CLS_i into a common space of size D, with a learnable temperature and bias.
 
-    logit_scale is log(1/τ_i); it starts at log 10 and the bias at −10, SigLIP's initialisation,
-    which keeps the many negative pairs from dominating the first steps.
+    logit_scale is log(1/τ_i) and starts at log 10, as in SigLIP. The bias starts at the log prior
+    odds of a positive pair: SigLIP's −10 is that value for its 32k-image batches (log 1/32768), but
+    at the paper's batch of 8 a pair is positive with odds 1:7, so −log 7. Starting at −10 here makes
+    every matched pair look wrong for thousands of steps (Adam moves a scalar about lr per step) and
+    its large gradient reshapes the encoder's features against the segmentation loss.
     """
+
+    INIT_BIAS = -math.log(7.0)  # log prior odds of a positive pair at batch size 8
 
     def __init__(self, vis_dim: int, txt_dim: int, dim: int):
         super().__init__()
         self.img_proj = nn.Linear(vis_dim, dim)
         self.txt_proj = nn.Linear(txt_dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.logit_bias = nn.Parameter(torch.tensor(self.INIT_BIAS))
 
     def forward(self, v: torch.Tensor, cls: torch.Tensor) -> dict:
         """v (B, N, C) visual tokens, cls (B, C_t) → {"img": (B, D), "txt": (B, D), scale, bias}."""
