@@ -256,3 +256,39 @@ def test_rotate_batch_matches_scipy(angle):
     ours = rotate_batch(torch.from_numpy(m)[None, None], torch.tensor([angle]), "nearest")[0, 0]
     ref = ndimage.rotate(m, angle, reshape=False, order=0)
     assert (ours.numpy() != ref).mean() < 0.005
+
+
+def test_swap_caption_sides_follows_the_flips():
+    from datasets.augment import swap_caption_sides
+
+    cap = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
+    assert swap_caption_sides(cap, False, False) == cap
+    assert swap_caption_sides(cap, True, False) == (
+        "Bilateral pulmonary infection, two infected areas, upper right lung and lower left lung.")
+    assert swap_caption_sides(cap, False, True) == (
+        "Bilateral pulmonary infection, two infected areas, lower left lung and upper right lung.")
+    assert swap_caption_sides("Upper middle left lung.", True, True) == "Lower middle right lung."
+    assert swap_caption_sides("all left lung", True, False) == "all right lung"
+
+
+def test_text_consistent_augmentation_keeps_captions_true():
+    from datasets.augment import augment_training_batch
+    from datasets.text_from_mask import caption_from_mask
+
+    # one blob well inside the upper-left zone (image sides), small enough to stay there when rotated
+    mask = torch.zeros(16, 1, 96, 96)
+    mask[:, :, 12:20, 20:28] = 1
+    caption = caption_from_mask(mask[0, 0].numpy() > 0)
+    assert "upper left" in caption
+    image = mask.clone()
+    out_img, out_mask, out_caps = augment_training_batch(image, mask, [caption] * 16, "text-consistent",
+                                                         generator=torch.Generator().manual_seed(0))
+    assert len(set(out_caps)) > 1  # some samples were flipped
+    for m, c in zip(out_mask[:, 0], out_caps):
+        assert caption_from_mask(m.numpy() > 0) == c
+    # image and mask moved together (bilinear vs nearest differ only along the blob's edge)
+    assert ((out_img > 0.5).float() - out_mask).abs().mean() < 0.002
+    same = augment_training_batch(image, mask, [caption] * 16, "none")
+    assert same[2] == [caption] * 16 and torch.equal(same[1], mask)
+    with pytest.raises(ValueError):
+        augment_training_batch(image, mask, [caption] * 16, "mixup")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tmc.mcm import MultiStageCrossAttentionBlock
+from tmc.mcm import MultiStageCrossAttentionBlock, sincos_position_embedding
 
 DT = torch.float64
 
@@ -30,9 +30,9 @@ def _mlp(x, mlp):
     return _linear(_gelu(_linear(x, mlp.fc1)), mlp.fc2)
 
 
-def _slow_mhca(q, kv, attn, pad=None):
+def _slow_mhca(q, kv, attn, pad=None, k_pos=0):
     """Loops over batch and heads; softmax written out. Returns output and head-mean weights."""
-    Q, K, V = _linear(q, attn.q_proj), _linear(kv, attn.k_proj), _linear(kv, attn.v_proj)
+    Q, K, V = _linear(q, attn.q_proj), _linear(kv + k_pos, attn.k_proj), _linear(kv, attn.v_proj)
     nH = attn.num_heads
     dh = Q.shape[-1] // nH
     outs, weights = [], []
@@ -52,20 +52,24 @@ def _slow_mhca(q, kv, attn, pad=None):
     return _linear(torch.stack(outs), attn.out_proj), torch.stack(weights)
 
 
-def _slow_block(m, v, l, pad):
-    a, w = _slow_mhca(_layer_norm(v, m.v_norm_q), _layer_norm(l, m.v_norm_kv), m.v_attn, pad)
+def _slow_block(m, v, l, pad, pos=0):
+    """The block as its docstring writes it; `pos` is added to the image queries of the first
+    attention and to the image keys (not values) of the second."""
+    a, w = _slow_mhca(_layer_norm(v, m.v_norm_q) + pos, _layer_norm(l, m.v_norm_kv), m.v_attn, pad)
     v = v + a
     f_v = v + _mlp(_layer_norm(v, m.v_norm_mlp), m.v_mlp)
-    a, _ = _slow_mhca(_layer_norm(l, m.l_norm_q), _layer_norm(f_v, m.l_norm_kv), m.l_attn)
+    if not m.update_text:
+        return f_v, l, w
+    a, _ = _slow_mhca(_layer_norm(l, m.l_norm_q), _layer_norm(f_v, m.l_norm_kv), m.l_attn, k_pos=pos)
     l = l + a
     f_l = l + _mlp(_layer_norm(l, m.l_norm_mlp), m.l_mlp)
     return f_v, f_l, w
 
 
-def _randomised_block(vis, txt, heads, seed=0, zero_init_visual=True):
+def _randomised_block(vis, txt, heads, seed=0, zero_init_visual=True, update_text=True):
     torch.manual_seed(seed)
-    m = MultiStageCrossAttentionBlock(vis, txt, heads, mlp_ratio=2.0,
-                                      zero_init_visual=zero_init_visual).to(DT)
+    m = MultiStageCrossAttentionBlock(vis, txt, heads, mlp_ratio=2.0, zero_init_visual=zero_init_visual,
+                                      update_text=update_text).to(DT)
     with torch.no_grad():  # randomise everything (zeroed projections, LN affine) so no term hides
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -84,16 +88,18 @@ def _inputs(B=2, N=6, L=5, vis=8, txt=12, seed=1):
 
 # ---------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("use_pad", [False, True])
-def test_matches_slow_reference_values_and_grads(use_pad):
-    m = _randomised_block(8, 12, 2)
+@pytest.mark.parametrize("use_pad,use_pos,update_text", [(False, False, True), (True, False, True),
+                                                        (True, True, True), (True, True, False)])
+def test_matches_slow_reference_values_and_grads(use_pad, use_pos, update_text):
+    m = _randomised_block(8, 12, 2, update_text=update_text)
     v, l, pad = _inputs()
     pad = pad if use_pad else None
+    pos = sincos_position_embedding(2, 3, 8, dtype=DT) if use_pos else None  # N = 6 tokens
     v1, l1 = v.clone().requires_grad_(), l.clone().requires_grad_()
-    f_v, f_l, w = m(v1, l1, text_padding_mask=pad, return_attention=True)
+    f_v, f_l, w = m(v1, l1, text_padding_mask=pad, return_attention=True, v_pos=pos)
 
     v2, l2 = v.clone().requires_grad_(), l.clone().requires_grad_()
-    s_v, s_l, s_w = _slow_block(m, v2, l2, pad)
+    s_v, s_l, s_w = _slow_block(m, v2, l2, pad, pos if use_pos else 0)
     torch.testing.assert_close(f_v, s_v, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(f_l, s_l, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(w, s_w, rtol=1e-10, atol=1e-10)
@@ -107,6 +113,23 @@ def test_matches_slow_reference_values_and_grads(use_pad):
     for name, a, b in zip(names, grads, slow):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
         assert torch.isfinite(a).all() and a.abs().sum() > 0, name  # every parameter is used
+    if not update_text:
+        assert not any(n.startswith("l_") for n in params)  # image direction only
+        torch.testing.assert_close(f_l, l1, rtol=0, atol=0)
+
+
+def test_position_code_is_a_fixed_grid_code():
+    pe = sincos_position_embedding(3, 4, 16)
+    assert pe.shape == (12, 16)
+    rows, cols = pe.view(3, 4, 16)[..., :8], pe.view(3, 4, 16)[..., 8:]
+    # the first half depends on the row only, the second on the column only
+    torch.testing.assert_close(rows, rows[:, :1].expand(3, 4, 8))
+    torch.testing.assert_close(cols, cols[:1].expand(3, 4, 8))
+    # every position gets its own code; row 0 is sin(0)=0 / cos(0)=1
+    assert torch.cdist(pe, pe).add(torch.eye(12) * 10).min() > 1e-3
+    torch.testing.assert_close(rows[0, 0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    with pytest.raises(ValueError):
+        sincos_position_embedding(2, 2, 6)
 
 
 @pytest.mark.parametrize("vis,txt,heads,N,L", [(8, 8, 1, 4, 3), (12, 24, 3, 10, 7), (32, 16, 4, 49, 10)])
