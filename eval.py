@@ -397,6 +397,21 @@ def split_set_b(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i] + rest, set_b
 
 
+def _describe_mask(path: Path) -> str:
+    """'224x224 pixels, 3.1% foreground' for a PNG; shape and foreground for a NIfTI."""
+    if str(path).endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        data = np.asarray(nib.load(str(path)).dataobj)
+        size = "x".join(map(str, data.shape)) + " voxels"
+    else:
+        from PIL import Image
+
+        data = np.asarray(Image.open(path))
+        size = f"{data.shape[1]}x{data.shape[0]} pixels"
+    return f"{size}, {100 * float((data > 0).mean()):.1f}% foreground"
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv, set_b = split_set_b(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -427,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = predict_volume(args.volume, segment, cfg.image_size, args.out or f"{name}_mask.nii.gz",
                                  intensity=mode, batch_size=args.batch_size, series_uid=args.series_uid,
                                  ct_window=window)
-        print(f"wrote {out}")
+        print(f"wrote {out} ({_describe_mask(out)})")
         return {"out": str(out)}
     return evaluate_sets(args, device)
 
