@@ -55,7 +55,7 @@ def dataset_settings(ckpt: dict, args) -> dict:
     tc = ckpt.get("train_config", {})
     return {"dataset": args.dataset or tc.get("dataset"), "root": args.root or tc.get("root", ""),
             "cache_dir": args.cache_dir or tc.get("cache_dir", ""),
-            "split_mode": tc.get("split_mode", "paper"), "seed": tc.get("seed", 0),
+            "split_mode": tc.get("split_mode", "paper"), "seed": tc.get("split_seed", tc.get("seed", 0)),
             "skip_bad": tc.get("skip_bad", False),
             "reader_options": args.reader_options or tc.get("reader_options", "")}
 

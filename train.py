@@ -93,7 +93,7 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
 
     def _prepare():
         return prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
-                       cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.seed,
+                       cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.split_seed,
                        skip_bad=cfg.skip_bad, progress=cfg.progress,
                        **parse_reader_options(cfg.reader_options))
 

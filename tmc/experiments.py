@@ -2,6 +2,7 @@
 
     python -m tmc.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
     python -m tmc.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
+    python -m tmc.experiments caption-swap             # does the text steer? true vs shuffled captions
     python -m tmc.experiments qata --root ../shared/data/qata --minutes 4          # GPU, bf16
     python -m tmc.experiments qata --root ../shared/data/qata --cpu-small          # same, reduced, CPU
 
@@ -119,6 +120,48 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     return summarise(folder, runs, command, note)
 
 
+def caption_swap(folder: Path, seed: int = 0) -> dict:
+    """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
+    among the test images (a fixed permutation). The gap is how much the text steers the masks."""
+    import numpy as np
+    import torch
+
+    from datasets.cached import SegmentationSet
+    from datasets.registry import prepare
+    from tmc.checkpoint import model_from_checkpoint
+    from tmc.metrics import confusion, dice_from_counts
+
+    test = SegmentationSet(prepare("demo", "", image_size=64, progress=False), "test")
+    items = [test[i] for i in range(len(test))]
+    images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
+    masks = torch.stack([it["mask"] for it in items]) > 0.5  # (N, 1, S, S)
+    true = [it["text"] for it in items]
+    perm = np.random.default_rng(seed).permutation(len(true))
+    shuffled = [true[i] for i in perm]
+
+    @torch.no_grad()
+    def dice(model, captions) -> float:
+        pred = torch.cat([model(images[i:i + 40], **model.tokenize(captions[i:i + 40]))["logits"] > 0
+                          for i in range(0, len(captions), 40)])
+        tp, fp, fn = confusion(pred[:, 0].numpy(), masks[:, 0].numpy())
+        return float(np.nanmean(dice_from_counts(tp, fp, fn, empty=1.0)))
+
+    rows = {}
+    for run in sorted(p for p in folder.iterdir() if (p / "best.pt").is_file()):
+        model, cfg = model_from_checkpoint(run / "best.pt")
+        if not cfg.use_text:
+            continue
+        rows[run.name] = {"true": dice(model, true), "shuffled": dice(model, shuffled)}
+        rows[run.name]["gap"] = rows[run.name]["true"] - rows[run.name]["shuffled"]
+        print(f"{run.name:<24} true {rows[run.name]['true']:.4f}  shuffled {rows[run.name]['shuffled']:.4f}"
+              f"  gap {rows[run.name]['gap']:+.4f}", flush=True)
+    (folder / "caption_swap.json").write_text(json.dumps(
+        {"command": "python -m tmc.experiments caption-swap", "machine": machine(),
+         "note": "per-image test Dice (threshold 0.5, empty-vs-empty = 1) of best.pt with true vs "
+                 f"shuffled captions (permutation seed {seed})", "runs": rows}, indent=2) + "\n")
+    return rows
+
+
 def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
     """Paper config on real QaTa: full TMC vs no text, a fixed time budget each, scored on 'valid'.
 
@@ -149,7 +192,7 @@ def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("demo-ablation", "token-length", "qata"))
+    p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
@@ -163,6 +206,8 @@ def main(argv=None) -> None:
         # The tiny preset's T is 24, so T24 is exactly the ablation's "full" run: read, not repeated.
         demo_grid("demo_token_length", {"T10": ["--text-length", "10"], "T24": []},
                   args.seeds, args.threads, args.parallel, reuse={"T24": "demo_ablation/full"})
+    elif args.experiment == "caption-swap":
+        caption_swap(REPO / "results" / "demo_ablation")
     else:
         qata(args.root, args.minutes, args.cpu_small, args.seeds if len(args.seeds) < 3 else [0])
 

@@ -32,6 +32,7 @@ class TrainConfig:
     preset: str = ""  # model preset paper | tiny ("" = tiny for demo, paper otherwise)
     cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
     split_mode: str = "paper"  # paper: patient-level 7:1:2 split; layout: the folders' own split
+    split_seed: int = 0  # seed of the paper split; fixed across --seed so all runs share test cases
     skip_bad: bool = False  # skip unreadable files while caching instead of stopping
     reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
     augment: str = "paper"  # paper (rotation ±20°, k·90°, flips) | text-consistent (no k·90°; flips rewrite left/right, upper/lower in the caption) | none
