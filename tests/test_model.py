@@ -178,3 +178,18 @@ def test_config_round_trip_and_validation():
         tiny_config(alignment_form="cosine")
     with pytest.raises(ValueError):
         ModelConfig.from_dict({"no_such_field": 1})
+
+
+def test_alignment_text_grad_off_keeps_alignment_out_of_the_language_stream():
+    torch.manual_seed(0)
+    cfg = tiny_config(alignment_text_grad=False)
+    model = build_model(cfg)
+    image, _ = _batch(cfg)
+    out = model(image, **model.tokenize(CAPTIONS))
+    multistage_alignment_loss(out["alignment"], "sigmoid", caption_positive_mask(CAPTIONS)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is None or grads[n].abs().max() == 0 for n in grads
+               if n.startswith(("text.", "text_proj.")))
+    assert grads["align.2.img_proj.weight"].abs().max() > 0
+    assert grads["align.2.txt_proj.weight"].abs().max() > 0  # the head itself still learns
+    assert any(g is not None and g.abs().max() > 0 for n, g in grads.items() if n.startswith("swin."))

@@ -46,6 +46,9 @@ class ModelConfig:
     alignment_stages: tuple[int, ...] = (2, 3, 4)  # the paper aligns where it cross-attends
     alignment_dim: int = 256  # D, the common embedding size of z_V and z_L
     alignment_form: str = "sigmoid"  # "sigmoid": SigLIP-style pairwise loss; "literal": eq. in §3.2
+    # False: the alignment loss trains the image side and its own heads only, not the language
+    # stream MCM reads (a diagnostic: on the demo, its gradient there stops MCM from using the text).
+    alignment_text_grad: bool = True
 
     # --- dual CNN/ViT U-decoder (§3.3) ---
     decoder_stem_channels: int = 32  # full-resolution CNN path (keeps boundaries sharp)

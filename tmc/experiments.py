@@ -31,6 +31,8 @@ DEMO_VARIANTS = {
     "bottleneck-only": ["--mcm-stages", "4", "--alignment-stages", "4"],
     "no-alignment": ["--no-alignment"],
     "literal-alignment": ["--alignment-form", "literal"],
+    # Diagnostic: alignment on, but its gradient kept out of the language stream MCM reads.
+    "alignment-no-text-grad": ["--no-alignment-text-grad"],
 }
 # The demo's own defaults (40 epochs of 25 steps, early stop after 10) without its wall-clock limit,
 # so a busy machine changes only the time a run takes, never its result.

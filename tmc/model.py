@@ -75,11 +75,14 @@ class TMC(nn.Module):
         mcm: {str(i): MultiStageCrossAttentionBlock} at the MCM stages.
         align: {str(i): AlignmentHead} at the alignment stages.
         decoder: the dual CNN/ViT U-decoder.
+        alignment_text_grad: False keeps the alignment loss's gradient out of the language stream.
     """
 
     def __init__(self, swin: SwinTransformer, text: TextEncoder | None, text_proj: nn.ModuleDict,
-                 mcm: nn.ModuleDict, align: nn.ModuleDict, decoder: DualUDecoder, num_stages: int = 4):
+                 mcm: nn.ModuleDict, align: nn.ModuleDict, decoder: DualUDecoder, num_stages: int = 4,
+                 alignment_text_grad: bool = True):
         super().__init__()
+        self.alignment_text_grad = alignment_text_grad
         self.swin, self.text, self.decoder = swin, text, decoder
         self.text_proj, self.mcm, self.align = text_proj, mcm, align
         self.num_stages = num_stages
@@ -131,7 +134,8 @@ class TMC(nn.Module):
                 v = h.flatten(2).transpose(1, 2)  # (B, N_i, C_i)
                 lang_i = self.text_proj[key](lang)  # L_i: (B, T, C_i)
                 if key in self.align:  # before cross-attention (§3.2)
-                    alignment.append(self.align[key](v, lang_i[:, 0]))
+                    cls = lang_i[:, 0] if self.alignment_text_grad else lang_i[:, 0].detach()  # (B, C_i)
+                    alignment.append(self.align[key](v, cls))
                 if key in self.mcm:
                     pos = sincos_position_embedding(H, W, C, device=v.device, dtype=v.dtype)  # (N_i, C_i)
                     out = self.mcm[key](v, lang_i, pad, return_attention=return_attention, v_pos=pos)
@@ -186,7 +190,8 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
         stage_channels=channels, in_chans=3, stem_channels=cfg.decoder_stem_channels,
         vit_depth=cfg.decoder_vit_depth, vit_heads=cfg.decoder_vit_heads, vit_window=cfg.decoder_vit_window,
     )
-    return TMC(swin, text, text_proj, mcm, align, decoder, num_stages=len(cfg.depths))
+    return TMC(swin, text, text_proj, mcm, align, decoder, num_stages=len(cfg.depths),
+               alignment_text_grad=cfg.alignment_text_grad)
 
 
 def count_parameters(model: TMC) -> dict[str, int]:
