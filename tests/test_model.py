@@ -193,3 +193,21 @@ def test_alignment_text_grad_off_keeps_alignment_out_of_the_language_stream():
     assert grads["align.2.img_proj.weight"].abs().max() > 0
     assert grads["align.2.txt_proj.weight"].abs().max() > 0  # the head itself still learns
     assert any(g is not None and g.abs().max() > 0 for n, g in grads.items() if n.startswith("swin."))
+
+
+def test_random_text_models_tokenise_with_the_shipped_vocabulary(monkeypatch):
+    import tmc.text as text
+
+    captions = ["Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+                "Unilateral pulmonary infection, one infected area, all left lung. COVID-19 naïve"]
+    packaged = text._load_tokenizer(text.packaged_minilm_dir())
+    shipped = text.bert_uncased_tokenizer()
+    assert shipped(captions)["input_ids"] == packaged(captions)["input_ids"]
+
+    def no_package():
+        raise RuntimeError("package not installed")
+
+    monkeypatch.setattr(text, "packaged_minilm_dir", no_package)  # e.g. the GPU machine
+    enc = text.TextEncoder("random:1x32", length=12)
+    assert enc.tokenize(captions[:1])["input_ids"][0].tolist() == \
+        packaged(captions[:1], padding="max_length", truncation=True, max_length=12)["input_ids"][0]

@@ -3,8 +3,12 @@
     python -m tmc.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
     python -m tmc.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
     python -m tmc.experiments caption-swap             # does the text steer? true vs shuffled captions
-    python -m tmc.experiments qata --root ../shared/data/qata --minutes 4          # GPU, bf16
-    python -m tmc.experiments qata --root ../shared/data/qata --cpu-small          # same, reduced, CPU
+    python -m tmc.experiments qata --root data/qata --minutes 4          # GPU, bf16 (both runs < 10 min)
+    python -m tmc.experiments qata --root ../shared/data/qata --cpu-small --minutes 3   # reduced, CPU
+
+For the GPU run, copy the subset into the repository first (`cp -r ../shared/data/qata data/qata`;
+`data/` is git-ignored) and carry that folder to the GPU machine: 57 MiB plus the code fits one
+64 MiB transfer. It needs torch and transformers only (random BERT-base with the shipped vocabulary).
 
 Every run is `train.py` in a subprocess with a fixed budget (steps on the demo, minutes on QaTa), so
 the numbers depend only on the flags written beside them. `summary.json` in each folder holds the

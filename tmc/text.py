@@ -7,8 +7,10 @@ Where the weights come from (`ModelConfig.text_model`):
   "<folder>"            any local folder holding a transformers BERT-family model + tokenizer;
   "random:<L>x<H>"      a randomly initialised BERT with L layers of width H (no download; "random:12x768"
                         has BERT-base's shape). Used by the tiny preset and by tests.
-Every choice except a local folder tokenises with the bert-base-uncased WordPiece vocabulary, which the
-minilm package ships, so no tokenizer is ever downloaded for them.
+Every choice except a local folder tokenises with the bert-base-uncased WordPiece vocabulary. For the
+random models (and a checkpoint whose hub model is not cached) it comes from
+`tmc/bert_base_uncased_vocab.txt` (Apache-2.0, 30,522 WordPieces, copied from the minilm package), so
+they need neither a download nor the package.
 
 Shapes: B batch, T tokens (cfg.text_length, [CLS] first), d_l the encoder's hidden size.
 """
@@ -22,6 +24,14 @@ import torch
 import torch.nn as nn
 
 _RANDOM = re.compile(r"^random:(\d+)x(\d+)$")
+VOCAB = Path(__file__).with_name("bert_base_uncased_vocab.txt")
+
+
+def bert_uncased_tokenizer():
+    """The bert-base-uncased WordPiece tokenizer, built from the vocabulary shipped with this code."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab=str(VOCAB), do_lower_case=True)
 
 
 def packaged_minilm_dir() -> Path:
@@ -91,7 +101,7 @@ class TextEncoder(nn.Module):
         if random_shape:
             config = _random_bert_config(int(random_shape[1]), int(random_shape[2]))
             self.encoder = BertModel(config, add_pooling_layer=False)
-            tokenizer_source = packaged_minilm_dir()
+            tokenizer_source = None  # the shipped bert-base-uncased vocabulary
         else:
             source = packaged_minilm_dir() if name == "minilm" else name
             tokenizer_source = source
@@ -128,11 +138,13 @@ class TextEncoder(nn.Module):
 
 
 def _load_tokenizer_with_fallback(source, config):
+    if source is None:
+        return bert_uncased_tokenizer()
     try:
         return _load_tokenizer(source)
     except (OSError, ValueError):
         # A checkpoint rebuilt where its original hub model is not cached: any model with the
-        # bert-base-uncased vocabulary tokenises identically with the packaged vocabulary.
+        # bert-base-uncased vocabulary tokenises identically with the shipped vocabulary.
         if getattr(config, "vocab_size", None) == 30522 and not os.path.isdir(str(source)):
-            return _load_tokenizer(packaged_minilm_dir())
+            return bert_uncased_tokenizer()
         raise
