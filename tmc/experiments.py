@@ -37,6 +37,8 @@ DEMO_VARIANTS = {
     "literal-alignment": ["--alignment-form", "literal"],
     # Diagnostic: alignment on, but its gradient kept out of the language stream MCM reads.
     "alignment-no-text-grad": ["--no-alignment-text-grad"],
+    # Diagnostic: the alignment loss at a tenth of the paper's weight.
+    "alignment-weight-0.01": ["--alignment-weight", "0.01"],
 }
 # The demo's own defaults (40 epochs of 25 steps, early stop after 10) without its wall-clock limit,
 # so a busy machine changes only the time a run takes, never its result.
