@@ -254,23 +254,22 @@ class QataReader:
 
     # -- construction helpers
 
+    def _by_key(self, files: list[Path], what: str) -> dict[str, Path]:
+        """{normalised key: file}; a second file with the same key is recorded as a problem."""
+        found: dict[str, Path] = {}
+        for p in files:
+            k = image_key(p.name)
+            if k in found:
+                self._problems[k] = (f"{p}: duplicate key {k!r} (also {found[k]}); expected one "
+                                     f"{what} per name; fix: remove one of them")
+            found[k] = p
+        return found
+
     def _pair(self, split_dirs: dict) -> list[_Pair]:
         pairs = []
         for folder_split, (img_dir, mask_dir) in sorted(split_dirs.items()):
-            images: dict[str, Path] = {}
-            for p in _files(img_dir):
-                k = image_key(p.name)
-                if k in images:
-                    self._problems[k] = (f"{p}: duplicate key {k!r} (also {images[k]}); expected "
-                                         f"one image per name; fix: remove one of them")
-                images[k] = p
-            masks = {}
-            for m in _files(mask_dir):
-                k = image_key(m.name)
-                if k in masks:
-                    self._problems[k] = (f"{m}: duplicate mask key {k!r} (also {masks[k]}); "
-                                         f"expected one mask per image; fix: remove one of them")
-                masks[k] = m
+            images = self._by_key(_files(img_dir), "image")
+            masks = self._by_key(_files(mask_dir), "mask")
             _warn_unmatched(str(mask_dir), "masks without an image",
                             [m.name for k, m in masks.items() if k not in images])
             _warn_unmatched(str(img_dir), "images without a mask",

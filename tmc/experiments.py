@@ -106,9 +106,9 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     very same flags (its runs are read, not repeated)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    folder = REPO / "results" / name
     from datasets.registry import prepare
 
+    folder = REPO / "results" / name
     prepare("demo", "", image_size=64)  # generate and cache once, before parallel runs share it
     reuse = reuse or {}
     jobs = [(v, s) for v in variants for s in seeds]
@@ -154,6 +154,14 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
         tp, fp, fn = confusion(pred[:, 0].numpy(), masks[:, 0].numpy())
         return float(np.nanmean(dice_from_counts(tp, fp, fn, empty=1.0)))
 
+    # Reference: an image-only oracle that segments every blob, targets and distractors alike.
+    from datasets.demo import render_demo_image
+
+    union = np.stack([render_demo_image(0, int(it["key"].split("_")[-1]), 64)[3]["union"] for it in items])
+    tp, fp, fn = confusion(union, masks[:, 0].numpy())
+    every_blob = float(np.nanmean(dice_from_counts(tp, fp, fn, empty=1.0)))
+    print(f"{'every blob (reference)':<24} {every_blob:.4f}", flush=True)
+
     rows = {}
     for run in sorted(p for p in folder.iterdir() if (p / "best.pt").is_file()):
         model, cfg = model_from_checkpoint(run / "best.pt")
@@ -166,7 +174,8 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
     (folder / "caption_swap.json").write_text(json.dumps(
         {"command": "python -m tmc.experiments caption-swap", "machine": machine(),
          "note": "per-image test Dice (threshold 0.5, empty-vs-empty = 1) of best.pt with true vs "
-                 f"shuffled captions (permutation seed {seed})", "runs": rows}, indent=2) + "\n")
+                 f"shuffled captions (permutation seed {seed})", "every_blob_dice": every_blob,
+         "runs": rows}, indent=2) + "\n")
     return rows
 
 
