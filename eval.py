@@ -448,7 +448,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from datasets.records import DatasetError
+
     try:
         main()
     except KeyboardInterrupt:
         sys.exit(130)
+    except DatasetError as e:  # a problem with the user's files: the message says which and the fix
+        sys.exit(f"eval.py: {e}")
