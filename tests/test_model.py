@@ -136,7 +136,7 @@ def test_paper_config_forward_at_224_with_random_bert_base():
         out = model(image, **model.tokenize(CAPTIONS[:1]))
     assert out["logits"].shape == (1, 1, 224, 224)
     assert torch.isfinite(out["logits"]).all()
-    assert model.tokenize(CAPTIONS[:1])["input_ids"].shape == (1, 10)  # the paper's T = 10
+    assert model.tokenize(CAPTIONS[:1])["input_ids"].shape == (1, 24)  # our default T (paper: 10)
 
 
 def test_minilm_text_encoder_loads_from_the_package_and_encodes():
@@ -211,3 +211,37 @@ def test_random_text_models_tokenise_with_the_shipped_vocabulary(monkeypatch):
     enc = text.TextEncoder("random:1x32", length=12)
     assert enc.tokenize(captions[:1])["input_ids"][0].tolist() == \
         packaged(captions[:1], padding="max_length", truncation=True, max_length=12)["input_ids"][0]
+
+
+def test_alignment_ablation_starts_from_the_full_models_weights():
+    # The alignment heads are built last, so the no-alignment ablation differs in that loss alone.
+    torch.manual_seed(0)
+    full = build_model(tiny_config()).state_dict()
+    torch.manual_seed(0)
+    ablated = build_model(tiny_config(use_alignment=False)).state_dict()
+    assert set(ablated) < set(full)
+    assert {k.split(".")[0] for k in set(full) - set(ablated)} == {"align"}
+    for name, value in ablated.items():
+        assert torch.equal(value, full[name]), name
+
+
+@pytest.mark.parametrize("through_mcm", [False, True])
+def test_alignment_gradient_crosses_an_mcm_only_when_asked(through_mcm):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(alignment_through_mcm=through_mcm))
+    image, _ = _batch(tiny_config())
+    out = model(image, **model.tokenize(CAPTIONS))
+    multistage_alignment_loss(out["alignment"], "sigmoid", caption_positive_mask(CAPTIONS)).backward()
+
+    def reached(prefix):
+        return any(p.grad is not None and p.grad.abs().max() > 0
+                   for n, p in model.named_parameters() if n.startswith(prefix))
+
+    # Stage 2 aligns before any MCM: it trains Swin stages 1-2, BERT and L_2's projection either way.
+    assert reached("swin.layers.0.") and reached("swin.layers.1.blocks.")
+    assert reached("text.") and reached("text_proj.2.")
+    # Stages 3 and 4 read tokens that passed MCM 2 (image side: Swin 3 runs on F_V^2; text side:
+    # L_3 = Linear(F_L^2)); their gradient reaches MCM blocks and what lies after them only on request.
+    for prefix in ("mcm.2.", "mcm.3.", "swin.layers.2.", "text_proj.3.", "text_proj.4."):
+        assert reached(prefix) == through_mcm, prefix
+    assert reached("align.3.") and reached("align.4.")  # the heads learn either way

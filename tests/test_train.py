@@ -39,7 +39,7 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.patience) == (1e-3, 8, 200, 20)
     assert (cfg.plateau_patience, cfg.plateau_factor) == (10, 0.1)
     assert (cfg.alignment_weight, cfg.seg_loss) == (0.1, "bce")
-    assert cfg.preset == "paper" and model.image_size == 224 and model.text_length == 10
+    assert cfg.preset == "paper" and model.image_size == 224 and model.text_length == 24
     assert model.text_model == "bert-base-uncased" and not model.freeze_text
     for name in ("qata", "duke"):
         assert _resolve(["--dataset", name])[0].lr == 3e-4
@@ -52,10 +52,10 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
 
 def test_ablation_flags():
     _, m = _resolve(["--dataset", "qata", "--mcm-stages", "none", "--no-alignment",
-                     "--alignment-form", "literal", "--text-length", "24", "--freeze-text",
+                     "--alignment-form", "literal", "--text-length", "10", "--freeze-text",
                      "--text-model", "minilm"])
     assert m.mcm_stages == () and not m.use_alignment and m.alignment_form == "literal"
-    assert m.text_length == 24 and m.freeze_text and m.text_model == "minilm"
+    assert m.text_length == 10 and m.freeze_text and m.text_model == "minilm"
     assert _resolve(["--mcm-stages", "4"])[1].mcm_stages == (4,)
     assert not _resolve(["--no-text"])[1].use_text
     with pytest.raises(SystemExit):

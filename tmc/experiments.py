@@ -3,6 +3,8 @@
     python -m tmc.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
     python -m tmc.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
     python -m tmc.experiments caption-swap             # does the text steer? true vs shuffled captions
+    python -m tmc.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
+    python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
     python -m tmc.experiments qata --root data/qata --minutes 4          # GPU, bf16 (both runs < 10 min)
     python -m tmc.experiments qata --root ../shared/data/qata --cpu-small --minutes 3   # reduced, CPU
 
@@ -35,10 +37,8 @@ DEMO_VARIANTS = {
     "bottleneck-only": ["--mcm-stages", "4", "--alignment-stages", "4"],
     "no-alignment": ["--no-alignment"],
     "literal-alignment": ["--alignment-form", "literal"],
-    # Diagnostic: alignment on, but its gradient kept out of the language stream MCM reads.
-    "alignment-no-text-grad": ["--no-alignment-text-grad"],
-    # Diagnostic: the alignment loss at a tenth of the paper's weight.
-    "alignment-weight-0.01": ["--alignment-weight", "0.01"],
+    # Diagnostic: the alignment gradient also crosses MCM blocks (the paper read literally).
+    "alignment-through-mcm": ["--alignment-through-mcm"],
 }
 # The demo's own defaults (40 epochs of 25 steps, early stop after 10) without its wall-clock limit,
 # so a busy machine changes only the time a run takes, never its result.
@@ -100,30 +100,45 @@ def summarise(folder: Path, runs: dict[str, list[dict]], command: str, note: str
     return summary
 
 
+# A larger demo (issue 5's follow-up): at 96² a lesion covers about 3 stage-2 tokens instead of 1.4,
+# and 3000 images instead of 600 leave less to memorise. Own folder, so it never replaces data/demo.
+DEMO96 = {"root": REPO / "data" / "demo96", "image_size": 96, "options": {"n": 3000, "size": 96}}
+DEMO96_VARIANTS = {"full": [], "no-text": ["--no-text"], "no-alignment": ["--no-alignment"]}
+
+
 def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threads: int,
-              parallel: int, reuse: dict[str, str] | None = None) -> dict:
-    """Every variant × seed on the demo. `reuse` maps a variant to another grid's variant with the
-    very same flags (its runs are read, not repeated)."""
+              parallel: int, reuse: dict[str, str] | None = None, demo: dict | None = None) -> dict:
+    """Every variant × seed on the demo (or on the `demo` settings, e.g. DEMO96). `reuse` maps a
+    variant to another grid's variant with the very same flags (its runs are read, not repeated)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from datasets.registry import prepare
 
     folder = REPO / "results" / name
-    prepare("demo", "", image_size=64)  # generate and cache once, before parallel runs share it
+    data_flags = []
+    if demo is None:
+        prepare("demo", "", image_size=64)  # generate and cache once, before parallel runs share it
+    else:
+        prepare("demo", str(demo["root"]), image_size=demo["image_size"], **demo["options"])
+        data_flags = ["--root", str(demo["root"]), "--image-size", str(demo["image_size"]),
+                      "--reader-options", ",".join(f"{k}={v}" for k, v in demo["options"].items())]
     reuse = reuse or {}
     jobs = [(v, s) for v in variants for s in seeds]
     run_dir = {(v, s): REPO / "results" / f"{reuse[v]}-s{s}" if v in reuse else folder / f"{v}-s{s}"
                for v, s in jobs}
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = {job: pool.submit(run_train, run_dir[job],
-                                    ["--dataset", "demo", "--seed", str(job[1]), *DEMO_BUDGET,
-                                     *variants[job[0]]], threads)
+                                    ["--dataset", "demo", *data_flags, "--seed", str(job[1]),
+                                     *DEMO_BUDGET, *variants[job[0]]], threads)
                    for job in jobs}
     runs = {v: [futures[(v, s)].result() for s in seeds] for v in variants}
-    cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length"}[name]
+    cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96"}[name]
     command = (f"python -m tmc.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
-    note = (f"Demo test split (120 synthetic images, 64²), tiny preset, demo defaults with {' '.join(DEMO_BUDGET)}; "
+    data = ("Demo test split (120 synthetic images, 64²)" if demo is None else
+            f"Demo at {demo['image_size']}² with {demo['options']['n']} images (test split: "
+            f"{demo['options']['n'] // 5})")
+    note = (f"{data}, tiny preset, demo defaults with {' '.join(DEMO_BUDGET)}; "
             "mean ± std over seeds of the test metrics of best.pt (selected on validation Dice).")
     return summarise(folder, runs, command, note)
 
@@ -209,9 +224,45 @@ def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
     return summarise(folder, runs, command, note)
 
 
+# (name, lesion k or None for dense, steps): the demo's case is lesions of one stage-2 token.
+PROBE_SETTINGS = (("dense", None, 1500), ("lesions-1x1", 1, 1500), ("lesions-2x2", 2, 1500),
+                  ("lesions-1x1-long", 1, 4000))
+
+
+def grounding_probe(seeds: list[int], parallel: int) -> dict:
+    """Dice curves of `tmc.grounding_probe.run_probe` per setting and seed, one thread per run."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tmc.grounding_probe import run_probe
+
+    folder = REPO / "results" / "grounding_probe"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, lesion, steps, seed) for name, lesion, steps in PROBE_SETTINGS for seed in seeds]
+    with ProcessPoolExecutor(max_workers=parallel, initializer=_one_thread) as pool:
+        futures = [pool.submit(run_probe, lesion, steps, seed) for _, lesion, steps, seed in jobs]
+        results = [f.result() for f in futures]
+    out = {"command": f"python -m tmc.experiments grounding-probe --seeds {' '.join(map(str, seeds))}",
+           "machine": machine(), "note": "held-out Dice of the probe at each evaluation step", "settings": {}}
+    for (name, *_), result in zip(jobs, results):
+        out["settings"].setdefault(name, []).append(result)
+    (folder / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    for name, runs in out["settings"].items():
+        for r in runs:
+            curve = "  ".join(f"{c['step']}:{c['dice']:.2f}" for c in r["curve"])
+            print(f"{name:<18} seed {r['seed']}  {curve}", flush=True)
+    return out
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata"))
+    p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata",
+                                           "grounding-probe", "demo96"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
@@ -233,6 +284,10 @@ def main(argv=None) -> None:
                   reuse={"T24": "demo_ablation/full", "T24-no-alignment": "demo_ablation/no-alignment"})
     elif args.experiment == "caption-swap":
         caption_swap(REPO / "results" / "demo_ablation")
+    elif args.experiment == "demo96":
+        demo_grid("demo96", DEMO96_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO96)
+    elif args.experiment == "grounding-probe":
+        grounding_probe(args.seeds, args.parallel)
     else:
         qata(args.root, args.minutes, args.cpu_small, args.seeds if len(args.seeds) < 3 else [0])
 

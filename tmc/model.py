@@ -76,13 +76,16 @@ class TMC(nn.Module):
         align: {str(i): AlignmentHead} at the alignment stages.
         decoder: the dual CNN/ViT U-decoder.
         alignment_text_grad: False keeps the alignment loss's gradient out of the language stream.
+        alignment_through_mcm: False stops the alignment loss's gradient at every MCM block (it
+            reads detached inputs at stages after an MCM).
     """
 
     def __init__(self, swin: SwinTransformer, text: TextEncoder | None, text_proj: nn.ModuleDict,
                  mcm: nn.ModuleDict, align: nn.ModuleDict, decoder: DualUDecoder, num_stages: int = 4,
-                 alignment_text_grad: bool = True):
+                 alignment_text_grad: bool = True, alignment_through_mcm: bool = False):
         super().__init__()
         self.alignment_text_grad = alignment_text_grad
+        self.alignment_through_mcm = alignment_through_mcm
         self.swin, self.text, self.decoder = swin, text, decoder
         self.text_proj, self.mcm, self.align = text_proj, mcm, align
         self.num_stages = num_stages
@@ -123,6 +126,7 @@ class TMC(nn.Module):
             pad = attention_mask == 0  # (B, T) True where padding
 
         alignment, attention, fused = [], {}, []
+        text_fused = False
         h = x
         for i in range(1, self.num_stages + 1):
             h = self.swin.forward_stage(i, h)  # (B, C_i, H_i, W_i)
@@ -134,12 +138,17 @@ class TMC(nn.Module):
                 v = h.flatten(2).transpose(1, 2)  # (B, N_i, C_i)
                 lang_i = self.text_proj[key](lang)  # L_i: (B, T, C_i)
                 if key in self.align:  # before cross-attention (§3.2)
-                    cls = lang_i[:, 0] if self.alignment_text_grad else lang_i[:, 0].detach()  # (B, C_i)
-                    alignment.append(self.align[key](v, cls))
+                    v_a, cls = v, lang_i[:, 0]  # (B, N_i, C_i), (B, C_i)
+                    if text_fused and not self.alignment_through_mcm:
+                        v_a, cls = v_a.detach(), cls.detach()
+                    if not self.alignment_text_grad:
+                        cls = cls.detach()
+                    alignment.append(self.align[key](v_a, cls))
                 if key in self.mcm:
                     pos = sincos_position_embedding(H, W, C, device=v.device, dtype=v.dtype)  # (N_i, C_i)
                     out = self.mcm[key](v, lang_i, pad, return_attention=return_attention, v_pos=pos)
                     f_v, lang = out[0], out[1]  # F_V^i (B, N_i, C_i), F_L^i (B, T, C_i)
+                    text_fused = True  # later stages' image tokens carry the caption
                     if return_attention:
                         attention[i] = out[2]  # (B, N_i, T)
                     # A view with channels-last strides: Swin and the decoder read it without a copy.
@@ -178,8 +187,6 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
         for i in sorted(set(cfg.active_mcm_stages) | set(cfg.active_alignment_stages)):
             c = channels[i - 1]
             text_proj[str(i)] = nn.Linear(lang_dim, c)
-            if i in cfg.active_alignment_stages:
-                align[str(i)] = AlignmentHead(c, c, cfg.alignment_dim)
             if i in cfg.active_mcm_stages:
                 last = i == max(cfg.active_mcm_stages)  # its F_L would have no consumer
                 mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio,
@@ -190,8 +197,14 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
         stage_channels=channels, in_chans=3, stem_channels=cfg.decoder_stem_channels,
         vit_depth=cfg.decoder_vit_depth, vit_heads=cfg.decoder_vit_heads, vit_window=cfg.decoder_vit_window,
     )
+    # Built last, so that switching the alignment loss on or off leaves every other module's
+    # initial weights unchanged (same seed): an alignment ablation then differs in that loss alone.
+    # (Built interleaved, no-alignment runs started from other weights than the full model's.)
+    for i in cfg.active_alignment_stages:
+        c = channels[i - 1]
+        align[str(i)] = AlignmentHead(c, c, cfg.alignment_dim)
     return TMC(swin, text, text_proj, mcm, align, decoder, num_stages=len(cfg.depths),
-               alignment_text_grad=cfg.alignment_text_grad)
+               alignment_text_grad=cfg.alignment_text_grad, alignment_through_mcm=cfg.alignment_through_mcm)
 
 
 def count_parameters(model: TMC) -> dict[str, int]:

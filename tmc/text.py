@@ -91,7 +91,7 @@ class TextEncoder(nn.Module):
         bert_config: architecture to build when not loading weights (as saved in a checkpoint).
     """
 
-    def __init__(self, name: str, length: int = 10, freeze: bool = False, load_pretrained: bool = True,
+    def __init__(self, name: str, length: int = 24, freeze: bool = False, load_pretrained: bool = True,
                  bert_config: dict | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, BertModel
