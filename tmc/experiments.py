@@ -135,9 +135,9 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96"}[name]
     command = (f"python -m tmc.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
-    data = ("Demo test split (120 synthetic images, 64²)" if demo is None else
-            f"Demo at {demo['image_size']}² with {demo['options']['n']} images (test split: "
-            f"{demo['options']['n'] // 5})")
+    n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
+    data = (f"Demo test split ({n_test} synthetic images, 64²)" if demo is None else
+            f"Demo at {demo['image_size']}² with {demo['options']['n']} images (test split: {n_test})")
     note = (f"{data}, tiny preset, demo defaults with {' '.join(DEMO_BUDGET)}; "
             "mean ± std over seeds of the test metrics of best.pt (selected on validation Dice).")
     return summarise(folder, runs, command, note)

@@ -30,6 +30,7 @@ from torch import nn
 
 from datasets.text_from_mask import caption_from_mask
 from tmc.mcm import MultiStageCrossAttentionBlock, sincos_position_embedding
+from tmc.metrics import confusion, global_scores
 from tmc.text import TextEncoder
 
 __all__ = ["zone_batch", "GroundingProbe", "run_probe"]
@@ -112,12 +113,6 @@ class GroundingProbe(nn.Module):
         return self.head(x).reshape(B, GRID, GRID)  # (B, G, G)
 
 
-def _dice(logits: torch.Tensor, target: torch.Tensor) -> float:
-    pred = (logits > 0).float()
-    denom = (pred.sum() + target.sum()).item()
-    return 1.0 if denom == 0 else 2 * (pred * target).sum().item() / denom
-
-
 def run_probe(lesion: int | None, steps: int = 1500, seed: int = 0, batch: int = 8, lr: float = 1e-3,
               eval_every: int = 250, eval_size: int = 256, text_model: str = "random:2x64") -> dict:
     """Train a GroundingProbe with Adam at the demo's lr and batch; return its Dice curve.
@@ -144,8 +139,9 @@ def run_probe(lesion: int | None, steps: int = 1500, seed: int = 0, batch: int =
             with torch.no_grad():
                 logits = model(eval_caps, eval_lesions, torch.Generator().manual_seed(1))
             model.train()
-            keep = eval_lesions > 0
-            curve.append({"step": step, "dice": _dice(logits[keep], eval_target[keep]),
-                          "train_loss": loss.item()})
+            # Only lesion tokens are scored: predictions elsewhere are not the head's decision.
+            pred = (logits > 0) & (eval_lesions > 0)  # (B, G, G)
+            dice = global_scores(*confusion(pred, eval_target > 0), empty=1.0)["dice_global"]
+            curve.append({"step": step, "dice": dice, "train_loss": loss.item()})
     return {"lesion": lesion, "steps": steps, "seed": seed, "batch": batch, "lr": lr,
             "text_model": text_model, "curve": curve, "seconds": time.time() - t0}
