@@ -133,22 +133,30 @@ def text_config_of(model) -> dict | None:
     return json.loads(model.text.encoder.config.to_json_string())
 
 
-def make_checkpoint(model, model_cfg, cfg, epoch, optimizer, scheduler, scaler, early, rng, metrics,
-                    interrupted=False) -> dict:
-    """The contract's plain dict (weights_only-loadable); `rng` is a list with one state per rank."""
+def weights_checkpoint(model, model_cfg, cfg, epoch, early, metrics) -> dict:
+    """best.pt: what eval.py and inference need (weights and configs), without the optimizer state,
+    which is twice the weights under Adam and only resuming needs (from last.pt)."""
     return {
         "model": model.state_dict(),
         "model_config": dataclasses.asdict(model_cfg),
         "text_config": text_config_of(model),
         "train_config": dataclasses.asdict(cfg),
         "epoch": epoch,
+        "best_metric": early["best"],
+        "metrics": metrics,
+    }
+
+
+def make_checkpoint(model, model_cfg, cfg, epoch, optimizer, scheduler, scaler, early, rng, metrics,
+                    interrupted=False) -> dict:
+    """last.pt, the contract's plain dict (weights_only-loadable); `rng` has one state per rank."""
+    return {
+        **weights_checkpoint(model, model_cfg, cfg, epoch, early, metrics),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "early_stop": dict(early),
         "rng": rng,
-        "best_metric": early["best"],
-        "metrics": metrics,
         "interrupted": interrupted,
     }
 
@@ -219,6 +227,15 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     metrics: dict = {}
     state = dict(model_cfg=model_cfg, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
                  scaler=scaler, early=early)
+    saved = {"epoch": completed, "time": time.time()}  # last.pt as of when
+
+    def save_last(epoch: int) -> None:  # every rank calls it: the RNG states are gathered
+        rng = gather_lists([capture_rng(generators)], dist)  # one state per rank
+        if dist.is_main:
+            save_checkpoint(out / "last.pt", make_checkpoint(raw, epoch=epoch, metrics=metrics, rng=rng,
+                                                             **state))
+        saved.update(epoch=epoch, time=time.time())
+
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if early["bad_epochs"] >= cfg.patience:
@@ -226,17 +243,17 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             metrics = train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg,
                                          optimizer, scheduler, scaler, early, guard, augment_fn,
                                          aug_gen, dist, device, deadline)
-            rng = gather_lists([capture_rng(generators)], dist)  # one state per rank
             if dist.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                ck = make_checkpoint(raw, epoch=epoch, metrics=metrics, rng=rng, **state)
                 if metrics["improved"]:
-                    save_checkpoint(out / "best.pt", ck)
-                save_checkpoint(out / "last.pt", ck)
+                    save_checkpoint(out / "best.pt", weights_checkpoint(
+                        raw, model_cfg, cfg, epoch=epoch, early=early, metrics=metrics))
                 print(summary_line(metrics, cfg.epochs), flush=True)
-            barrier(dist)  # best.pt / last.pt are complete before any rank reads them
             completed = epoch
+            if _broadcast(time.time() - saved["time"] >= 60 * cfg.checkpoint_minutes, dist):
+                save_last(epoch)
+            barrier(dist)  # best.pt / last.pt are complete before any rank reads them
             if deadline is not None and epoch < cfg.epochs:
                 # Room for one more step and a validation? Rank 0 decides for every rank.
                 need = metrics["val_time_s"] + metrics["train_time_s"] / max(1, metrics["steps"])
@@ -248,6 +265,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                 log(dist, f"early stop: no validation-Dice gain for {cfg.patience} epochs "
                           f"(best {early['best']:.4f} at epoch {early['best_epoch']})")
                 break
+        if saved["epoch"] != completed:  # the run stops: last.pt holds its final epoch
+            save_last(completed)
+            barrier(dist)
     except KeyboardInterrupt:
         if dist.is_main:
             # Mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact).
@@ -262,7 +282,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     except torch.OutOfMemoryError:
         raise RunError(f"out of GPU memory at batch size {cfg.batch_size}; fix: a smaller "
                        f"--batch-size (e.g. {max(1, cfg.batch_size // 2)}) or --amp bf16 "
-                       f"(last.pt in {out} holds the latest finished epoch)") from None
+                       f"(last.pt in {out} holds epoch {saved['epoch']})") from None
 
     result = {"out": str(out), "best": str(out / "best.pt"), "last": str(out / "last.pt"),
               "best_val_dice": early["best"], "best_epoch": early["best_epoch"]}

@@ -138,19 +138,32 @@ def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkey
 
     def fake_bench(args):
         seen.append(args)
+        if args.cuda_graphs and args.steps > 0:
+            raise RuntimeError("compile broke")
         return {"params_total": 1, "forward_gflops": 1.0, "batch": args.batch, "infer_latency_ms_b1": 20.0}
 
     monkeypatch.setattr(bench, "bench", fake_bench)
     bench.suite(str(tmp_path))
-    assert {p.name for p in tmp_path.iterdir()} == {
+    assert {p.name for p in tmp_path.iterdir()} == {f"{name}.json" for name in bench.SUITE_ROWS} >= {
         "train_b8_eager.json", "train_b8_compile.json", "train_b32_eager.json", "train_b32_compile.json",
         "infer_eager.json"}
     assert all(a.config == "paper" and a.amp == "bf16" and a.channels_last and a.text_model is None for a in seen)
-    train = {(a.batch, a.compile) for a in seen if a.steps > 0 and a.infer_iters == 0}
-    assert train == {(8, False), (8, True), (32, False), (32, True)}
-    (infer,) = [a for a in seen if a.steps == 0]
-    assert infer.infer_batch == 64 and infer.infer_iters > 0
+    train = {(a.batch, a.compile, a.cuda_graphs) for a in seen if a.steps > 0 and a.infer_iters == 0}
+    assert train == {(8, False, False), (8, True, False), (32, False, False), (32, True, False), (8, True, True)}
+    infer = {a.compile: a for a in seen if a.steps == 0}
+    assert infer[False].infer_batch == 64 and infer[False].infer_iters > 0 and infer[True].cuda_graphs
     assert json.loads((tmp_path / "infer_eager.json").read_text())["targets_met"] == {"infer_latency_ms_b1": False}
+    # the failing row recorded its error, and the row after it still ran
+    failed = json.loads((tmp_path / "train_b8_cudagraphs.json").read_text())
+    assert failed["error"] == "RuntimeError: compile broke" and "--cuda-graphs" in failed["command"]
+    assert list(bench.SUITE_ROWS).index("infer_cudagraphs") > list(bench.SUITE_ROWS).index("train_b8_cudagraphs")
+
+    seen.clear()
+    bench.main(["--suite", str(tmp_path / "some"), "--rows", "infer_eager,train_b32_eager"])
+    assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["infer_eager.json", "train_b32_eager.json"]
+    assert [a.batch for a in seen] == [1, 32]  # in the order asked
+    with pytest.raises(ValueError, match="unknown suite rows.*train_b8_eager"):
+        bench.suite(str(tmp_path), rows=["train_b9"])
 
 
 def test_targets_follow_the_issue_thresholds():

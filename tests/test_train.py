@@ -152,6 +152,29 @@ def test_resume_continues_exactly(demo_dirs, tmp_path):
     assert config["train"]["lr"] == 1e-3 and config["model"]["image_size"] == 64
 
 
+def test_last_pt_every_checkpoint_minutes_and_at_the_end_best_pt_weights_only(demo_dirs, tmp_path,
+                                                                             monkeypatch):
+    written = []
+    real_save = train.save_checkpoint
+
+    def recording_save(path, ck):
+        written.append((path.name, ck["epoch"]))
+        return real_save(path, ck)
+
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    train.main(_argv(demo_dirs, tmp_path / "rare", 3))  # default: every 5 minutes, and when it stops
+    assert [e for name, e in written if name == "last.pt"] == [3]
+    best_epochs = [e for name, e in written if name == "best.pt"]
+    assert best_epochs and best_epochs[0] == 1
+    best = load_checkpoint(tmp_path / "rare" / "best.pt")
+    assert "optimizer" not in best and best["epoch"] == best_epochs[-1]
+    assert {"model", "model_config", "text_config", "train_config", "best_metric", "metrics"} <= best.keys()
+
+    written.clear()
+    train.main(_argv(demo_dirs, tmp_path / "every", 3, "--checkpoint-minutes", "0"))
+    assert [e for name, e in written if name == "last.pt"] == [1, 2, 3]
+
+
 def test_interrupted_save_leaves_the_previous_checkpoint(demo_dirs, tmp_path, monkeypatch):
     path = save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.arange(4.0)}, "epoch": 1})
 

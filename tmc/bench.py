@@ -5,6 +5,7 @@
     python -m tmc.bench --config paper --batch 32 --amp bf16 --compile --json b32.json   # one GPU row
     python -m tmc.bench --config paper --batch 8 --profile    # top kernels + forward time per part
     python -m tmc.bench --suite bench_out/                    # the whole GPU table, one JSON per row
+    python -m tmc.bench --suite bench_out/ --rows train_b8_eager,infer_eager          # some of its rows
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode: 2 FLOPs per multiply-add of matmuls,
 convolutions and attention; element-wise work (norms, GELU, softmax, the optimizer) is not counted.
@@ -339,28 +340,48 @@ def targets_met(r: dict) -> dict[str, bool]:
     return met
 
 
-def suite(out_dir: str, text_model: str | None = None) -> list[dict]:
-    """The issue's GPU table in one process (paper config, 224², bf16, channels_last, the decoder's GPU
-    layout), one JSON per row in out_dir: training at batch 8 and 32, eager and torch.compile; inference
-    at batch 64 and 1 (eager). A few minutes on one H100, most of it compiling."""
+# The issue's GPU table (paper config, 224², bf16, channels_last): name → extra flags, eager rows first,
+# the slow compiling ones after. "cudagraphs" = torch.compile(mode="reduce-overhead"), for the small,
+# launch-bound batches.
+SUITE_ROWS = {
+    "train_b8_eager": ["--batch", "8", "--warmup", "5", "--steps", "20", "--infer-iters", "0"],
+    "train_b32_eager": ["--batch", "32", "--warmup", "5", "--steps", "20", "--infer-iters", "0"],
+    "infer_eager": ["--batch", "1", "--steps", "0", "--infer-batch", "64", "--warmup", "5", "--infer-iters", "30"],
+    "train_b32_compile": ["--batch", "32", "--warmup", "10", "--steps", "20", "--infer-iters", "0", "--compile"],
+    "train_b8_compile": ["--batch", "8", "--warmup", "10", "--steps", "20", "--infer-iters", "0", "--compile"],
+    "train_b8_cudagraphs": ["--batch", "8", "--warmup", "10", "--steps", "20", "--infer-iters", "0", "--compile",
+                            "--cuda-graphs"],
+    "infer_cudagraphs": ["--batch", "1", "--steps", "0", "--infer-batch", "64", "--warmup", "5",
+                         "--infer-iters", "30", "--compile", "--cuda-graphs"],
+}
+
+
+def suite(out_dir: str, text_model: str | None = None, rows: list[str] | None = None) -> list[dict]:
+    """Rows of SUITE_ROWS (all by default) in one process, one JSON per row in out_dir. A row that fails
+    (a compile error, say) writes its error instead and the next row still runs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = [(f"train_b{b}_{'compile' if c else 'eager'}", ["--batch", str(b), "--warmup", "10" if c else "5",
-              "--steps", "20", "--infer-iters", "0"] + ["--compile"] * c) for c in (False, True) for b in (8, 32)]
-    infer = ("infer_eager", ["--batch", "1", "--steps", "0", "--infer-batch", "64", "--warmup", "5",
-                             "--infer-iters", "30"])
-    rows = [*train[:2], infer, *train[2:]]  # the slow compiling rows last
+    unknown = sorted(set(rows or ()) - set(SUITE_ROWS))
+    if unknown:
+        raise ValueError(f"unknown suite rows {unknown}; fix: choose from {', '.join(SUITE_ROWS)}")
     keys = ("train_step_ms", "train_images_per_s", "fraction_of_peak", "peak_memory_gib", "infer_images_per_s",
             "infer_latency_ms_b1")
     results = []
-    for name, extra in rows:
-        argv = ["--config", "paper", "--amp", "bf16", "--channels-last", *extra]
+    for name in rows or SUITE_ROWS:
+        argv = ["--config", "paper", "--amp", "bf16", "--channels-last", *SUITE_ROWS[name]]
         argv += ["--text-model", text_model] if text_model else []
-        result = bench(parse_args(argv))
-        result["targets_met"] = targets_met(result)
+        t0 = time.time()
+        try:
+            result = bench(parse_args(argv))
+            result["targets_met"] = targets_met(result)
+            print(name, {k: round(result[k], 4) for k in keys if k in result}, result["targets_met"], flush=True)
+        except Exception as e:  # noqa: BLE001 - one broken row must not cost the others
+            result = {"command": " ".join(["python -m tmc.bench", *argv]), "error": f"{type(e).__name__}: {e}"}
+            print(name, "FAILED:", result["error"], flush=True)
+        result["row_wall_s"] = time.time() - t0
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-        print(name, {k: round(result[k], 4) for k in keys if k in result}, result["targets_met"], flush=True)
         results.append(result)
+        torch.compiler.reset()  # the next row compiles afresh, not as a dynamic-shape variant of this one
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
@@ -386,6 +407,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-n", type=int, default=None, help="matmul size of the peak (8192 GPU, 1024 CPU)")
     p.add_argument("--profile", action="store_true", help="profile a few training steps, print the top ops")
     p.add_argument("--suite", default=None, metavar="DIR", help="run the GPU table, one JSON per row in DIR")
+    p.add_argument("--rows", default=None, help="with --suite: comma-separated rows (default: all of SUITE_ROWS)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -416,7 +438,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.suite:
-        suite(args.suite, args.text_model)
+        suite(args.suite, args.text_model, args.rows.split(",") if args.rows else None)
     elif args.profile:
         print(profile(args))
     else:

@@ -1,8 +1,9 @@
 """Checkpoints as plain dicts that hold their own config, written so a crash never corrupts one.
 
-Keys written by train.py: "model" (state_dict), "model_config" (dataclasses.asdict), "text_config"
-(the BERT architecture, so a checkpoint rebuilds without its hub model), "train_config", "epoch",
-"optimizer", "scheduler", "scaler", "early_stop", "rng", "best_metric", "metrics".
+Keys written by train.py in best.pt: "model" (state_dict), "model_config" (dataclasses.asdict),
+"text_config" (the BERT architecture, so a checkpoint rebuilds without its hub model), "train_config",
+"epoch", "best_metric", "metrics"; last.pt adds what --resume needs: "optimizer", "scheduler", "scaler",
+"early_stop", "rng" (and "interrupted" after Ctrl-C).
 Everything is tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` reads it.
 """
 from __future__ import annotations
