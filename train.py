@@ -114,7 +114,7 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
     # resumed run sees the same order without replaying the loader's RNG.
     sampler = DistributedSampler(sets["train"], dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     train = DataLoader(sets["train"], batch_size=cfg.batch_size, sampler=sampler,
-                       generator=loader_gen, drop_last=False, **common)
+                       generator=loader_gen, drop_last=cfg.compile, **common)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
     def eval_loader(ds):
@@ -190,6 +190,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         model = torch.nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
+    if cfg.compile:  # training steps only: evaluation and checkpoints use `raw`
+        model = torch.compile(model)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor

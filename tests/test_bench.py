@@ -173,3 +173,26 @@ def test_targets_follow_the_issue_thresholds():
     assert bench.targets_met(row) == {"fraction_of_peak": False, "peak_memory_gib": True}
     assert bench.targets_met({"batch": 1, "infer_latency_ms_b1": 9.5}) == {"infer_latency_ms_b1": True}
     assert bench.targets_met({"batch": 16, "train_step_ms": 1.0, "fraction_of_peak": 0.5}) == {}
+
+
+def test_op_counter_counts_kernels_not_views_and_flags_syncs():
+    from tmc.op_count import OpCounter
+
+    x = torch.randn(4, 4)
+    with OpCounter() as counter:
+        y = x.view(16).view(4, 4).transpose(0, 1)  # views: no kernel
+        z = (y + 1).sum()  # two kernels
+        z.item()  # a host read: a sync on a GPU
+    assert sum(counter.ops.values()) == 3  # add, sum, _local_scalar_dense
+    assert counter.syncs == {("forward", "_local_scalar_dense"): 1}
+
+
+def test_op_count_of_a_tiny_training_step_by_part():
+    from tmc.op_count import count_training_step
+
+    r = count_training_step("tiny", batch=2, amp="bf16")
+    assert sum(r["per_part"].values()) == r["total"] > 1000
+    assert {"swin", "text_encoder", "mcm", "decoder", "alignment", "backward", "optimizer"} <= r["per_part"].keys()
+    assert r["per_part"]["optimizer"] < 10  # fused Adam: a few kernels for all parameters
+    assert r["top_ops"]["_to_copy"] > 0  # autocast's casts are counted
+    assert r["syncs"] == {}

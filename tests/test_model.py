@@ -245,3 +245,43 @@ def test_alignment_gradient_crosses_an_mcm_only_when_asked(through_mcm):
     for prefix in ("mcm.2.", "mcm.3.", "swin.layers.2.", "text_proj.3.", "text_proj.4."):
         assert reached(prefix) == through_mcm, prefix
     assert reached("align.3.") and reached("align.4.")  # the heads learn either way
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_prepared_text_mask_gives_what_the_2d_mask_gives(implementation):
+    from tmc.text import TextEncoder
+
+    torch.manual_seed(0)
+    enc = TextEncoder("random:2x64", length=12).eval()
+    enc.encoder.set_attn_implementation(implementation)
+    tokens = enc.tokenize(["bilateral infection", "unilateral pulmonary infection, one area, middle left lung."])
+    assert tokens["attention_mask"][0].sum() < 12  # padded: the mask matters
+    with torch.no_grad():
+        ours = enc(**tokens)
+        reference = enc.encoder(**tokens).last_hidden_state  # transformers' own 2-D mask handling
+    torch.testing.assert_close(ours, reference)
+
+
+def test_training_step_never_waits_for_the_device():
+    """No op in forward, losses and backward reads a tensor's value on the host (.item(), nonzero,
+    bool(tensor)): on a GPU each would be a sync that stalls the queue and breaks CUDA-graph capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "equal", "_unique2", "unique_dim"}
+
+    class SyncSpy(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in syncing:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_config()
+    model = build_model(cfg).train()
+    image, mask = _batch(cfg)
+    with SyncSpy() as spy:
+        loss, _ = _loss(model, image, mask, CAPTIONS)
+        loss.backward()
+    assert spy.seen == []
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

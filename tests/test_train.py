@@ -2,6 +2,7 @@
 Ctrl-C and out-of-memory handling, atomic checkpoints."""
 import dataclasses
 import json
+import math
 import os
 import random
 
@@ -173,6 +174,31 @@ def test_last_pt_every_checkpoint_minutes_and_at_the_end_best_pt_weights_only(de
     written.clear()
     train.main(_argv(demo_dirs, tmp_path / "every", 3, "--checkpoint-minutes", "0"))
     assert [e for name, e in written if name == "last.pt"] == [1, 2, 3]
+
+
+def test_compile_traces_the_training_step_and_keeps_plain_checkpoints(demo_dirs, tmp_path, monkeypatch):
+    from datasets.cached import SegmentationSet
+
+    compiled = []
+    real_compile = torch.compile
+
+    def dynamo_only(model, **kwargs):  # dynamo's graph capture for real, no code generation (minutes on CPU)
+        compiled.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", dynamo_only)
+    torch._dynamo.reset()
+    try:
+        train.main(_argv(demo_dirs, tmp_path / "c", 1, "--compile", "--max-steps-per-epoch", "0"))
+    finally:
+        torch._dynamo.reset()
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    (row,) = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    n_train = len(SegmentationSet(demo_dirs / "cache", "train"))
+    assert n_train % 4 and row["steps"] == n_train // 4  # the partial batch is dropped: one shape
+    assert math.isfinite(row["train_loss"])
+    best = load_checkpoint(tmp_path / "c" / "best.pt")
+    assert not any(k.startswith("_orig_mod.") for k in best["model"])  # the raw model's names
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(demo_dirs, tmp_path, monkeypatch):

@@ -134,7 +134,21 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask → (B, T, d_l) token features ([CLS] first)."""
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.encoder(input_ids=input_ids, attention_mask=self.prepared_mask(attention_mask)).last_hidden_state
+
+    def prepared_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) 1/0 → the (B, 1, 1, T) mask BERT's attention uses, which transformers takes as given.
+
+        Given the 2-D mask, transformers asks `mask.all()` on every call (to drop an all-ones mask): a
+        host-device sync that stalls the GPU queue in each training step and makes CUDA-graph capture fail.
+        """
+        keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), True = attend
+        implementation = self.encoder.config._attn_implementation
+        if implementation == "sdpa":
+            return keep
+        if implementation == "eager":  # added to the attention scores
+            return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, torch.finfo(torch.float32).min)
+        return attention_mask  # other kernels (flash attention) take the 2-D mask
 
 
 def _load_tokenizer_with_fallback(source, config):
