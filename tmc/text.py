@@ -134,7 +134,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask → (B, T, d_l) token features ([CLS] first)."""
-        return self.encoder(input_ids=input_ids, attention_mask=self.prepared_mask(attention_mask)).last_hidden_state
+        mask = self.prepared_mask(attention_mask)
+        return self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def prepared_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) 1/0 → the (B, 1, 1, T) mask BERT's attention uses, which transformers takes as given.
