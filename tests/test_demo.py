@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datasets.cache import build_cache
@@ -94,3 +95,60 @@ def test_text_is_decisive_and_distractors_look_alike():
     t, d = np.concatenate(target_px), np.concatenate(distractor_px)
     # same generator: an image-only model sees no difference in brightness or spread
     assert abs(t.mean() - d.mean()) < 0.05 * 255 and abs(t.std() - d.std()) < 0.05 * 255
+
+
+class _ZoneStub:
+    """Segments the zone its one-zone caption names (or, level-blind, that caption's whole side)."""
+
+    def __init__(self, size: int, level_blind: bool = False):
+        self.size, self.level_blind = size, level_blind
+
+    def tokenize(self, captions):
+        return {"captions": captions}
+
+    def __call__(self, image, captions):
+        import re
+
+        s = self.size
+        logits = -torch.ones(len(captions), 1, s, s)
+        for i, caption in enumerate(captions):
+            level, side = re.search(r"(upper|middle|lower) (left|right) lung", caption).groups()
+            third = ["upper", "middle", "lower"].index(level) * s // 3
+            rows = slice(None) if self.level_blind else slice(third, third + s // 3)
+            cols = slice(0, s // 2) if side == "left" else slice(s // 2, s)
+            logits[i, 0, rows, cols] = 1.0
+        return {"logits": logits}
+
+
+def test_zone_table_rows_are_blob_zones_and_columns_asked_zones():
+    from tmc.experiments import ZONE_NAMES, zone_table
+
+    size = 12
+    blobs = []
+    for z in range(6):  # one 2x2 blob in the middle of each zone (thirds of the height x halves of the width)
+        level, side = divmod(z, 2)
+        blob = np.zeros((size, size), bool)
+        blob[4 * level + 1:4 * level + 3, 6 * side + 2:6 * side + 4] = True
+        blobs.append(blob)
+    images = torch.zeros(2, 1, size, size)
+    exact = zone_table(_ZoneStub(size), images, [blobs, blobs[:3]])
+    np.testing.assert_array_equal(exact, np.eye(6))
+    blind = zone_table(_ZoneStub(size, level_blind=True), images, [blobs, blobs[:3]])
+    same_side = np.array([[float(a.split()[1] == b.split()[1]) for b in ZONE_NAMES] for a in ZONE_NAMES])
+    np.testing.assert_array_equal(blind, same_side)
+
+
+def test_zone_separation_reads_the_pairs_a_table_tells_apart():
+    from tmc.experiments import ZONE_NAMES, zone_separation
+
+    assert set(zone_separation(np.eye(6)).values()) == {1.0}
+    side_only = np.array([[float(a.split()[1] == b.split()[1]) for b in ZONE_NAMES] for a in ZONE_NAMES])
+    assert zone_separation(side_only) == {"left/right": 1.0, "upper/middle": 0.0, "upper/lower": 0.0,
+                                          "middle/lower": 0.0}
+    middle_vs_rest = side_only.copy()  # levels: middle told apart, upper and lower confused
+    for i, a in enumerate(ZONE_NAMES):
+        for j, b in enumerate(ZONE_NAMES):
+            if ("middle" in a) != ("middle" in b):
+                middle_vs_rest[i, j] = 0.0
+    assert zone_separation(middle_vs_rest) == {"left/right": 1.0, "upper/middle": 1.0, "upper/lower": 0.0,
+                                               "middle/lower": 1.0}

@@ -5,6 +5,7 @@
     python -m tmc.experiments caption-swap             # does the text steer? true vs shuffled captions
     python -m tmc.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
     python -m tmc.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
+    python -m tmc.experiments zone-probe               # which zone words a demo checkpoint has learned
     python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
     python -m tmc.experiments qata --root data/qata --minutes 4          # GPU, bf16 (both runs < 10 min)
     python -m tmc.experiments qata --root ../shared/data/qata --cpu-small --minutes 3   # reduced, CPU
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +157,6 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
 def caption_swap(folder: Path, seed: int = 0) -> dict:
     """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
     among the test images (a fixed permutation). The gap is how much the text steers the masks."""
-    import numpy as np
     import torch
 
     from datasets.cached import SegmentationSet
@@ -200,6 +202,97 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
                  f"shuffled captions (permutation seed {seed})", "every_blob_dice": every_blob,
          "runs": rows}, indent=2) + "\n")
     return rows
+
+
+ZONE_NAMES = [f"{level} {side}" for level in ("upper", "middle", "lower") for side in ("left", "right")]
+
+
+def zone_table(model, images, blob_masks: list[list[np.ndarray]], batch: int = 6) -> np.ndarray:
+    """(6, 6) table: row = a blob's zone, column = the zone a one-zone caption names ("Unilateral
+    pulmonary infection, one infected area, upper left lung."), value = the fraction of such blobs
+    the model segments (more than half their pixels) when asked with that caption. Zones in
+    ZONE_NAMES order (the demo's: thirds of the height × halves of the width, datasets.text_from_mask).
+
+    images: (N, 1, S, S); blob_masks[i]: one (S, S) bool mask per blob of image i (targets and
+    distractors alike). A model that binds words to places gives the identity.
+    """
+    import torch
+
+    from datasets.text_from_mask import caption_from_zones, mask_zones
+
+    captions = []
+    for z in range(6):
+        zones = np.zeros((2, 3), bool)  # [side, level]
+        zones[z % 2, z // 2] = True
+        captions.append(caption_from_zones(zones, 1))
+    taken, count = np.zeros((6, 6)), np.zeros(6)
+    for image, blobs in zip(images, blob_masks):
+        with torch.no_grad():
+            pred = model(image[None].expand(6, -1, -1, -1), **model.tokenize(captions))["logits"][:, 0] > 0
+        pred = pred.numpy()  # (6 asked zones, S, S)
+        for blob in blobs:
+            side, level = (int(v[0]) for v in np.nonzero(mask_zones(blob)))  # the blob's single zone
+            row = 2 * level + side
+            count[row] += 1
+            taken[row] += pred[:, blob].mean(axis=1) > 0.5
+    return taken / np.maximum(count, 1)[:, None]
+
+
+def zone_separation(table: np.ndarray) -> dict[str, float]:
+    """How well a zone_table tells apart the two words of each pair: 1 − the mean rate at which a blob
+    is taken when the caption names the other word of the pair instead of its own (same level for the
+    sides, same side for the levels). 1: always told apart; 0: never (when own-zone blobs are taken)."""
+    t = np.asarray(table).reshape(3, 2, 3, 2)  # [blob level, blob side, asked level, asked side]
+    pairs = {"left/right": [t[lv, s, lv, 1 - s] for lv in range(3) for s in range(2)]}
+    names = ("upper", "middle", "lower")
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        pairs[f"{names[a]}/{names[b]}"] = [t[x, s, y, s] for x, y in ((a, b), (b, a)) for s in range(2)]
+    return {k: round(1 - float(np.mean(v)), 3) for k, v in pairs.items()}
+
+
+def zone_probe(folders: list[str]) -> dict:
+    """zone_table of every text-guided demo checkpoint (best.pt) under `folders` on the 64² demo's test
+    split; the blobs come from re-rendering each test image (datasets.demo.render_demo_image)."""
+    import torch
+    from scipy import ndimage
+
+    from datasets.cached import SegmentationSet
+    from datasets.demo import render_demo_image
+    from datasets.registry import prepare
+    from tmc.checkpoint import model_from_checkpoint
+
+    test = SegmentationSet(prepare("demo", "", image_size=64, progress=False), "test")
+    items = [test[i] for i in range(len(test))]
+    images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
+    blob_masks = []
+    for it in items:
+        union = render_demo_image(0, int(it["key"].split("_")[-1]), 64)[3]["union"]  # (S, S) every blob
+        labels, n = ndimage.label(union, structure=np.ones((3, 3), bool))
+        blob_masks.append([labels == b for b in range(1, n + 1)])
+    shown = [str(Path(f).resolve().relative_to(REPO)) if Path(f).resolve().is_relative_to(REPO) else f
+             for f in folders]
+    out = {"command": "python -m tmc.experiments zone-probe --runs " + " ".join(shown), "machine": machine(),
+           "zones": ZONE_NAMES, "note": "rows: the blob's zone; columns: the zone the one-zone caption names; "
+           "values: fraction of those blobs segmented (> half their pixels); demo test split, 64²",
+           "runs": {}}
+    for folder in folders:
+        for run in sorted(p for p in Path(folder).iterdir() if (p / "best.pt").is_file()):
+            model, cfg = model_from_checkpoint(run / "best.pt")
+            if not cfg.use_text:
+                continue
+            table = zone_table(model.eval(), images, blob_masks)
+            name = f"{Path(folder).name}/{run.name}"
+            dice = json.loads((run / "test_metrics.json").read_text())["dice"]
+            out["runs"][name] = {"table": table.round(3).tolist(), "separation": zone_separation(table),
+                                 "test_dice": dice}
+            print(name, f"test Dice {dice:.3f}", "told apart:", out["runs"][name]["separation"])
+            print("  blob \\ asked  " + " ".join(f"{z:>12}" for z in ZONE_NAMES))
+            for z, row in zip(ZONE_NAMES, table):
+                print(f"  {z:<13} " + " ".join(f"{v:12.2f}" for v in row), flush=True)
+    folder = REPO / "results" / "demo_zone_probe"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
@@ -270,13 +363,15 @@ def _one_thread() -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata",
-                                           "grounding-probe", "demo96", "demo-long"))
+                                           "grounding-probe", "demo96", "demo-long", "zone-probe"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
     p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "qata"))
     p.add_argument("--minutes", type=float, default=4.0, help="qata: training budget per run")
     p.add_argument("--cpu-small", action="store_true", help="qata: reduced size for a CPU")
+    p.add_argument("--runs", nargs="*", default=None, help="zone-probe: folders of run folders (default: the "
+                   "demo ablation and demo-long grids)")
     args = p.parse_args(argv)
     if args.experiment == "demo-ablation":
         demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads, args.parallel)
@@ -292,6 +387,8 @@ def main(argv=None) -> None:
                   reuse={"T24": "demo_ablation/full", "T24-no-alignment": "demo_ablation/no-alignment"})
     elif args.experiment == "caption-swap":
         caption_swap(REPO / "results" / "demo_ablation")
+    elif args.experiment == "zone-probe":
+        zone_probe(args.runs or [str(REPO / "results" / d) for d in ("demo_ablation", "demo_long")])
     elif args.experiment == "demo-long":
         demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET)
     elif args.experiment == "demo96":
