@@ -250,9 +250,10 @@ def zone_separation(table: np.ndarray) -> dict[str, float]:
     return {k: round(1 - float(np.mean(v)), 3) for k, v in pairs.items()}
 
 
-def zone_probe(folders: list[str]) -> dict:
-    """zone_table of every text-guided demo checkpoint (best.pt) under `folders` on the 64² demo's test
-    split; the blobs come from re-rendering each test image (datasets.demo.render_demo_image)."""
+def zone_probe(folders: list[str], demo: dict | None = None) -> dict:
+    """zone_table of every text-guided demo checkpoint (best.pt) under `folders` on the test split of
+    the 64² demo (or of `demo`, e.g. DEMO96); the blobs come from re-rendering each test image
+    (datasets.demo.render_demo_image)."""
     import torch
     from scipy import ndimage
 
@@ -261,19 +262,23 @@ def zone_probe(folders: list[str]) -> dict:
     from datasets.registry import prepare
     from tmc.checkpoint import model_from_checkpoint
 
-    test = SegmentationSet(prepare("demo", "", image_size=64, progress=False), "test")
+    size = demo["image_size"] if demo else 64
+    root = str(demo["root"]) if demo else ""
+    test = SegmentationSet(prepare("demo", root, image_size=size, progress=False, **(demo or {}).get("options", {})),
+                           "test")
     items = [test[i] for i in range(len(test))]
     images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
     blob_masks = []
     for it in items:
-        union = render_demo_image(0, int(it["key"].split("_")[-1]), 64)[3]["union"]  # (S, S) every blob
+        union = render_demo_image(0, int(it["key"].split("_")[-1]), size)[3]["union"]  # (S, S) every blob
         labels, n = ndimage.label(union, structure=np.ones((3, 3), bool))
         blob_masks.append([labels == b for b in range(1, n + 1)])
     shown = [str(Path(f).resolve().relative_to(REPO)) if Path(f).resolve().is_relative_to(REPO) else f
              for f in folders]
-    out = {"command": "python -m tmc.experiments zone-probe --runs " + " ".join(shown), "machine": machine(),
+    out = {"command": "python -m tmc.experiments zone-probe --runs " + " ".join(shown) + " --demo96" * bool(demo),
+           "machine": machine(),
            "zones": ZONE_NAMES, "note": "rows: the blob's zone; columns: the zone the one-zone caption names; "
-           "values: fraction of those blobs segmented (> half their pixels); demo test split, 64²",
+           f"values: fraction of those blobs segmented (> half their pixels); demo test split, {size}²",
            "runs": {}}
     for folder in folders:
         for run in sorted(p for p in Path(folder).iterdir() if (p / "best.pt").is_file()):
@@ -289,7 +294,7 @@ def zone_probe(folders: list[str]) -> dict:
             print("  blob \\ asked  " + " ".join(f"{z:>12}" for z in ZONE_NAMES))
             for z, row in zip(ZONE_NAMES, table):
                 print(f"  {z:<13} " + " ".join(f"{v:12.2f}" for v in row), flush=True)
-    folder = REPO / "results" / "demo_zone_probe"
+    folder = REPO / "results" / ("demo96_zone_probe" if demo else "demo_zone_probe")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -370,6 +375,7 @@ def main(argv=None) -> None:
     p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "qata"))
     p.add_argument("--minutes", type=float, default=4.0, help="qata: training budget per run")
     p.add_argument("--cpu-small", action="store_true", help="qata: reduced size for a CPU")
+    p.add_argument("--demo96", action="store_true", help="zone-probe: on the 96² demo (runs of demo96)")
     p.add_argument("--runs", nargs="*", default=None, help="zone-probe: folders of run folders (default: the "
                    "demo ablation and demo-long grids)")
     args = p.parse_args(argv)
@@ -388,7 +394,8 @@ def main(argv=None) -> None:
     elif args.experiment == "caption-swap":
         caption_swap(REPO / "results" / "demo_ablation")
     elif args.experiment == "zone-probe":
-        zone_probe(args.runs or [str(REPO / "results" / d) for d in ("demo_ablation", "demo_long")])
+        default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long")
+        zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None)
     elif args.experiment == "demo-long":
         demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET)
     elif args.experiment == "demo96":
