@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.images import map_prefetch, read_image, read_mask
+from datasets.images import map_prefetch, read_image_and_mask
 from datasets.records import DatasetError, Sample
 from datasets.splits import normalise_split
 
@@ -119,11 +119,7 @@ class CsvReader:
         """Read one row (raises DatasetError naming the file and line)."""
         if r.line in self._problems:
             raise DatasetError(self._problems[r.line])
-        image, mask = read_image(r.image), read_mask(r.mask)
-        if image.shape != mask.shape:
-            raise DatasetError(f"{r.mask}: mask size {mask.shape} differs from its image {r.image} "
-                               f"{image.shape} ({self.csv_path.name} line {r.line}); expected the "
-                               f"same size; fix: re-export the mask at the image's size")
+        image, mask = read_image_and_mask(r.image, r.mask, f" ({self.csv_path.name} line {r.line})")
         if not r.text and not self.text_from_mask:
             raise DatasetError(f"{self.csv_path}:{r.line}: empty text for {r.image.name}; expected "
                                f"a caption; fix: fill the text cell, or pass text_from_mask=True to "

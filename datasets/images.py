@@ -33,7 +33,7 @@ from PIL import Image
 
 from datasets.records import DatasetError
 
-__all__ = ["IMAGE_SUFFIXES", "is_dicom", "read_image", "read_mask", "binarise_mask",
+__all__ = ["IMAGE_SUFFIXES", "is_dicom", "read_image", "read_mask", "read_image_and_mask", "binarise_mask",
            "resize_image", "resize_mask", "to_uint8", "image_key"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
@@ -173,6 +173,17 @@ def binarise_mask(arr: np.ndarray, path: Path) -> np.ndarray:
 def read_mask(path: Path) -> np.ndarray:
     """One mask file as (H, W) bool (binarisation rule in the module docstring)."""
     return binarise_mask(_read_raw(path, for_mask=True), path)
+
+
+def read_image_and_mask(image_path: Path, mask_path: Path, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask, (H, W) each; DatasetError (naming both files, `where` and the fix) when
+    their sizes differ."""
+    image, mask = read_image(image_path), read_mask(mask_path)
+    if image.shape != mask.shape:
+        raise DatasetError(f"{mask_path}: mask size {mask.shape} differs from its image {Path(image_path).name} "
+                           f"{image.shape}{where}; expected the same size; fix: re-export the mask at the "
+                           f"image's size")
+    return image, mask
 
 
 # ---------------------------------------------------------------------------- resizing

@@ -41,7 +41,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.images import IMAGE_SUFFIXES, image_key, map_prefetch, read_image, read_mask
+from datasets.images import IMAGE_SUFFIXES, image_key, map_prefetch, read_image_and_mask
 from datasets.records import DatasetError, Sample
 from datasets.splits import normalise_split
 
@@ -374,11 +374,7 @@ class QataReader:
         """Read one pair (raises DatasetError naming the file)."""
         if pair.key in self._problems:
             raise DatasetError(self._problems[pair.key])
-        image, mask = read_image(pair.image), read_mask(pair.mask)
-        if image.shape != mask.shape:
-            raise DatasetError(f"{pair.mask}: mask size {mask.shape} differs from its image "
-                               f"{pair.image.name} {image.shape}; expected the same size; fix: "
-                               f"re-export the mask at the image's size")
+        image, mask = read_image_and_mask(pair.image, pair.mask)
         text = self.texts.get(pair.key)
         if text is None and not self.text_from_mask:
             raise DatasetError(f"{pair.image}: no text for this image (looked for "

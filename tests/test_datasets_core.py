@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from datasets.augment import augment_batch, rotate_batch
-from datasets.images import image_key, read_image, read_mask, resize_image, resize_mask
+from datasets.images import image_key, read_image, read_image_and_mask, read_mask, resize_image, resize_mask
 from datasets.records import DatasetError
 from datasets.splits import apportion, assign_splits, check_no_leak
 from datasets.text_from_mask import caption_from_mask, mask_zones
@@ -88,6 +88,17 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
         read_image(tmp_path / "broken.png")
     with pytest.raises(DatasetError, match="nothere.png.*not found"):
         read_mask(tmp_path / "nothere.png")
+
+
+def test_image_and_mask_of_different_sizes_name_both_files_and_the_fix(tmp_path):
+    image = _save(tmp_path / "case1.png", np.zeros((8, 8), np.uint8))
+    mask = _save(tmp_path / "mask_case1.png", np.zeros((8, 6), np.uint8))
+    with pytest.raises(DatasetError, match=r"mask_case1.png: mask size \(8, 6\) differs from its image case1.png "
+                                           r"\(8, 8\) \(list.csv line 3\).*fix: re-export the mask"):
+        read_image_and_mask(image, mask, " (list.csv line 3)")
+    same = _save(tmp_path / "mask_ok.png", np.full((8, 8), 255, np.uint8))
+    img, msk = read_image_and_mask(image, same)
+    assert img.shape == msk.shape == (8, 8) and msk.all()
 
 
 def test_resize_mask_is_nearest_and_image_is_antialiased():
