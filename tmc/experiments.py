@@ -7,7 +7,7 @@
     python -m tmc.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
     python -m tmc.experiments zone-probe               # which zone words a demo checkpoint has learned
     python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
-    python -m tmc.experiments qata --root data/qata --minutes 4          # GPU, bf16 (both runs < 10 min)
+    python -m tmc.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
     python -m tmc.experiments qata --root ../shared/data/qata --cpu-small --minutes 3   # reduced, CPU
 
 For the GPU run, copy the subset into the repository first (`cp -r ../shared/data/qata data/qata`;
