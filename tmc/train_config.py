@@ -52,7 +52,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip the gradient norm to this value (0 = off; the paper states none)
     amp: str = "off"  # off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
     # Training drops each epoch's last partial batch under compile, so every step has one shape.
-    compile: bool = False  # torch.compile the training step (GPU: 1.42x at batch 32 on one H200; minutes to compile)
+    compile: bool = False  # torch.compile the model for training (tmc.bench: 1.42x at batch 32 on one H200; minutes to compile)
     # --- run ---
     device: str = ""  # "" = cuda when available, else cpu
     seed: int = 0  # python, numpy, torch, loader workers and augmentation
