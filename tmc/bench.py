@@ -166,13 +166,19 @@ def maxrss_bytes() -> int:
 
 # ---------------------------------------------------------------------------- one benchmark row
 
-def train_step(model, optimizer, scaler, batch, amp: str, form: str) -> torch.Tensor:
-    """One optimisation step with the paper's objective; returns the detached loss (no sync)."""
+def paper_loss(model, batch, amp: str, form: str) -> torch.Tensor:
+    """Forward pass and the paper's objective, segmentation_loss + λ·multistage_alignment_loss, on a
+    make_batch batch under autocast."""
     image, mask, tokens, positive = batch
     with autocast(image.device, amp):
         out = model(image, **tokens)
         align = multistage_alignment_loss(out["alignment"], form, positive, device=image.device)
-        loss = segmentation_loss(out["logits"].float(), mask) + ALIGN_WEIGHT * align
+        return segmentation_loss(out["logits"].float(), mask) + ALIGN_WEIGHT * align
+
+
+def train_step(model, optimizer, scaler, batch, amp: str, form: str) -> torch.Tensor:
+    """One optimisation step with the paper's objective; returns the detached loss (no sync)."""
+    loss = paper_loss(model, batch, amp, form)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

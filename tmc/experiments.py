@@ -154,19 +154,35 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     return summarise(folder, runs, command, note)
 
 
+def demo_test_split(demo: dict | None = None):
+    """The test split of the 64² demo (or of `demo`, e.g. DEMO96): its items, images (N, 1, S, S) and
+    masks of every blob, targets and distractors alike (N, S, S) bool, re-rendered by
+    datasets.demo.render_demo_image."""
+    import torch
+
+    from datasets.cached import SegmentationSet
+    from datasets.demo import render_demo_image
+    from datasets.registry import prepare
+
+    size = demo["image_size"] if demo else 64
+    root = str(demo["root"]) if demo else ""
+    test = SegmentationSet(prepare("demo", root, image_size=size, progress=False, **(demo or {}).get("options", {})),
+                           "test")
+    items = [test[i] for i in range(len(test))]
+    images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
+    unions = np.stack([render_demo_image(0, int(it["key"].split("_")[-1]), size)[3]["union"] for it in items])
+    return items, images, unions
+
+
 def caption_swap(folder: Path, seed: int = 0) -> dict:
     """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
     among the test images (a fixed permutation). The gap is how much the text steers the masks."""
     import torch
 
-    from datasets.cached import SegmentationSet
-    from datasets.registry import prepare
     from tmc.checkpoint import model_from_checkpoint
     from tmc.metrics import confusion, dice_from_counts
 
-    test = SegmentationSet(prepare("demo", "", image_size=64, progress=False), "test")
-    items = [test[i] for i in range(len(test))]
-    images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
+    items, images, union = demo_test_split()  # union: (N, S, S) every blob
     masks = torch.stack([it["mask"] for it in items]) > 0.5  # (N, 1, S, S)
     true = [it["text"] for it in items]
     perm = np.random.default_rng(seed).permutation(len(true))
@@ -180,9 +196,6 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
         return float(np.nanmean(dice_from_counts(tp, fp, fn, empty=1.0)))
 
     # Reference: an image-only oracle that segments every blob, targets and distractors alike.
-    from datasets.demo import render_demo_image
-
-    union = np.stack([render_demo_image(0, int(it["key"].split("_")[-1]), 64)[3]["union"] for it in items])
     tp, fp, fn = confusion(union, masks[:, 0].numpy())
     every_blob = float(np.nanmean(dice_from_counts(tp, fp, fn, empty=1.0)))
     print(f"{'every blob (reference)':<24} {every_blob:.4f}", flush=True)
@@ -207,7 +220,7 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
 ZONE_NAMES = [f"{level} {side}" for level in ("upper", "middle", "lower") for side in ("left", "right")]
 
 
-def zone_table(model, images, blob_masks: list[list[np.ndarray]], batch: int = 6) -> np.ndarray:
+def zone_table(model, images, blob_masks: list[list[np.ndarray]]) -> np.ndarray:
     """(6, 6) table: row = a blob's zone, column = the zone a one-zone caption names ("Unilateral
     pulmonary infection, one infected area, upper left lung."), value = the fraction of such blobs
     the model segments (more than half their pixels) when asked with that caption. Zones in
@@ -254,25 +267,16 @@ def zone_probe(folders: list[str], demo: dict | None = None) -> dict:
     """zone_table of every text-guided demo checkpoint (best.pt) under `folders` on the test split of
     the 64² demo (or of `demo`, e.g. DEMO96); the blobs come from re-rendering each test image
     (datasets.demo.render_demo_image)."""
-    import torch
     from scipy import ndimage
 
-    from datasets.cached import SegmentationSet
-    from datasets.demo import render_demo_image
-    from datasets.registry import prepare
     from tmc.checkpoint import model_from_checkpoint
 
-    size = demo["image_size"] if demo else 64
-    root = str(demo["root"]) if demo else ""
-    test = SegmentationSet(prepare("demo", root, image_size=size, progress=False, **(demo or {}).get("options", {})),
-                           "test")
-    items = [test[i] for i in range(len(test))]
-    images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
+    _, images, unions = demo_test_split(demo)
     blob_masks = []
-    for it in items:
-        union = render_demo_image(0, int(it["key"].split("_")[-1]), size)[3]["union"]  # (S, S) every blob
+    for union in unions:  # (S, S) every blob of one image → one mask per blob
         labels, n = ndimage.label(union, structure=np.ones((3, 3), bool))
         blob_masks.append([labels == b for b in range(1, n + 1)])
+    size = images.shape[-1]
     shown = [str(Path(f).resolve().relative_to(REPO)) if Path(f).resolve().is_relative_to(REPO) else f
              for f in folders]
     out = {"command": "python -m tmc.experiments zone-probe --runs " + " ".join(shown) + " --demo96" * bool(demo),

@@ -26,8 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
-from tmc.bench import ALIGN_WEIGHT, PARTS, autocast, make_batch, make_model
-from tmc.losses import multistage_alignment_loss, segmentation_loss
+from tmc.bench import PARTS, make_batch, make_model, paper_loss
 
 # Aten ops that only make a new view of the same memory: no kernel.
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
@@ -73,13 +72,10 @@ def count_training_step(preset: str = "paper", batch: int = 2, amp: str = "bf16"
     cfg, model = make_model(preset)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    image, mask, tokens, positive = make_batch(model, cfg.image_size, batch, torch.device("cpu"))
+    data = make_batch(model, cfg.image_size, batch, torch.device("cpu"))
 
-    def step(counter: OpCounter | None) -> None:
-        with autocast(image.device, amp):
-            out = model(image, **tokens)
-            align = multistage_alignment_loss(out["alignment"], cfg.alignment_form, positive, device=image.device)
-            loss = segmentation_loss(out["logits"].float(), mask) + ALIGN_WEIGHT * align
+    def step(counter: OpCounter | None) -> None:  # bench.train_step, with the phases marked
+        loss = paper_loss(model, data, amp, cfg.alignment_form)
         optimizer.zero_grad(set_to_none=True)
         if counter:
             counter.phase = "backward"
