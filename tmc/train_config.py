@@ -62,9 +62,8 @@ class TrainConfig:
     limit_eval_batches: int = 0  # evaluate only this many batches (0 = all)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     time_limit: float = 0.0  # minutes of training + validation; then the run stops (0 = none)
-    # last.pt (weights + Adam state: 2.5 GiB for the paper preset, 7-9 s to write on this project's CPU
-    # machine) at most this often, and always when the run stops; 0 = after every epoch. A GPU epoch of
-    # QaTa's 2000 images takes about 13 s, so writing it every epoch would cost about as much again.
+    # last.pt (weights + Adam state: 2.5 GiB for the paper preset) at most this often, and always when
+    # the run stops; 0 = after every epoch. A GPU epoch of QaTa's 2000 images takes about 13 s.
     checkpoint_minutes: float = 5.0
     test_at_end: bool = True  # evaluate best.pt on the test split when training ends
     progress: bool = True  # tqdm progress bar per epoch
