@@ -126,6 +126,20 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
 
 # ---------------------------------------------------------------------------- checkpoints
 
+def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Adam's parameter groups: everything at cfg.lr, the text encoder at cfg.text_lr when set.
+
+    The main group comes first, so `param_groups[0]["lr"]` is the lr that the log reports.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.text_lr or model.text is None:
+        return [{"params": trainable}]
+    text_ids = {id(p) for p in model.text.parameters()}
+    text = [p for p in trainable if id(p) in text_ids]  # empty when the encoder is frozen
+    groups = [{"params": [p for p in trainable if id(p) not in text_ids]}]
+    return groups + [{"params": text, "lr": cfg.text_lr}] if text else groups
+
+
 def text_config_of(model) -> dict | None:
     """The text encoder's architecture as plain JSON values (so a checkpoint rebuilds offline)."""
     if model.text is None:
@@ -192,8 +206,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             find_unused_parameters=True)
     if cfg.compile:  # training steps only: evaluation and checkpoints use `raw`
         model = torch.compile(model)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.Adam(parameter_groups(raw, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,

@@ -39,6 +39,9 @@ class TrainConfig:
     workers: int = 4  # DataLoader worker processes
     # --- optimisation (paper §4.2) ---
     lr: float = 3e-4  # Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)
+    # A pretrained BERT is usually fine-tuned near 1e-5..5e-5, far below the lr of a network trained
+    # from scratch; at the demo's 1e-3 the packaged MiniLM did no better than no text (README).
+    text_lr: float = 0.0  # Adam learning rate of the text encoder's weights (0 = lr)
     weight_decay: float = 0.0  # Adam L2 weight decay (the paper states none)
     batch_size: int = 8  # images per step (per process under torchrun)
     eval_batch_size: int = 0  # 0 = batch_size
