@@ -242,3 +242,43 @@ def test_time_limit_cuts_the_epoch_and_stops(demo_dirs, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in rows] == [1]
     assert result["best_epoch"] == 1 and load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 1
+
+
+def test_text_lr_puts_the_text_encoder_in_its_own_adam_group():
+    from tmc.config import tiny_config
+    from tmc.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(image_size=32))
+    text = {id(p) for p in model.text.parameters()}
+    assert len(train.parameter_groups(model, TrainConfig(lr=1e-3))) == 1  # text_lr 0: one lr for all
+    groups = train.parameter_groups(model, TrainConfig(lr=0.0, text_lr=0.5))
+    assert {id(p) for p in groups[0]["params"]}.isdisjoint(text)
+    assert {id(p) for p in groups[1]["params"]} == text and groups[1]["lr"] == 0.5
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # One Adam step at lr 0 for the rest: only the text encoder moves.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(groups, lr=0.0)
+    tokens = model.tokenize(["Unilateral pulmonary infection, one infected area, upper left lung."] * 2)
+    out = model(torch.rand(2, 1, 32, 32), tokens["input_ids"], tokens["attention_mask"])
+    # MCM's image path starts at zero, so at step 0 only the alignment heads read the text.
+    (out["logits"].square().mean() + sum(a["txt"].sum() for a in out["alignment"])).backward()
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("text.") for n in moved)
+    assert _resolve(["--text-lr", "3e-5"])[0].text_lr == 3e-5
+    # A frozen encoder has nothing to put in the group.
+    frozen = build_model(tiny_config(image_size=32, freeze_text=True))
+    assert len(train.parameter_groups(frozen, TrainConfig(text_lr=0.5))) == 1
+
+
+def test_every_experiment_variant_is_valid_train_flags():
+    from tmc import experiments
+
+    grids = [experiments.DEMO_VARIANTS, experiments.DEMO96_VARIANTS, experiments.DEMO_LONG_VARIANTS,
+             experiments.DEMO_TEXT_ENCODER_VARIANTS]
+    for variants in grids:
+        for name, flags in variants.items():
+            _resolve(["--dataset", "demo", *experiments.DEMO_BUDGET, *flags])  # argparse exits on a typo
+    cfg, model = _resolve(["--dataset", "demo", *experiments.DEMO_TEXT_ENCODER_VARIANTS["minilm-clip"]])
+    assert (model.text_model, cfg.text_lr, cfg.grad_clip, cfg.lr) == ("minilm", 3e-5, 1.0, 1e-3)

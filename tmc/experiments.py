@@ -5,6 +5,7 @@
     python -m tmc.experiments caption-swap             # does the text steer? true vs shuffled captions
     python -m tmc.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
     python -m tmc.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
+    python -m tmc.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
     python -m tmc.experiments zone-probe               # which zone words a demo checkpoint has learned
     python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
     python -m tmc.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
@@ -113,6 +114,15 @@ def summarise(folder: Path, runs: dict[str, list[dict]], command: str, note: str
 DEMO96 = {"root": REPO / "data" / "demo96", "image_size": 96, "options": {"n": 3000, "size": 96}}
 DEMO96_VARIANTS = {"full": [], "no-text": ["--no-text"], "no-alignment": ["--no-alignment"]}
 DEMO_LONG_VARIANTS = {"full": [], "no-text": ["--no-text"]}
+# Full TMC with a pretrained text encoder instead of the tiny preset's random BERT: the packaged
+# all-MiniLM-L6-v2 (a real BERT-family model, no download), fine-tuned at its own low lr; and each
+# text encoder with the gradient norm clipped at 1.
+DEMO_TEXT_ENCODER_VARIANTS = {
+    "random-bert": [],  # the tiny preset's own text encoder: demo-ablation's "full"
+    "minilm": ["--text-model", "minilm", "--text-lr", "3e-5"],
+    "minilm-clip": ["--text-model", "minilm", "--text-lr", "3e-5", "--grad-clip", "1.0"],
+    "random-bert-clip": ["--grad-clip", "1.0"],
+}
 
 
 def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threads: int,
@@ -143,7 +153,7 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
                    for job in jobs}
     runs = {v: [futures[(v, s)].result() for s in seeds] for v in variants}
     cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96",
-           "demo_long": "demo-long"}[name]
+           "demo_long": "demo-long", "demo_text_encoder": "text-encoder"}[name]
     command = (f"python -m tmc.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
@@ -372,7 +382,8 @@ def _one_thread() -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata",
-                                           "grounding-probe", "demo96", "demo-long", "zone-probe"))
+                                           "grounding-probe", "demo96", "demo-long", "zone-probe",
+                                           "text-encoder"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
@@ -398,10 +409,12 @@ def main(argv=None) -> None:
     elif args.experiment == "caption-swap":
         caption_swap(REPO / "results" / "demo_ablation")
     elif args.experiment == "zone-probe":
-        default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long")
+        default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder")
         zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None)
     elif args.experiment == "demo-long":
         demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET)
+    elif args.experiment == "text-encoder":
+        demo_grid("demo_text_encoder", DEMO_TEXT_ENCODER_VARIANTS, args.seeds, args.threads, args.parallel)
     elif args.experiment == "demo96":
         demo_grid("demo96", DEMO96_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO96)
     elif args.experiment == "grounding-probe":
