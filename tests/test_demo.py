@@ -152,3 +152,16 @@ def test_zone_separation_reads_the_pairs_a_table_tells_apart():
                 middle_vs_rest[i, j] = 0.0
     assert zone_separation(middle_vs_rest) == {"left/right": 1.0, "upper/middle": 1.0, "upper/lower": 0.0,
                                                "middle/lower": 1.0}
+
+
+def test_zone_probe_of_other_runs_never_overwrites_the_readme_summary(tmp_path, monkeypatch):
+    from tmc import experiments
+
+    calls = []
+    monkeypatch.setattr(experiments, "zone_probe", lambda folders, demo, summary: calls.append((folders, summary)))
+    experiments.main(["zone-probe", "--runs", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert calls[-1] == ([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "a" / "zone_probe.json")
+    experiments.main(["zone-probe"])  # the README's grids, into the default summary
+    folders, summary = calls[-1]
+    assert summary is None and [p.split("/")[-1] for p in folders] == [
+        "demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder"]

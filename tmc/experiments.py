@@ -273,10 +273,11 @@ def zone_separation(table: np.ndarray) -> dict[str, float]:
     return {k: round(1 - float(np.mean(v)), 3) for k, v in pairs.items()}
 
 
-def zone_probe(folders: list[str], demo: dict | None = None) -> dict:
+def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | None = None) -> dict:
     """zone_table of every text-guided demo checkpoint (best.pt) under `folders` on the test split of
     the 64² demo (or of `demo`, e.g. DEMO96); the blobs come from re-rendering each test image
-    (datasets.demo.render_demo_image)."""
+    (datasets.demo.render_demo_image). Written to `summary` (default: the README's
+    results/demo_zone_probe/summary.json, or demo96_zone_probe's)."""
     from scipy import ndimage
 
     from tmc.checkpoint import model_from_checkpoint
@@ -308,9 +309,10 @@ def zone_probe(folders: list[str], demo: dict | None = None) -> dict:
             print("  blob \\ asked  " + " ".join(f"{z:>12}" for z in ZONE_NAMES))
             for z, row in zip(ZONE_NAMES, table):
                 print(f"  {z:<13} " + " ".join(f"{v:12.2f}" for v in row), flush=True)
-    folder = REPO / "results" / ("demo96_zone_probe" if demo else "demo_zone_probe")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    summary = summary or REPO / "results" / ("demo96_zone_probe" if demo else "demo_zone_probe") / "summary.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(out, indent=2) + "\n")
+    print("written:", summary)
     return out
 
 
@@ -391,8 +393,9 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=4.0, help="qata: training budget per run")
     p.add_argument("--cpu-small", action="store_true", help="qata: reduced size for a CPU")
     p.add_argument("--demo96", action="store_true", help="zone-probe: on the 96² demo (runs of demo96)")
-    p.add_argument("--runs", nargs="*", default=None, help="zone-probe: folders of run folders (default: the "
-                   "demo ablation and demo-long grids)")
+    p.add_argument("--runs", nargs="*", default=None, help="zone-probe: folders of run folders, "
+                   "written to <first folder>/zone_probe.json (default: the grids the README quotes, written to "
+                   "results/demo_zone_probe/summary.json)")
     args = p.parse_args(argv)
     if args.experiment == "demo-ablation":
         demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads, args.parallel)
@@ -410,7 +413,10 @@ def main(argv=None) -> None:
         caption_swap(REPO / "results" / "demo_ablation")
     elif args.experiment == "zone-probe":
         default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder")
-        zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None)
+        # Other folders (--runs) get their own file beside them, so the README's summary stays whole.
+        summary = Path(args.runs[0]) / "zone_probe.json" if args.runs else None
+        zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None,
+                   summary)
     elif args.experiment == "demo-long":
         demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET)
     elif args.experiment == "text-encoder":
