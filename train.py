@@ -124,8 +124,6 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
     return cache, train, eval_loader(sets["val"]), eval_loader(sets["test"]), loader_gen
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
 def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
     """Adam's parameter groups: everything at cfg.lr, the text encoder at cfg.text_lr when set.
 
@@ -139,6 +137,8 @@ def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
     groups = [{"params": [p for p in trainable if id(p) not in text_ids]}]
     return groups + [{"params": text, "lr": cfg.text_lr}] if text else groups
 
+
+# ---------------------------------------------------------------------------- checkpoints
 
 def text_config_of(model) -> dict | None:
     """The text encoder's architecture as plain JSON values (so a checkpoint rebuilds offline)."""
