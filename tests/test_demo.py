@@ -107,8 +107,6 @@ class _ZoneStub:
         return {"captions": captions}
 
     def __call__(self, image, captions):
-        import re
-
         s = self.size
         logits = -torch.ones(len(captions), 1, s, s)
         for i, caption in enumerate(captions):

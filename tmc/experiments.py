@@ -290,7 +290,9 @@ def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | Non
     size = images.shape[-1]
     shown = [str(Path(f).resolve().relative_to(REPO)) if Path(f).resolve().is_relative_to(REPO) else f
              for f in folders]
-    out = {"command": "python -m tmc.experiments zone-probe --runs " + " ".join(shown) + " --demo96" * bool(demo),
+    # The command that rewrites this very file: the default grids have no --runs.
+    runs_flag = " --runs " + " ".join(shown) if summary else ""
+    out = {"command": "python -m tmc.experiments zone-probe" + runs_flag + " --demo96" * bool(demo),
            "machine": machine(),
            "zones": ZONE_NAMES, "note": "rows: the blob's zone; columns: the zone the one-zone caption names; "
            f"values: fraction of those blobs segmented (> half their pixels); demo test split, {size}²",
