@@ -70,6 +70,84 @@ def test_matches_nn_multiheadattention_values_and_grads(masked):
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+def _slow_sigmoid_mhca(q, kv, m, pad=None):
+    """Sigmoid-weighted attention written out with loops over batch and heads."""
+    Q = q @ m.q_proj.weight.T + m.q_proj.bias
+    K = kv @ m.k_proj.weight.T + m.k_proj.bias
+    V = kv @ m.v_proj.weight.T + m.v_proj.bias
+    dh = m.head_dim
+    outs = []
+    for b in range(q.shape[0]):
+        heads = []
+        for h in range(m.num_heads):
+            sl = slice(h * dh, (h + 1) * dh)
+            s = Q[b, :, sl] @ K[b, :, sl].T / dh ** 0.5 - torch.log(torch.tensor(kv.shape[1], dtype=DT))
+            w = 1 / (1 + torch.exp(-s))  # (Nq, Nk), each key on its own
+            if pad is not None:
+                w = w * (~pad[b]).to(DT)
+            heads.append(w @ V[b, :, sl])
+        outs.append(torch.cat(heads, dim=-1))
+    return torch.stack(outs) @ m.out_proj.weight.T + m.out_proj.bias
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sigmoid_weighting_matches_slow_reference_values_and_grads(masked):
+    torch.manual_seed(0)
+    ours = MultiHeadCrossAttention(12, 20, 3, weighting="sigmoid").to(DT)
+    for p in ours.parameters():
+        nn.init.normal_(p, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 5, 12, dtype=DT, generator=g)
+    kv = torch.randn(3, 7, 20, dtype=DT, generator=g)
+    mask = None
+    if masked:
+        mask = torch.zeros(3, 7, dtype=torch.bool)
+        mask[0, 5:] = True
+        mask[2, [0, 3]] = True
+    out = ours(q, kv, kv_padding_mask=mask)
+    slow = _slow_sigmoid_mhca(q, kv, ours, mask)
+    torch.testing.assert_close(out, slow, rtol=1e-10, atol=1e-10)
+    up = torch.randn(out.shape, dtype=DT, generator=g)
+    params = list(ours.parameters())
+    grads = torch.autograd.grad((out * up).sum(), params)
+    slow_grads = torch.autograd.grad((slow * up).sum(), params)
+    for (name, _), a, b in zip(ours.named_parameters(), grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_sigmoid_lets_a_query_take_two_keys_fully():
+    """Why the option exists: a query matching two keys gets both at full weight, where the
+    softmax must split one unit between them."""
+    weights = {}
+    for weighting in ("softmax", "sigmoid"):
+        m = MultiHeadCrossAttention(4, 4, 1, weighting=weighting).to(DT)
+        with torch.no_grad():
+            for layer in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
+                layer.weight.copy_(torch.eye(4, dtype=DT))
+                layer.bias.zero_()
+        q = torch.tensor([[[10.0, 10.0, 0.0, 0.0]]], dtype=DT)  # matches keys 0 and 1
+        kv = 10 * torch.eye(4, dtype=DT)[None]  # keys 0..3 along the axes
+        _, w = m(q, kv, return_weights=True)
+        weights[weighting] = w[0, 0]
+    assert weights["softmax"][:2].sum() <= 1 and weights["softmax"][0] < 0.51
+    assert (weights["sigmoid"][:2] > 0.99).all()
+    # An unrelated key (score 0) gets σ(−log N_k) = 1 / (1 + N_k), the softmax's weight at init.
+    torch.testing.assert_close(weights["sigmoid"][2:], torch.full((2,), 1 / 5, dtype=DT))
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_padding_and_empty_samples_for_both_weightings(weighting):
+    m = MultiHeadCrossAttention(8, 6, 2, weighting=weighting).to(DT)
+    q, kv = torch.randn(2, 3, 8, dtype=DT), torch.randn(2, 4, 6, dtype=DT)
+    mask = torch.tensor([[True] * 4, [False, False, True, True]])
+    out, w = m(q, kv, kv_padding_mask=mask, return_weights=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], m.out_proj.bias.expand(3, 8), rtol=0, atol=0)
+    assert (w[0] == 0).all() and (w[1, :, 2:] == 0).all() and (w[1, :, :2] > 0).all()
+    out_plain = m(q, kv, kv_padding_mask=mask)
+    torch.testing.assert_close(out_plain, out, rtol=0, atol=0)
+
+
 def test_output_without_weights_is_the_same():
     ours, _ = _pair()
     q, kv = torch.randn(2, 4, 12, dtype=DT), torch.randn(2, 6, 20, dtype=DT)
@@ -128,6 +206,8 @@ def test_bad_arguments_raise():
         MultiHeadCrossAttention(10, 8, 3)
     with pytest.raises(ValueError):
         MultiHeadCrossAttention(8, 8, 2, dropout=1.5)
+    with pytest.raises(ValueError, match="weighting"):
+        MultiHeadCrossAttention(8, 8, 2, weighting="relu")
     m = MultiHeadCrossAttention(8, 6, 2)
     q, kv = torch.randn(2, 3, 8), torch.randn(2, 4, 6)
     with pytest.raises(ValueError, match="attention_mask == 0"):  # a HF 1 = token mask

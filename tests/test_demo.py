@@ -162,4 +162,47 @@ def test_zone_probe_of_other_runs_never_overwrites_the_readme_summary(tmp_path, 
     experiments.main(["zone-probe"])  # the README's grids, into the default summary
     folders, summary = calls[-1]
     assert summary is None and [p.split("/")[-1] for p in folders] == [
-        "demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder"]
+        "demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder", "demo_mcm_attention"]
+
+
+class _AttentionStub:
+    """Stage-2 attention over a 6 × 6 grid, made by hand: `selective` puts weight 0.5 on each of the
+    caption's two zone words for tokens inside the named zone and 0.05 elsewhere; otherwise every
+    token gives them 0.3 (the caption broadcast to the whole image)."""
+
+    def __init__(self, selective: bool):
+        from types import SimpleNamespace
+
+        from tmc.text import bert_uncased_tokenizer
+
+        self.selective = selective
+        self.text = SimpleNamespace(tokenizer=bert_uncased_tokenizer())
+
+    def tokenize(self, captions):
+        return dict(self.text.tokenizer(captions, padding="max_length", max_length=24, return_tensors="pt"))
+
+    def __call__(self, image, input_ids, attention_mask, token_type_ids=None, return_attention=False):
+        G = 6
+        attn = torch.zeros(len(input_ids), G * G, input_ids.shape[1])
+        for i, ids in enumerate(input_ids):
+            words = self.text.tokenizer.convert_ids_to_tokens(ids.tolist())
+            level, side = words.index(next(w for w in words if w in ("upper", "middle", "lower"))), \
+                words.index(next(w for w in words if w in ("left", "right")))
+            rows = {"upper": range(0, 2), "middle": range(2, 4), "lower": range(4, 6)}[words[level]]
+            cols = range(0, 3) if words[side] == "left" else range(3, 6)
+            inside = torch.zeros(G, G, dtype=torch.bool)
+            inside[list(rows)[0]:list(rows)[-1] + 1, cols[0]:cols[-1] + 1] = True
+            weight = torch.where(inside.reshape(-1), 0.5, 0.05) if self.selective else torch.full((G * G,), 0.3)
+            attn[i, :, level] = weight
+            attn[i, :, side] = weight
+        return {"attention": {2: attn}}
+
+
+def test_zone_attention_tells_reading_where_the_words_point_from_broadcasting():
+    from tmc.experiments import zone_attention
+
+    images = torch.zeros(2, 1, 24, 24)
+    assert zone_attention(_AttentionStub(selective=True), images) == {"inside": 1.0, "outside": 0.1,
+                                                                        "focus": 10.0}
+    assert zone_attention(_AttentionStub(selective=False), images) == {"inside": 0.6, "outside": 0.6,
+                                                                         "focus": 1.0}

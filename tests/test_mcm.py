@@ -30,8 +30,9 @@ def _mlp(x, mlp):
     return _linear(_gelu(_linear(x, mlp.fc1)), mlp.fc2)
 
 
-def _slow_mhca(q, kv, attn, pad=None, k_pos=0):
-    """Loops over batch and heads; softmax written out. Returns output and head-mean weights."""
+def _slow_mhca(q, kv, attn, pad=None, k_pos=0, weighting="softmax"):
+    """Loops over batch and heads; softmax (or sigmoid) written out. Returns output and head-mean
+    weights."""
     Q, K, V = _linear(q, attn.q_proj), _linear(kv + k_pos, attn.k_proj), _linear(kv, attn.v_proj)
     nH = attn.num_heads
     dh = Q.shape[-1] // nH
@@ -41,10 +42,12 @@ def _slow_mhca(q, kv, attn, pad=None, k_pos=0):
         for h in range(nH):
             sl = slice(h * dh, (h + 1) * dh)
             s = Q[b, :, sl] @ K[b, :, sl].T / math.sqrt(dh)  # (Nq, Nk)
-            e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
-            if pad is not None:
-                e = e * (~pad[b]).to(e.dtype)  # padded keys contribute nothing
-            p = e / e.sum(dim=-1, keepdim=True)
+            keep = 1.0 if pad is None else (~pad[b]).to(s.dtype)  # padded keys contribute nothing
+            if weighting == "sigmoid":
+                p = keep / (1 + torch.exp(-(s - math.log(s.shape[-1]))))
+            else:
+                e = torch.exp(s - s.max(dim=-1, keepdim=True).values) * keep
+                p = e / e.sum(dim=-1, keepdim=True)
             heads.append(p @ V[b, :, sl])
             w_sum = w_sum + p
         outs.append(torch.cat(heads, dim=-1))
@@ -55,7 +58,8 @@ def _slow_mhca(q, kv, attn, pad=None, k_pos=0):
 def _slow_block(m, v, l, pad, pos=0):
     """The block as its docstring writes it; `pos` is added to the image queries of the first
     attention and to the image keys (not values) of the second."""
-    a, w = _slow_mhca(_layer_norm(v, m.v_norm_q) + pos, _layer_norm(l, m.v_norm_kv), m.v_attn, pad)
+    a, w = _slow_mhca(_layer_norm(v, m.v_norm_q) + pos, _layer_norm(l, m.v_norm_kv), m.v_attn, pad,
+                      weighting=m.v_attn.weighting)
     v = v + a
     f_v = v + _mlp(_layer_norm(v, m.v_norm_mlp), m.v_mlp)
     if not m.update_text:
@@ -66,10 +70,11 @@ def _slow_block(m, v, l, pad, pos=0):
     return f_v, f_l, w
 
 
-def _randomised_block(vis, txt, heads, seed=0, zero_init_visual=True, update_text=True):
+def _randomised_block(vis, txt, heads, seed=0, zero_init_visual=True, update_text=True,
+                      image_weighting="softmax"):
     torch.manual_seed(seed)
     m = MultiStageCrossAttentionBlock(vis, txt, heads, mlp_ratio=2.0, zero_init_visual=zero_init_visual,
-                                      update_text=update_text).to(DT)
+                                      update_text=update_text, image_weighting=image_weighting).to(DT)
     with torch.no_grad():  # randomise everything (zeroed projections, LN affine) so no term hides
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -88,10 +93,12 @@ def _inputs(B=2, N=6, L=5, vis=8, txt=12, seed=1):
 
 # ---------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("use_pad,use_pos,update_text", [(False, False, True), (True, False, True),
-                                                        (True, True, True), (True, True, False)])
-def test_matches_slow_reference_values_and_grads(use_pad, use_pos, update_text):
-    m = _randomised_block(8, 12, 2, update_text=update_text)
+@pytest.mark.parametrize("use_pad,use_pos,update_text,weighting", [
+    (False, False, True, "softmax"), (True, False, True, "softmax"), (True, True, True, "softmax"),
+    (True, True, False, "softmax"), (True, True, True, "sigmoid"), (False, True, False, "sigmoid")])
+def test_matches_slow_reference_values_and_grads(use_pad, use_pos, update_text, weighting):
+    m = _randomised_block(8, 12, 2, update_text=update_text, image_weighting=weighting)
+    assert m.v_attn.weighting == weighting and (not update_text or m.l_attn.weighting == "softmax")
     v, l, pad = _inputs()
     pad = pad if use_pad else None
     pos = sincos_position_embedding(2, 3, 8, dtype=DT) if use_pos else None  # N = 6 tokens

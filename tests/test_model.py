@@ -105,6 +105,35 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
                    for k in ckpt["model"])
 
 
+def test_sigmoid_mcm_attention_is_built_saved_and_used(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(mcm_attention="sigmoid")
+    model = build_model(cfg).eval()
+    for block in model.mcm.values():
+        assert block.v_attn.weighting == "sigmoid"  # image tokens query the text
+        assert not block.update_text or block.l_attn.weighting == "softmax"  # words choose tokens
+    # Same parameters as the softmax model, so the two start from the same weights (same seed).
+    torch.manual_seed(0)
+    softmax_model = build_model(tiny_config()).eval()
+    state = model.state_dict()
+    assert state.keys() == softmax_model.state_dict().keys()
+    for block in model.mcm.values():  # the image path starts at zero: make it matter
+        torch.nn.init.normal_(block.v_attn.out_proj.weight, std=0.5)
+    softmax_model.load_state_dict(model.state_dict())
+    image, _ = _batch(cfg, b=1)
+    tokens = model.tokenize(CAPTIONS[:1])
+    logits = model(image, **tokens)["logits"]
+    assert not torch.allclose(logits, softmax_model(image, **tokens)["logits"])
+    path = save_checkpoint(tmp_path / "m.pt", {
+        "model": model.state_dict(), "model_config": dataclasses.asdict(cfg),
+        "text_config": model.text.encoder.config.to_dict()})
+    rebuilt, cfg2 = model_from_checkpoint(path)
+    assert cfg2.mcm_attention == "sigmoid"
+    torch.testing.assert_close(rebuilt(image, **tokens)["logits"], logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mcm_attention"):
+        tiny_config(mcm_attention="relu")
+
+
 def test_tiny_overfits_one_batch():
     torch.manual_seed(0)
     cfg = tiny_config()

@@ -1,5 +1,13 @@
 """Multi-head cross-attention (paper §3.1): MHCA(Q, K, V) = Softmax(QKᵀ / √d_k) V, per head.
 
+Optionally sigmoid-weighted instead (`weighting="sigmoid"`): σ(QKᵀ / √d_k − log N_k) V, each key
+weighted on its own (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid
+Self-Attention"; the −log N_k bias starts the weights near the softmax's 1/N_k). A softmax makes
+every query spend exactly one unit of attention over the keys: an image token cannot attend fully to
+both "upper" and "left", and a token whose zone the caption does not name must still attend to
+something. TMC uses it only where image tokens query the text (README: it is what lets demo runs
+learn both words of a zone).
+
 Queries come from one modality and keys/values from the other, so the query and key/value inputs
 have their own widths (`q_dim`, `kv_dim`); both are projected to a shared `embed_dim`, split into
 heads, attended with `F.scaled_dot_product_attention`, and projected back to `q_dim`.
@@ -13,11 +21,15 @@ converts as `kv_padding_mask = attention_mask == 0`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MultiHeadCrossAttention"]
+__all__ = ["MultiHeadCrossAttention", "WEIGHTINGS"]
+
+WEIGHTINGS = ("softmax", "sigmoid")
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -37,10 +49,11 @@ class MultiHeadCrossAttention(nn.Module):
         num_heads: nH; must divide embed_dim.
         embed_dim: inner width nH * Dh; defaults to q_dim.
         dropout: dropout on the attention weights (training only).
+        weighting: "softmax" (the paper) or "sigmoid" (see the module docstring).
     """
 
     def __init__(self, q_dim: int, kv_dim: int, num_heads: int, embed_dim: int | None = None,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, weighting: str = "softmax") -> None:
         super().__init__()
         embed_dim = q_dim if embed_dim is None else embed_dim
         if min(q_dim, kv_dim, num_heads, embed_dim) <= 0:
@@ -51,6 +64,9 @@ class MultiHeadCrossAttention(nn.Module):
                              f"fix: choose a head count that divides it")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         self.num_heads = num_heads
         self.embed_dim = embed_dim
         self.head_dim = embed_dim // num_heads
@@ -77,9 +93,9 @@ class MultiHeadCrossAttention(nn.Module):
             k_pos: optional position code added to `kv` for the keys only (values stay free of it).
 
         Returns:
-            out (B, Nq, q_dim), and with `return_weights` also weights (B, Nq, Nk): the softmax
-            probabilities before dropout, averaged over heads, computed explicitly (rows sum to 1,
-            or to 0 for a sample whose keys are all padding).
+            out (B, Nq, q_dim), and with `return_weights` also weights (B, Nq, Nk): the attention
+            weights before dropout, averaged over heads (softmax: rows sum to 1; sigmoid: each in
+            (0, 1)); 0 on padded keys, and everywhere for a sample whose keys are all padding.
         """
         B, Nq, _ = q.shape
         Nk = kv.shape[1]
@@ -106,7 +122,12 @@ class MultiHeadCrossAttention(nn.Module):
         vh = self._split_heads(self.v_proj(kv))  # (B, nH, Nk, Dh)
 
         drop = self.dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, dropout_p=drop)
+        weights = None
+        if self.weighting == "softmax":  # fused kernel; weights are rebuilt below only if asked for
+            x = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, dropout_p=drop)
+        else:
+            weights = self._weights(qh, kh, attn_mask)  # (B, nH, Nq, Nk)
+            x = F.dropout(weights, drop, training=self.training) @ vh
         # x: (B, nH, Nq, Dh)
         if keep is not None:
             x = x * keep
@@ -115,11 +136,18 @@ class MultiHeadCrossAttention(nn.Module):
         if not return_weights:
             return out
 
-        # Explicit weights for inspection (Fig. 3 heatmaps); same scale and mask as SDPA above.
-        scores = (qh @ kh.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, nH, Nq, Nk)
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        weights = scores.softmax(dim=-1)  # (B, nH, Nq, Nk)
+        if weights is None:  # explicit weights for inspection (Fig. 3 heatmaps), as SDPA computed them
+            weights = self._weights(qh, kh, attn_mask)
         if keep is not None:
             weights = weights * keep
         return out, weights.mean(dim=1)  # (B, Nq, Nk)
+
+    def _weights(self, qh: torch.Tensor, kh: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention weights (B, nH, Nq, Nk) from qh (B, nH, Nq, Dh) and kh (B, nH, Nk, Dh)."""
+        scores = (qh @ kh.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, nH, Nq, Nk)
+        if self.weighting == "sigmoid":
+            weights = torch.sigmoid(scores - math.log(kh.shape[-2]))
+            return weights if attn_mask is None else weights * attn_mask
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(dim=-1)

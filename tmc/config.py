@@ -42,6 +42,9 @@ class ModelConfig:
     use_text: bool = True  # False: image-only model (no text encoder, no MCM, no alignment)
     mcm_stages: tuple[int, ...] = (2, 3, 4)  # 1-based Swin stages; () disables MCM
     mcm_mlp_ratio: float = 4.0
+    # "sigmoid" weights each word on its own where image tokens query the text; on the demo it lets
+    # runs learn both the side and the level words of a zone (README, results).
+    mcm_attention: str = "softmax"  # image→text attention weights: softmax (paper) or sigmoid
 
     # --- multi-stage alignment loss (MA loss, §3.2) ---
     use_alignment: bool = True
@@ -76,6 +79,8 @@ class ModelConfig:
         for s in (*self.mcm_stages, *self.alignment_stages):
             if not 1 <= s <= n:
                 raise ValueError(f"stage {s} is outside 1..{n}")
+        if self.mcm_attention not in ("softmax", "sigmoid"):
+            raise ValueError(f"mcm_attention must be 'softmax' or 'sigmoid', not {self.mcm_attention!r}")
         if self.alignment_form not in ("sigmoid", "literal"):
             raise ValueError(f"alignment_form must be 'sigmoid' or 'literal', not {self.alignment_form!r}")
         if self.text_length < 2:

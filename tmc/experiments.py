@@ -6,6 +6,8 @@
     python -m tmc.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
     python -m tmc.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
     python -m tmc.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
+    python -m tmc.experiments mcm-attention --seeds 0 1 2 3 4 --threads 1 --parallel 2
+                                                       # CPU, ~35 min: softmax vs sigmoid image→text weights
     python -m tmc.experiments zone-probe               # which zone words a demo checkpoint has learned
     python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
     python -m tmc.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
@@ -153,7 +155,8 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
                    for job in jobs}
     runs = {v: [futures[(v, s)].result() for s in seeds] for v in variants}
     cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96",
-           "demo_long": "demo-long", "demo_text_encoder": "text-encoder"}[name]
+           "demo_long": "demo-long", "demo_text_encoder": "text-encoder",
+           "demo_mcm_attention": "mcm-attention"}[name]
     command = (f"python -m tmc.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
@@ -261,6 +264,43 @@ def zone_table(model, images, blob_masks: list[list[np.ndarray]]) -> np.ndarray:
     return taken / np.maximum(count, 1)[:, None]
 
 
+def zone_attention(model, images, stage: int = 2) -> dict[str, float]:
+    """Where a model's image tokens look for the zone words, at one MCM stage: the mean attention
+    weight that image tokens give the two words naming the zone ("upper", "left") of a one-zone
+    caption, for tokens inside that zone and for tokens outside it, over the six captions and
+    `images` (N, 1, S, S). "focus" is inside / outside: about 1 when every token reads the word
+    alike (the caption broadcast to the whole image), well above 1 when the words are read where
+    they point. A token belongs to the zone its centre lies in (thirds of the height × halves)."""
+    import torch
+
+    from datasets.text_from_mask import LEVELS, SIDES, caption_from_zones
+
+    captions, word_ids = [], []
+    tokenizer = model.text.tokenizer
+    for z in range(6):
+        side, level = z % 2, z // 2
+        zones = np.zeros((2, 3), bool)
+        zones[side, level] = True
+        captions.append(caption_from_zones(zones, 1))
+        word_ids.append(tokenizer.convert_tokens_to_ids([LEVELS[level], SIDES[side]]))
+    tokens = model.tokenize(captions)
+    inside = outside = 0.0
+    for image in images:
+        with torch.no_grad():
+            attn = model(image[None].expand(6, -1, -1, -1), **tokens, return_attention=True)["attention"][stage]
+        G = int(round(attn.shape[1] ** 0.5))  # (6, G·G, T): the stage's grid is square
+        centre = (torch.arange(G) + 0.5) / G
+        level_of = (centre * 3).long()  # (G,) zone level of each token row
+        side_of = (centre >= 0.5).long()  # (G,) zone side of each token column
+        for z in range(6):
+            in_zone = ((level_of[:, None] == z // 2) & (side_of[None, :] == z % 2)).reshape(-1)  # (G·G,)
+            cols = torch.tensor([int((tokens["input_ids"][z] == w).nonzero()[0]) for w in word_ids[z]])
+            on_words = attn[z][:, cols].sum(dim=1)  # (G·G,) weight on the two zone words
+            inside += float(on_words[in_zone].mean()) / (6 * len(images))
+            outside += float(on_words[~in_zone].mean()) / (6 * len(images))
+    return {"inside": round(inside, 3), "outside": round(outside, 3), "focus": round(inside / outside, 2)}
+
+
 def zone_separation(table: np.ndarray) -> dict[str, float]:
     """How well a zone_table tells apart the two words of each pair: 1 − the mean rate at which a blob
     is taken when the caption names the other word of the pair instead of its own (same level for the
@@ -307,7 +347,10 @@ def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | Non
             dice = json.loads((run / "test_metrics.json").read_text())["dice"]
             out["runs"][name] = {"table": table.round(3).tolist(), "separation": zone_separation(table),
                                  "test_dice": dice}
-            print(name, f"test Dice {dice:.3f}", "told apart:", out["runs"][name]["separation"])
+            if 2 in cfg.active_mcm_stages:
+                out["runs"][name]["stage2_attention"] = zone_attention(model, images, stage=2)
+            print(name, f"test Dice {dice:.3f}", "told apart:", out["runs"][name]["separation"],
+                  "stage-2 attention:", out["runs"][name].get("stage2_attention"))
             print("  blob \\ asked  " + " ".join(f"{z:>12}" for z in ZONE_NAMES))
             for z, row in zip(ZONE_NAMES, table):
                 print(f"  {z:<13} " + " ".join(f"{v:12.2f}" for v in row), flush=True)
@@ -377,6 +420,17 @@ def grounding_probe(seeds: list[int], parallel: int) -> dict:
     return out
 
 
+# The softmax of MCM's image→text attention against sigmoid weights (each word on its own), with
+# each text encoder. The softmax rows are the text-encoder grid's runs (same flags), read, not rerun.
+DEMO_MCM_ATTENTION_VARIANTS = {
+    "random-bert": [],
+    "random-bert-sigmoid": ["--mcm-attention", "sigmoid"],
+    "minilm": DEMO_TEXT_ENCODER_VARIANTS["minilm"],
+    "minilm-sigmoid": ["--mcm-attention", "sigmoid", *DEMO_TEXT_ENCODER_VARIANTS["minilm"]],
+}
+DEMO_MCM_ATTENTION_REUSE = {"random-bert": "demo_text_encoder/random-bert", "minilm": "demo_text_encoder/minilm"}
+
+
 def _one_thread() -> None:
     import torch
 
@@ -387,7 +441,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata",
                                            "grounding-probe", "demo96", "demo-long", "zone-probe",
-                                           "text-encoder"))
+                                           "text-encoder", "mcm-attention"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
@@ -414,7 +468,8 @@ def main(argv=None) -> None:
     elif args.experiment == "caption-swap":
         caption_swap(REPO / "results" / "demo_ablation")
     elif args.experiment == "zone-probe":
-        default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder")
+        default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder",
+                                                   "demo_mcm_attention")
         # Other folders (--runs) get their own file beside them, so the README's summary stays whole.
         summary = Path(args.runs[0]) / "zone_probe.json" if args.runs else None
         zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None,
@@ -423,6 +478,9 @@ def main(argv=None) -> None:
         demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET)
     elif args.experiment == "text-encoder":
         demo_grid("demo_text_encoder", DEMO_TEXT_ENCODER_VARIANTS, args.seeds, args.threads, args.parallel)
+    elif args.experiment == "mcm-attention":
+        demo_grid("demo_mcm_attention", DEMO_MCM_ATTENTION_VARIANTS, args.seeds, args.threads, args.parallel,
+                  reuse=DEMO_MCM_ATTENTION_REUSE)
     elif args.experiment == "demo96":
         demo_grid("demo96", DEMO96_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO96)
     elif args.experiment == "grounding-probe":

@@ -106,6 +106,13 @@ class MultiStageCrossAttentionBlock(nn.Module):
        matrices receive gradients at step 0 and every other parameter from step 1 on. The text path
        keeps the default init: at step 0 it still learns from the (unchanged) image tokens.
 
+    4. Optional sigmoid weighting of the image→text attention (`image_weighting="sigmoid"`; the
+       paper's softmax is the default). With a softmax an image token spends one unit of attention
+       over the words, so attending to a second word ("upper" beside "left") takes weight from the
+       first. Demo runs then learned one factor of the caption (sides or levels) and stopped there;
+       with sigmoid weights more of them learned both (README, results). The text-side attention
+       (a word choosing image tokens) keeps the softmax.
+
     The text-side attention has no mask: every image token is valid. Padded text tokens are still
     updated as queries (their f_l rows are meaningless) and must stay masked as keys in later
     stages; they never influence f_v, because a padded key gets exactly zero attention weight.
@@ -120,10 +127,12 @@ class MultiStageCrossAttentionBlock(nn.Module):
         update_text: False builds the image direction only and returns l unchanged as f_l. The
             model uses it at the last MCM stage, where F_L has no consumer (no later stage, and the
             alignment loss reads CLS_i before cross-attention): its parameters would get no gradient.
+        image_weighting: "softmax" or "sigmoid" weights where image tokens query the text (4. above).
     """
 
     def __init__(self, vis_dim: int, txt_dim: int, num_heads: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, zero_init_visual: bool = True, update_text: bool = True) -> None:
+                 dropout: float = 0.0, zero_init_visual: bool = True, update_text: bool = True,
+                 image_weighting: str = "softmax") -> None:
         super().__init__()
         for name, dim in (("vis_dim", vis_dim), ("txt_dim", txt_dim)):
             if dim % num_heads:
@@ -133,7 +142,8 @@ class MultiStageCrossAttentionBlock(nn.Module):
         # Image queries text (text→image guidance).
         self.v_norm_q = nn.LayerNorm(vis_dim)
         self.v_norm_kv = nn.LayerNorm(txt_dim)
-        self.v_attn = MultiHeadCrossAttention(vis_dim, txt_dim, num_heads, dropout=dropout)
+        self.v_attn = MultiHeadCrossAttention(vis_dim, txt_dim, num_heads, dropout=dropout,
+                                              weighting=image_weighting)
         self.v_norm_mlp = nn.LayerNorm(vis_dim)
         self.v_mlp = Mlp(vis_dim, int(vis_dim * mlp_ratio), dropout)
         self.update_text = update_text

@@ -190,7 +190,8 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
             if i in cfg.active_mcm_stages:
                 last = i == max(cfg.active_mcm_stages)  # its F_L would have no consumer
                 mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio,
-                                                            update_text=not last)
+                                                            update_text=not last,
+                                                            image_weighting=cfg.mcm_attention)
                 lang_dim = c  # F_L^i feeds the next stage's projection
 
     decoder = DualUDecoder(

@@ -96,6 +96,7 @@ CHOICES = {
     "seg_loss": ("bce", "bce+dice"),
     "amp": ("off", "bf16", "fp16"),
     "alignment_form": ("sigmoid", "literal"),
+    "mcm_attention": ("softmax", "sigmoid"),
     "augment": ("paper", "text-consistent", "none"),
 }
 
