@@ -8,6 +8,8 @@
     python -m tmc.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
     python -m tmc.experiments mcm-attention --seeds 0 1 2 3 4 --threads 1 --parallel 2
                                                        # CPU, ~35 min: softmax vs sigmoid image→text weights
+    python -m tmc.experiments mcm-attention-long --seeds 2 3 4 --threads 1 --parallel 2
+                                                       # CPU, ~50 min: the sigmoid MiniLM runs with 4x the steps
     python -m tmc.experiments zone-probe               # which zone words a demo checkpoint has learned
     python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
     python -m tmc.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
@@ -156,7 +158,7 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     runs = {v: [futures[(v, s)].result() for s in seeds] for v in variants}
     cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96",
            "demo_long": "demo-long", "demo_text_encoder": "text-encoder",
-           "demo_mcm_attention": "mcm-attention"}[name]
+           "demo_mcm_attention": "mcm-attention", "demo_mcm_attention_long": "mcm-attention-long"}[name]
     command = (f"python -m tmc.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
@@ -429,6 +431,8 @@ DEMO_MCM_ATTENTION_VARIANTS = {
     "minilm-sigmoid": ["--mcm-attention", "sigmoid", *DEMO_TEXT_ENCODER_VARIANTS["minilm"]],
 }
 DEMO_MCM_ATTENTION_REUSE = {"random-bert": "demo_text_encoder/random-bert", "minilm": "demo_text_encoder/minilm"}
+# The sigmoid MiniLM runs again with four times the steps (demo-long's budget).
+DEMO_MCM_ATTENTION_LONG_VARIANTS = {"minilm-sigmoid": DEMO_MCM_ATTENTION_VARIANTS["minilm-sigmoid"]}
 
 
 def _one_thread() -> None:
@@ -441,7 +445,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata",
                                            "grounding-probe", "demo96", "demo-long", "zone-probe",
-                                           "text-encoder", "mcm-attention"))
+                                           "text-encoder", "mcm-attention", "mcm-attention-long"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
@@ -481,6 +485,9 @@ def main(argv=None) -> None:
     elif args.experiment == "mcm-attention":
         demo_grid("demo_mcm_attention", DEMO_MCM_ATTENTION_VARIANTS, args.seeds, args.threads, args.parallel,
                   reuse=DEMO_MCM_ATTENTION_REUSE)
+    elif args.experiment == "mcm-attention-long":
+        demo_grid("demo_mcm_attention_long", DEMO_MCM_ATTENTION_LONG_VARIANTS, args.seeds, args.threads,
+                  args.parallel, budget=DEMO_LONG_BUDGET)
     elif args.experiment == "demo96":
         demo_grid("demo96", DEMO96_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO96)
     elif args.experiment == "grounding-probe":
