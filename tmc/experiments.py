@@ -286,20 +286,25 @@ def zone_attention(model, images, stage: int = 2) -> dict[str, float]:
         captions.append(caption_from_zones(zones, 1))
         word_ids.append(tokenizer.convert_tokens_to_ids([LEVELS[level], SIDES[side]]))
     tokens = model.tokenize(captions)
+    # Where each caption's two zone words sit among its tokens: (6, 2).
+    cols = torch.tensor([[int((ids == w).nonzero()[0]) for w in words]
+                         for ids, words in zip(tokens["input_ids"], word_ids)])
     inside = outside = 0.0
+    in_zone = None  # (6, G·G) bool, from the first image's grid
     for image in images:
         with torch.no_grad():
             attn = model(image[None].expand(6, -1, -1, -1), **tokens, return_attention=True)["attention"][stage]
-        G = int(round(attn.shape[1] ** 0.5))  # (6, G·G, T): the stage's grid is square
-        centre = (torch.arange(G) + 0.5) / G
-        level_of = (centre * 3).long()  # (G,) zone level of each token row
-        side_of = (centre >= 0.5).long()  # (G,) zone side of each token column
+        if in_zone is None:
+            G = int(round(attn.shape[1] ** 0.5))  # (6, G·G, T): the stage's grid is square
+            centre = (torch.arange(G) + 0.5) / G
+            level_of = (centre * 3).long()  # (G,) zone level of each token row
+            side_of = (centre >= 0.5).long()  # (G,) zone side of each token column
+            in_zone = torch.stack([((level_of[:, None] == z // 2) & (side_of[None, :] == z % 2)).reshape(-1)
+                                   for z in range(6)])
         for z in range(6):
-            in_zone = ((level_of[:, None] == z // 2) & (side_of[None, :] == z % 2)).reshape(-1)  # (G·G,)
-            cols = torch.tensor([int((tokens["input_ids"][z] == w).nonzero()[0]) for w in word_ids[z]])
-            on_words = attn[z][:, cols].sum(dim=1)  # (G·G,) weight on the two zone words
-            inside += float(on_words[in_zone].mean()) / (6 * len(images))
-            outside += float(on_words[~in_zone].mean()) / (6 * len(images))
+            on_words = attn[z][:, cols[z]].sum(dim=1)  # (G·G,) weight on the two zone words
+            inside += float(on_words[in_zone[z]].mean()) / (6 * len(images))
+            outside += float(on_words[~in_zone[z]].mean()) / (6 * len(images))
     return {"inside": round(inside, 3), "outside": round(outside, 3), "focus": round(inside / outside, 2)}
 
 
