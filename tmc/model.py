@@ -94,8 +94,14 @@ class TMC(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Captions → {"input_ids", "attention_mask"} (B, T); {} for the image-only model."""
-        return self.text.tokenize(captions) if self.text is not None else {}
+        """Captions → {"input_ids", "attention_mask"} (B, T), and "text_features" (B, T, d_l) when the
+        text encoder is frozen (computed once per distinct caption); {} for the image-only model."""
+        if self.text is None:
+            return {}
+        tokens = self.text.tokenize(captions)
+        if self.text.freeze:
+            tokens["text_features"] = self.text.cached_features(list(captions), tokens)
+        return tokens
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1 or 3, H, W) in [0, 1] → (B, 3, H, W) ImageNet-normalised (what Swin weights expect)."""
@@ -106,11 +112,14 @@ class TMC(nn.Module):
         return (image - self.pixel_mean) / self.pixel_std
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, return_attention: bool = False) -> dict:
+                attention_mask: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
+                return_attention: bool = False) -> dict:
         """
         Args:
             image: (B, 1 or 3, H, W) in [0, 1].
             input_ids, attention_mask: (B, T) from `tokenize`; required unless the model is image-only.
+            text_features: (B, T, d_l) the frozen encoder's output for these tokens (from `tokenize`);
+                None runs the encoder.
             return_attention: also return the text→image attention of every MCM stage.
         Returns:
             {"logits": (B, 1, H, W), "alignment": [per-stage dicts for tmc.losses],
@@ -122,7 +131,7 @@ class TMC(nn.Module):
             if input_ids is None or attention_mask is None:
                 raise ValueError("this TMC model is text-guided: pass input_ids and attention_mask "
                                  "(model.tokenize(captions))")
-            lang = self.text(input_ids, attention_mask)  # (B, T, d_l)
+            lang = self.text(input_ids, attention_mask) if text_features is None else text_features  # (B, T, d_l)
             pad = attention_mask == 0  # (B, T) True where padding
 
         alignment, attention, fused = [], {}, []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -117,6 +118,39 @@ class TextEncoder(nn.Module):
         self.hidden_size = self.encoder.config.hidden_size
         if freeze:
             self.encoder.requires_grad_(False)
+        # caption → (T, d_l) features of the frozen encoder, most recently used last
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._features.clear())
+
+    # A frozen encoder maps a caption to the same features at every step, and datasets repeat few
+    # distinct captions, so each is encoded once: the text then costs nothing per training step.
+    CACHE_SIZE = 8192
+
+    def cached_features(self, captions: list[str], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, d_l) features of a frozen encoder, each distinct caption encoded once.
+
+        `tokens` is `tokenize(captions)`. Cached rows live on the encoder's device and are dropped
+        when weights are loaded or the module moves.
+        """
+        if not self.freeze:
+            raise RuntimeError("cached_features needs a frozen encoder (freeze_text=True)")
+        device = next(self.encoder.parameters()).device
+        missing = list(dict.fromkeys(c for c in captions if c not in self._features))
+        if missing:
+            rows = [captions.index(c) for c in missing]
+            with torch.no_grad():
+                feats = self(tokens["input_ids"][rows].to(device),
+                             tokens["attention_mask"][rows].to(device))  # (M, T, d_l)
+            self._features.update(zip(missing, feats))
+        for c in captions:
+            self._features.move_to_end(c)
+        while len(self._features) > max(self.CACHE_SIZE, len(captions)):
+            self._features.popitem(last=False)
+        return torch.stack([self._features[c] for c in captions])  # (B, T, d_l)
+
+    def _apply(self, fn, recurse=True):
+        self._features.clear()  # cached rows would stay on the old device or dtype
+        return super()._apply(fn, recurse)
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions → input_ids, attention_mask, each (B, T) long; truncated or padded to T."""

@@ -1,0 +1,59 @@
+"""A frozen text encoder's features are computed once per distinct caption and equal the encoder's."""
+import torch
+
+from tmc.config import tiny_config
+from tmc.model import build_model
+
+CAPTIONS = [
+    "Unilateral pulmonary infection, one infected area, upper left lung.",
+    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+    "Unilateral pulmonary infection, one infected area, upper left lung.",
+]
+
+
+def _frozen(seed=0):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(image_size=32, freeze_text=True)).eval()
+
+
+def _count_encoder_rows(model):
+    rows = []
+    model.text.encoder.register_forward_hook(lambda m, args, kw, out: rows.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    return rows
+
+
+def test_cached_features_equal_the_encoder_and_each_caption_is_encoded_once():
+    model = _frozen()
+    rows = _count_encoder_rows(model)
+    tokens = model.tokenize(CAPTIONS)
+    assert rows == [2]  # two distinct captions, one batched call
+    reference = model.text(tokens["input_ids"], tokens["attention_mask"])  # (B, T, d_l), uncached
+    torch.testing.assert_close(tokens["text_features"], reference, atol=1e-5, rtol=1e-5)
+    rows.clear()
+    again = model.tokenize(list(reversed(CAPTIONS)))
+    assert rows == []  # all cached
+    torch.testing.assert_close(again["text_features"], reference.flip(0), atol=1e-5, rtol=1e-5)
+    image = torch.rand(3, 1, 32, 32)
+    cached = model(image, **tokens)["logits"]
+    plain = model(image, tokens["input_ids"], tokens["attention_mask"])["logits"]
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_other_weights_drops_the_cache():
+    model, other = _frozen(0), _frozen(1)
+    stale = model.tokenize(CAPTIONS[:1])["text_features"]
+    model.load_state_dict(other.state_dict())
+    fresh = model.tokenize(CAPTIONS[:1])["text_features"]
+    torch.testing.assert_close(fresh, other.tokenize(CAPTIONS[:1])["text_features"])
+    assert not torch.allclose(fresh, stale)
+
+
+def test_the_cache_is_bounded_and_a_fine_tuned_encoder_has_none(monkeypatch):
+    model = _frozen()
+    monkeypatch.setattr(type(model.text), "CACHE_SIZE", 2)
+    for i in range(5):
+        model.tokenize([f"caption number {i}"])
+    assert list(model.text._features) == ["caption number 3", "caption number 4"]
+    tuned = build_model(tiny_config(image_size=32))
+    assert "text_features" not in tuned.tokenize(CAPTIONS)
