@@ -67,9 +67,15 @@ def _random_bert_config(layers: int, hidden: int):
 def _pretrained_bert(name: str):
     """Load a hub model by name (cache first), with an error that names both remedies."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    # transformers reports the pooler's weights, which TMC does not build, as unexpected and draws a
+    # progress bar per load: both are quieted, and weights the model lacks are still an error.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        return AutoModel.from_pretrained(name, add_pooling_layer=False)
+        model, info = AutoModel.from_pretrained(name, add_pooling_layer=False, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise RuntimeError(
             f"Could not load the text encoder {name!r}: it is neither in the Hugging Face cache nor "
@@ -79,6 +85,14 @@ def _pretrained_bert(name: str):
             f"the cache, or pass a local model folder with --text-model /path/to/model, or use the "
             f"offline model shipped with the requirements: --text-model minilm."
         ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if info["missing_keys"]:
+        raise RuntimeError(f"the text encoder {name!r} lacks weights for {sorted(info['missing_keys'])[:5]} "
+                           f"(is it a BERT-family model?); fix: pass another --text-model")
+    return model
 
 
 class TextEncoder(nn.Module):

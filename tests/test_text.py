@@ -1,4 +1,5 @@
-"""A frozen text encoder's features are computed once per distinct caption and equal the encoder's."""
+"""The text encoder: pretrained loading, and the frozen encoder's per-caption feature cache."""
+import pytest
 import torch
 
 from tmc.config import tiny_config
@@ -57,3 +58,25 @@ def test_the_cache_is_bounded_and_a_fine_tuned_encoder_has_none(monkeypatch):
     assert list(model.text._features) == ["caption number 3", "caption number 4"]
     tuned = build_model(tiny_config(image_size=32))
     assert "text_features" not in tuned.tokenize(CAPTIONS)
+
+
+def test_a_pretrained_folder_loads_quietly_and_missing_weights_are_an_error(tmp_path, capsys):
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    from tmc.text import TextEncoder, bert_uncased_tokenizer
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path)  # with a pooler, which TMC does not build
+    bert_uncased_tokenizer().save_pretrained(tmp_path)
+    enc = TextEncoder(str(tmp_path), length=8)
+    assert enc.hidden_size == 32
+    captured = capsys.readouterr()
+    assert "UNEXPECTED" not in captured.out + captured.err and "Loading weights" not in captured.err
+    # A config asking for a third layer that the weights lack: the load must fail, not train noise.
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(RuntimeError, match="lacks weights"):
+        TextEncoder(str(tmp_path), length=8)
