@@ -63,7 +63,7 @@ def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, Mo
     """Configs of this run, and the checkpoint to resume from (or None)."""
     if not train_over.get("resume"):
         cfg = resolve_train_config(train_over)
-        return cfg, resolve_model_config(cfg.preset, model_over), None
+        return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset), None
     if not train_over.get("out"):
         raise RunError("--resume needs the run folder: --out DIR (the folder holding last.pt)")
     path = Path(train_over["out"]) / "last.pt"
@@ -138,6 +138,16 @@ def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
     return groups + [{"params": text, "lr": cfg.text_lr}] if text else groups
 
 
+def make_scheduler(optimizer, cfg: TrainConfig):
+    """The paper's ReduceLROnPlateau on validation Dice, or a cosine decay from lr to min_lr over
+    cfg.epochs, stepped once per epoch (a known budget: the lr reaches its floor as the run ends)."""
+    if cfg.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 def text_config_of(model) -> dict | None:
@@ -208,9 +218,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         model = torch.compile(model)
     optimizer = torch.optim.Adam(parameter_groups(raw, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-        min_lr=cfg.min_lr)
+    scheduler = make_scheduler(optimizer, cfg)
     scaler = make_scaler(device, cfg.amp)
     # Different augmentations per rank; the same stream on every run with this seed.
     aug_gen = make_generator(cfg.seed + 7919 * (dist.rank + 1), device)
@@ -324,7 +332,7 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
                               progress=cfg.progress)
     val = summarize(records)
     score = val["dice"] if math.isfinite(val["dice"]) else 0.0
-    scheduler.step(score)
+    scheduler.step(score) if cfg.lr_schedule == "plateau" else scheduler.step()
     improved = score > early["best"]
     if improved:
         early.update(best=score, best_epoch=epoch, bad_epochs=0)

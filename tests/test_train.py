@@ -23,7 +23,7 @@ from tmc.train_config import (
 def _resolve(argv):
     train_over, model_over = explicit_overrides(build_parser().parse_args(argv))
     cfg = resolve_train_config(train_over)
-    return cfg, resolve_model_config(cfg.preset, model_over)
+    return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset)
 
 
 # ---------------------------------------------------------------------------- flags

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0 = batch_size
     epochs: int = 200  # at most this many epochs
     patience: int = 20  # early stop after this many epochs without a validation-Dice gain
+    lr_schedule: str = "plateau"  # plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine (lr to min_lr over --epochs)
     plateau_patience: int = 10  # ReduceLROnPlateau: epochs without gain before lr × plateau_factor
     plateau_factor: float = 0.1  # ReduceLROnPlateau factor
     min_lr: float = 0.0  # ReduceLROnPlateau floor
@@ -94,6 +95,7 @@ CHOICES = {
     "preset": ("", *PRESETS),
     "split_mode": ("paper", "layout"),
     "seg_loss": ("bce", "bce+dice"),
+    "lr_schedule": ("plateau", "cosine"),
     "amp": ("off", "bf16", "fp16"),
     "alignment_form": ("sigmoid", "literal"),
     "mcm_attention": ("softmax", "sigmoid"),
@@ -199,9 +201,11 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
     return cfg
 
 
-def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
-    """The preset's ModelConfig with the explicit model flags applied."""
-    return get_config(preset, **overrides)
+def resolve_model_config(preset: str, overrides: dict, dataset: str = "") -> ModelConfig:
+    """The preset's ModelConfig, then the dataset's model defaults, then the explicit model flags."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    defaults = {k: v for k, v in DATASET_DEFAULTS.get(dataset, {}).items() if k in model_fields}
+    return get_config(preset, **{**defaults, **overrides})
 
 
 def parse_reader_options(text: str) -> dict:
