@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tmc import bench
+from tmc.lab import bench
 from tmc.config import tiny_config
 from tmc.model import build_model
 
@@ -176,7 +176,7 @@ def test_targets_follow_the_issue_thresholds():
 
 
 def test_op_counter_counts_kernels_not_views_and_flags_syncs():
-    from tmc.op_count import OpCounter
+    from tmc.lab.op_count import OpCounter
 
     x = torch.randn(4, 4)
     with OpCounter() as counter:
@@ -188,7 +188,7 @@ def test_op_counter_counts_kernels_not_views_and_flags_syncs():
 
 
 def test_op_count_of_a_tiny_training_step_by_part():
-    from tmc.op_count import count_training_step
+    from tmc.lab.op_count import count_training_step
 
     r = count_training_step("tiny", batch=2, amp="bf16")
     assert sum(r["per_part"].values()) == r["total"] > 1000

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from datasets.text_from_mask import caption_from_zones
-from tmc.grounding_probe import GRID, _LEVEL_ROWS, run_probe, zone_batch
+from tmc.lab.grounding_probe import GRID, _LEVEL_ROWS, run_probe, zone_batch
 
 
 def _zone_of(row: int, col: int) -> tuple[int, int]:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The demo's ablations (issue 5): name → extra train.py flags.
 DEMO_VARIANTS = {
@@ -407,7 +407,7 @@ def grounding_probe(seeds: list[int], parallel: int) -> dict:
     """Dice curves of `tmc.grounding_probe.run_probe` per setting and seed, one thread per run."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tmc.grounding_probe import run_probe
+    from tmc.lab.grounding_probe import run_probe
 
     folder = REPO / "results" / "grounding_probe"
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
-from tmc.bench import PARTS, make_batch, make_model, paper_loss
+from tmc.lab.bench import PARTS, make_batch, make_model, paper_loss
 
 # Aten ops that only make a new view of the same memory: no kernel.
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
