@@ -1,4 +1,4 @@
-"""tmc.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
+"""tmc.lab.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
 
 No timing is asserted, only that times are positive and the derived figures are consistent.
 """
@@ -133,7 +133,7 @@ def test_cpu_benchmark_writes_sane_json(one_thread, tmp_path):
     assert 2.5 < r["train_over_forward"] < 3.5
 
 
-def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkeypatch):
+def test_suite_runs_the_gpu_table_and_writes_one_json_per_row(tmp_path, monkeypatch):
     seen = []
 
     def fake_bench(args):
@@ -166,7 +166,7 @@ def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkey
         bench.suite(str(tmp_path), rows=["train_b9"])
 
 
-def test_targets_follow_the_issue_thresholds():
+def test_targets_follow_the_speed_and_memory_thresholds():
     row = {"train_step_ms": 1.0, "batch": 8, "fraction_of_peak": 0.11, "peak_memory_gib": 12.5}
     assert bench.targets_met(row) == {"fraction_of_peak": True, "peak_memory_gib": False}
     row.update(batch=32, peak_memory_gib=20.0)
