@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from tests import param_counts
 from tmc.decoder import DualUDecoder, WindowAttention
 
 PAPER = dict(stage_channels=(96, 192, 384, 768), stem_channels=32, vit_heads=(3, 6, 12, 24), vit_window=7)
@@ -167,14 +168,17 @@ def test_channels_last_and_bf16_autocast():
 
 
 def test_parameter_count_at_paper_widths():
-    """Designed for ~78 M: with BERT-base 109.5 M, Swin-T 27.5 M and MCM ~19 M the model is ~234 M,
-    within 15 % of the paper's 242.8 M."""
+    """The decoder's exact size at the paper's widths (about 78 M) and at the tiny preset's."""
     with torch.device("meta"):
         dec = DualUDecoder(**PAPER)
     n = sum(p.numel() for p in dec.parameters())
     assert 70e6 <= n <= 95e6, n
-    total = 109.5e6 + 27.5e6 + 19e6 + n
-    assert abs(total - 242.8e6) <= 0.15 * 242.8e6
+    # Exact, from the architecture written out layer by layer (tests/param_counts.py).
+    assert n == param_counts.decoder(PAPER["stage_channels"], PAPER["stem_channels"]) == 78_241_121
+    with torch.device("meta"):
+        tiny = DualUDecoder(**TINY)
+    assert sum(p.numel() for p in tiny.parameters()) == param_counts.decoder(TINY["stage_channels"],
+                                                                             TINY["stem_channels"])
 
 
 def test_bad_shapes_raise():

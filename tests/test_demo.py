@@ -119,7 +119,7 @@ class _ZoneStub:
 
 
 def test_zone_table_rows_are_blob_zones_and_columns_asked_zones():
-    from tmc.experiments import ZONE_NAMES, zone_table
+    from tmc.lab.experiments import ZONE_NAMES, zone_table
 
     size = 12
     blobs = []
@@ -137,7 +137,7 @@ def test_zone_table_rows_are_blob_zones_and_columns_asked_zones():
 
 
 def test_zone_separation_reads_the_pairs_a_table_tells_apart():
-    from tmc.experiments import ZONE_NAMES, zone_separation
+    from tmc.lab.experiments import ZONE_NAMES, zone_separation
 
     assert set(zone_separation(np.eye(6)).values()) == {1.0}
     side_only = np.array([[float(a.split()[1] == b.split()[1]) for b in ZONE_NAMES] for a in ZONE_NAMES])
@@ -153,7 +153,7 @@ def test_zone_separation_reads_the_pairs_a_table_tells_apart():
 
 
 def test_zone_probe_of_other_runs_never_overwrites_the_readme_summary(tmp_path, monkeypatch):
-    from tmc import experiments
+    from tmc.lab import experiments
 
     calls = []
     monkeypatch.setattr(experiments, "zone_probe", lambda folders, demo, summary: calls.append((folders, summary)))
@@ -199,7 +199,7 @@ class _AttentionStub:
 
 
 def test_zone_attention_tells_reading_where_the_words_point_from_broadcasting():
-    from tmc.experiments import zone_attention
+    from tmc.lab.experiments import zone_attention
 
     images = torch.zeros(2, 1, 24, 24)
     assert zone_attention(_AttentionStub(selective=True), images) == {"inside": 1.0, "outside": 0.1,

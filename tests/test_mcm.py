@@ -177,13 +177,27 @@ def test_zero_init_visual_is_identity_but_trainable():
     assert not torch.allclose(m2(v.float(), l.float())[0], v.float())
 
 
-def test_train_mode_dropout_runs_and_eval_is_deterministic():
+def test_dropout_acts_in_train_mode_and_not_in_eval():
+    """Against the same weights without dropout: in train mode dropout changes both streams (and
+    differs between calls); in eval mode the block equals its dropout-free copy exactly."""
+    torch.manual_seed(0)
     m = MultiStageCrossAttentionBlock(8, 8, 2, dropout=0.5, zero_init_visual=False)
+    ref = MultiStageCrossAttentionBlock(8, 8, 2, dropout=0.0, zero_init_visual=False)
+    ref.load_state_dict(m.state_dict())
+    ref.eval()
     v, l = torch.randn(2, 6, 8), torch.randn(2, 5, 8)
-    m.train()
-    assert torch.isfinite(m(v, l)[0]).all()
-    m.eval()
-    torch.testing.assert_close(m(v, l)[0], m(v, l)[0], rtol=0, atol=0)
+    with torch.no_grad():
+        want_v, want_l = ref(v, l)
+        m.train()
+        a_v, a_l = m(v, l)
+        b_v, _ = m(v, l)
+        assert torch.isfinite(a_v).all() and torch.isfinite(a_l).all()
+        assert not torch.allclose(a_v, want_v) and not torch.allclose(a_l, want_l)
+        assert not torch.allclose(a_v, b_v)  # a fresh mask per call
+        m.eval()
+        got_v, got_l = m(v, l)
+    torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
+    torch.testing.assert_close(got_l, want_l, rtol=0, atol=0)
 
 
 def test_bad_arguments_raise():

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from tests import param_counts
 from tmc.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tmc.config import ModelConfig, get_config, tiny_config
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
@@ -160,6 +161,22 @@ def test_paper_config_forward_at_224_with_random_bert_base():
     model = build_model(cfg).eval()
     counts = count_parameters(model)
     assert 0.85 * 242.8e6 <= counts["total"] <= 1.15 * 242.8e6, counts
+    # Exact per part, from the architecture written out layer by layer (tests/param_counts.py):
+    # BERT-base without pooler; Swin-T without head; the stage-2/3/4 text projections (768→192,
+    # 192→384, 384→768), both MCM directions at stages 2-3 and the image direction at stage 4;
+    # two Linear(C, 256) plus temperature and bias per aligned stage.
+    c = (96, 192, 384, 768)
+    expected = {
+        "text_encoder": param_counts.bert(12, 768),
+        "swin": param_counts.swin(),
+        "mcm": (param_counts.lin(768, 192) + param_counts.lin(192, 384) + param_counts.lin(384, 768)
+                + 2 * param_counts.mcm_direction(192) + 2 * param_counts.mcm_direction(384)
+                + param_counts.mcm_direction(768)),
+        "alignment": sum(2 * param_counts.lin(ci, 256) + 2 for ci in c[1:]),
+        "decoder": param_counts.decoder(c, 32),
+    }
+    expected["total"] = sum(expected.values())
+    assert counts == expected
     image = torch.rand(1, 1, 224, 224)
     with torch.no_grad():
         out = model(image, **model.tokenize(CAPTIONS[:1]))
@@ -294,8 +311,8 @@ def test_prepared_text_mask_gives_what_the_2d_mask_gives(implementation):
 def test_training_step_never_waits_for_the_device():
     """No op in forward, losses and backward reads a tensor's value on the host (.item(), nonzero,
     bool(tensor)): on a GPU each would be a sync that stalls the queue and breaks CUDA-graph capture.
-    (tmc.op_count's counter, itself tested on a planted .item() in test_bench.py, lists them.)"""
-    from tmc.op_count import OpCounter
+    (tmc.lab.op_count's counter, itself tested on a planted .item() in test_bench.py, lists them.)"""
+    from tmc.lab.op_count import OpCounter
 
     cfg = tiny_config()
     model = build_model(cfg).train()

@@ -273,7 +273,7 @@ def test_text_lr_puts_the_text_encoder_in_its_own_adam_group():
 
 
 def test_every_experiment_variant_is_valid_train_flags():
-    from tmc import experiments
+    from tmc.lab import experiments
 
     grids = [experiments.DEMO_VARIANTS, experiments.DEMO96_VARIANTS, experiments.DEMO_LONG_VARIANTS,
              experiments.DEMO_TEXT_ENCODER_VARIANTS]

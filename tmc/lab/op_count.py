@@ -1,8 +1,8 @@
 """How many kernels one training step launches, and where: the cost that sets the pace of a
 launch-bound GPU step.
 
-    python -m tmc.op_count --config paper            # per part, and the most frequent ops
-    python -m tmc.op_count --config tiny --amp off
+    python -m tmc.lab.op_count --config paper            # per part, and the most frequent ops
+    python -m tmc.lab.op_count --config tiny --amp off
 
 Why count: on one H200 (results/bench_gpu) the paper preset's eager training step took 173 ms at
 batch 8 and 159 ms at batch 32, while its kernels kept the GPU busy for only 52 ms at batch 32. The
@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
-from tmc.bench import PARTS, make_batch, make_model, paper_loss
+from tmc.lab.bench import PARTS, make_batch, make_model, paper_loss
 
 # Aten ops that only make a new view of the same memory: no kernel.
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",

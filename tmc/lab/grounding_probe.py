@@ -14,8 +14,8 @@ can only learn its zone from the position code. Two ways to supervise the same m
              and must say which of them the caption names. Lesions are k × k tokens.
 
 On the demo at 64², a lesion covers about 1.4 stage-2 tokens (8 × 8 pixels each), so the lesion
-setting with k = 1 is the demo's situation. `python -m tmc.experiments grounding-probe` runs the
-settings side by side; see the README for what it found.
+setting with k = 1 is the demo's situation. `python -m tmc.lab.experiments grounding-probe` runs the
+settings side by side; results/README.md says what it found.
 
 Shape key: B batch, G grid side (8: stage 2 of a 64² image), N = G·G tokens, C channels, T tokens.
 """

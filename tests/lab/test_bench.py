@@ -1,4 +1,4 @@
-"""tmc.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
+"""tmc.lab.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
 
 No timing is asserted, only that times are positive and the derived figures are consistent.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tmc import bench
+from tmc.lab import bench
 from tmc.config import tiny_config
 from tmc.model import build_model
 
@@ -133,7 +133,7 @@ def test_cpu_benchmark_writes_sane_json(one_thread, tmp_path):
     assert 2.5 < r["train_over_forward"] < 3.5
 
 
-def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkeypatch):
+def test_suite_runs_the_gpu_table_and_writes_one_json_per_row(tmp_path, monkeypatch):
     seen = []
 
     def fake_bench(args):
@@ -166,7 +166,7 @@ def test_suite_runs_the_issue_table_and_writes_one_json_per_row(tmp_path, monkey
         bench.suite(str(tmp_path), rows=["train_b9"])
 
 
-def test_targets_follow_the_issue_thresholds():
+def test_targets_follow_the_speed_and_memory_thresholds():
     row = {"train_step_ms": 1.0, "batch": 8, "fraction_of_peak": 0.11, "peak_memory_gib": 12.5}
     assert bench.targets_met(row) == {"fraction_of_peak": True, "peak_memory_gib": False}
     row.update(batch=32, peak_memory_gib=20.0)
@@ -176,7 +176,7 @@ def test_targets_follow_the_issue_thresholds():
 
 
 def test_op_counter_counts_kernels_not_views_and_flags_syncs():
-    from tmc.op_count import OpCounter
+    from tmc.lab.op_count import OpCounter
 
     x = torch.randn(4, 4)
     with OpCounter() as counter:
@@ -188,7 +188,7 @@ def test_op_counter_counts_kernels_not_views_and_flags_syncs():
 
 
 def test_op_count_of_a_tiny_training_step_by_part():
-    from tmc.op_count import count_training_step
+    from tmc.lab.op_count import count_training_step
 
     r = count_training_step("tiny", batch=2, amp="bf16")
     assert sum(r["per_part"].values()) == r["total"] > 1000

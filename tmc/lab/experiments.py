@@ -1,27 +1,26 @@
-"""The experiments behind the README's results table; each writes raw JSON under results/.
+"""The experiments behind results/README.md; each writes raw JSON under results/.
 
-    python -m tmc.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
-    python -m tmc.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
-    python -m tmc.experiments caption-swap             # does the text steer? true vs shuffled captions
-    python -m tmc.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
-    python -m tmc.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
-    python -m tmc.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
-    python -m tmc.experiments mcm-attention --seeds 0 1 2 3 4 --threads 1 --parallel 2
+    python -m tmc.lab.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
+    python -m tmc.lab.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
+    python -m tmc.lab.experiments caption-swap             # does the text steer? true vs shuffled captions
+    python -m tmc.lab.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
+    python -m tmc.lab.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
+    python -m tmc.lab.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
+    python -m tmc.lab.experiments mcm-attention --seeds 0 1 2 3 4 --threads 1 --parallel 2
                                                        # CPU, ~35 min: softmax vs sigmoid image→text weights
-    python -m tmc.experiments mcm-attention-long --seeds 2 3 4 --threads 1 --parallel 2
+    python -m tmc.lab.experiments mcm-attention-long --seeds 2 3 4 --threads 1 --parallel 2
                                                        # CPU, ~50 min: the sigmoid MiniLM runs with 4x the steps
-    python -m tmc.experiments zone-probe               # which zone words a demo checkpoint has learned
-    python -m tmc.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/grounding_probe.py)
-    python -m tmc.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
-    python -m tmc.experiments qata --root ../shared/data/qata --cpu-small --minutes 3   # reduced, CPU
+    python -m tmc.lab.experiments zone-probe               # which zone words a demo checkpoint has learned
+    python -m tmc.lab.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/lab/grounding_probe.py)
+    python -m tmc.lab.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
+    python -m tmc.lab.experiments qata --root data/qata --cpu-small --minutes 3   # reduced, CPU
 
-For the GPU run, copy the subset into the repository first (`cp -r ../shared/data/qata data/qata`;
-`data/` is git-ignored) and carry that folder to the GPU machine: 57 MiB plus the code fits one
-64 MiB transfer. It needs torch and transformers only (random BERT-base with the shipped vocabulary).
+Put the QaTa subset under `data/qata` (git-ignored) first. The GPU run needs torch and transformers
+only (a random BERT-base with the shipped vocabulary).
 
 Every run is `train.py` in a subprocess with a fixed budget (steps on the demo, minutes on QaTa), so
 the numbers depend only on the flags written beside them. `summary.json` in each folder holds the
-per-run test metrics and the mean ± std per variant; `table.md` is what the README quotes.
+per-run test metrics and the mean ± std per variant; `table.md` is the table results/README.md quotes.
 """
 from __future__ import annotations
 
@@ -37,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
-# The demo's ablations (issue 5): name → extra train.py flags.
+# The demo's ablations: name → extra train.py flags.
 DEMO_VARIANTS = {
     "full": [],
     "no-text": ["--no-text"],
@@ -113,7 +112,7 @@ def summarise(folder: Path, runs: dict[str, list[dict]], command: str, note: str
     return summary
 
 
-# A larger demo (issue 5's follow-up): at 96² a lesion covers about 3 stage-2 tokens instead of 1.4,
+# A larger demo: at 96² a lesion covers about 3 stage-2 tokens instead of 1.4,
 # and 3000 images instead of 600 leave less to memorise. Own folder, so it never replaces data/demo.
 DEMO96 = {"root": REPO / "data" / "demo96", "image_size": 96, "options": {"n": 3000, "size": 96}}
 DEMO96_VARIANTS = {"full": [], "no-text": ["--no-text"], "no-alignment": ["--no-alignment"]}
@@ -159,7 +158,7 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96",
            "demo_long": "demo-long", "demo_text_encoder": "text-encoder",
            "demo_mcm_attention": "mcm-attention", "demo_mcm_attention_long": "mcm-attention-long"}[name]
-    command = (f"python -m tmc.experiments {cli} --seeds {' '.join(map(str, seeds))} "
+    command = (f"python -m tmc.lab.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
     data = (f"Demo test split ({n_test} synthetic images, 64²)" if demo is None else
@@ -225,7 +224,7 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
         print(f"{run.name:<24} true {rows[run.name]['true']:.4f}  shuffled {rows[run.name]['shuffled']:.4f}"
               f"  gap {rows[run.name]['gap']:+.4f}", flush=True)
     (folder / "caption_swap.json").write_text(json.dumps(
-        {"command": "python -m tmc.experiments caption-swap", "machine": machine(),
+        {"command": "python -m tmc.lab.experiments caption-swap", "machine": machine(),
          "note": "per-image test Dice (threshold 0.5, empty-vs-empty = 1) of best.pt with true vs "
                  f"shuffled captions (permutation seed {seed})", "every_blob_dice": every_blob,
          "runs": rows}, indent=2) + "\n")
@@ -323,7 +322,7 @@ def zone_separation(table: np.ndarray) -> dict[str, float]:
 def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | None = None) -> dict:
     """zone_table of every text-guided demo checkpoint (best.pt) under `folders` on the test split of
     the 64² demo (or of `demo`, e.g. DEMO96); the blobs come from re-rendering each test image
-    (datasets.demo.render_demo_image). Written to `summary` (default: the README's
+    (datasets.demo.render_demo_image). Written to `summary` (default:
     results/demo_zone_probe/summary.json, or demo96_zone_probe's)."""
     from scipy import ndimage
 
@@ -339,7 +338,7 @@ def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | Non
              for f in folders]
     # The command that rewrites this very file: the default grids have no --runs.
     runs_flag = " --runs " + " ".join(shown) if summary else ""
-    out = {"command": "python -m tmc.experiments zone-probe" + runs_flag + " --demo96" * bool(demo),
+    out = {"command": "python -m tmc.lab.experiments zone-probe" + runs_flag + " --demo96" * bool(demo),
            "machine": machine(),
            "zones": ZONE_NAMES, "note": "rows: the blob's zone; columns: the zone the one-zone caption names; "
            f"values: fraction of those blobs segmented (> half their pixels); demo test split, {size}²",
@@ -389,7 +388,7 @@ def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
     runs = {v: [run_train(folder / f"{v}-s{s}", [*common, "--seed", str(s), *flags], score_split="val")
                 for s in seeds]
             for v, flags in (("full", []), ("no-text", ["--no-text"]))}
-    command = (f"python -m tmc.experiments qata --root {root} --minutes {minutes}"
+    command = (f"python -m tmc.lab.experiments qata --root {root} --minutes {minutes}"
                + (" --cpu-small" if cpu_small else ""))
     note = ("Real QaTa-COV19 subset, scored on its 500 'valid' images (also used for selection). "
             "Text encoder: randomly initialised BERT (no pretrained weights can be downloaded here); "
@@ -404,10 +403,10 @@ PROBE_SETTINGS = (("dense", None, 1500), ("lesions-1x1", 1, 1500), ("lesions-2x2
 
 
 def grounding_probe(seeds: list[int], parallel: int) -> dict:
-    """Dice curves of `tmc.grounding_probe.run_probe` per setting and seed, one thread per run."""
+    """Dice curves of `tmc.lab.grounding_probe.run_probe` per setting and seed, one thread per run."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tmc.grounding_probe import run_probe
+    from tmc.lab.grounding_probe import run_probe
 
     folder = REPO / "results" / "grounding_probe"
     folder.mkdir(parents=True, exist_ok=True)
@@ -415,7 +414,7 @@ def grounding_probe(seeds: list[int], parallel: int) -> dict:
     with ProcessPoolExecutor(max_workers=parallel, initializer=_one_thread) as pool:
         futures = [pool.submit(run_probe, lesion, steps, seed) for _, lesion, steps, seed in jobs]
         results = [f.result() for f in futures]
-    out = {"command": f"python -m tmc.experiments grounding-probe --seeds {' '.join(map(str, seeds))}",
+    out = {"command": f"python -m tmc.lab.experiments grounding-probe --seeds {' '.join(map(str, seeds))}",
            "machine": machine(), "note": "held-out Dice of the probe at each evaluation step", "settings": {}}
     for (name, *_), result in zip(jobs, results):
         out["settings"].setdefault(name, []).append(result)
@@ -454,12 +453,12 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="torch threads per CPU run")
     p.add_argument("--parallel", type=int, default=1, help="demo: runs at a time")
-    p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "qata"))
+    p.add_argument("--root", default=str(REPO / "data" / "qata"), help="qata: the QaTa-COV19 folder")
     p.add_argument("--minutes", type=float, default=4.0, help="qata: training budget per run")
     p.add_argument("--cpu-small", action="store_true", help="qata: reduced size for a CPU")
     p.add_argument("--demo96", action="store_true", help="zone-probe: on the 96² demo (runs of demo96)")
     p.add_argument("--runs", nargs="*", default=None, help="zone-probe: folders of run folders, "
-                   "written to <first folder>/zone_probe.json (default: the grids the README quotes, written to "
+                   "written to <first folder>/zone_probe.json (default: the grids results/README.md quotes, written to "
                    "results/demo_zone_probe/summary.json)")
     args = p.parse_args(argv)
     if args.experiment == "demo-ablation":
@@ -479,7 +478,7 @@ def main(argv=None) -> None:
     elif args.experiment == "zone-probe":
         default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder",
                                                    "demo_mcm_attention")
-        # Other folders (--runs) get their own file beside them, so the README's summary stays whole.
+        # Other folders (--runs) get their own file beside them, so the default summary stays whole.
         summary = Path(args.runs[0]) / "zone_probe.json" if args.runs else None
         zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None,
                    summary)

@@ -1,9 +1,10 @@
 """The grounding probe: its batches say what the captions say, and its training loop runs."""
 import numpy as np
 import pytest
+import torch
 
 from datasets.text_from_mask import caption_from_zones
-from tmc.grounding_probe import GRID, _LEVEL_ROWS, run_probe, zone_batch
+from tmc.lab.grounding_probe import GRID, _LEVEL_ROWS, run_probe, zone_batch
 
 
 def _zone_of(row: int, col: int) -> tuple[int, int]:
@@ -38,3 +39,30 @@ def test_run_probe_returns_a_dice_curve():
     out = run_probe(1, steps=4, eval_every=2, eval_size=8)
     assert [c["step"] for c in out["curve"]] == [2, 4]
     assert all(0.0 <= c["dice"] <= 1.0 and np.isfinite(c["train_loss"]) for c in out["curve"])
+
+
+class _NamesEverything(torch.nn.Module):
+    """A probe that calls every token named: its Dice is known in closed form."""
+
+    def __init__(self, text_model):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, captions, lesions, generator):
+        return torch.ones_like(lesions) + 0 * self.w  # (B, G, G) logits, all positive
+
+
+@pytest.mark.parametrize("lesion", [1, None])
+def test_run_probe_scores_lesion_tokens_only_on_its_held_out_set(monkeypatch, lesion):
+    """Dice of a probe naming every token, recomputed here from the held-out batch run_probe draws
+    (seed 10_000 + seed): 2|T| / (|L| + |T|) over lesion tokens L (every token when dense). Scoring
+    all tokens, or another set, gives another number."""
+    from tmc.lab import grounding_probe
+
+    monkeypatch.setattr(grounding_probe, "GroundingProbe", _NamesEverything)
+    out = run_probe(lesion, steps=2, seed=3, eval_every=2, eval_size=32)
+    _, target, lesions = zone_batch(np.random.default_rng(10_003), 32, lesion)
+    t, n = float(target.sum()), float(lesions.sum())
+    assert out["curve"][-1]["dice"] == pytest.approx(2 * t / (n + t))
+    if lesion is not None:  # lesions are a strict subset of the grid, so scoring every token differs
+        assert n < lesions.numel() and 2 * t / (lesions.numel() + t) < out["curve"][-1]["dice"] - 0.05

@@ -1,0 +1,47 @@
+"""tmc.lab.report: the tables of README.md and results/README.md are what the files in results/ give."""
+import json
+import re
+
+from tmc.lab import report
+
+RESULTS = report.REPO / "results"
+
+
+def test_every_generated_table_matches_the_results_files():
+    for doc in report.DOCUMENTS:
+        text = (report.REPO / doc).read_text()
+        assert report.render(text, RESULTS) == text, f"{doc}: run `python -m tmc.lab.report`"
+    names = [m.group(2) for m in report.BLOCK.finditer((RESULTS / "README.md").read_text())]
+    assert set(names) == set(report.TABLES) - {"summary"}  # every table is in the log, once each
+    assert len(names) == len(set(names))
+    assert [m.group(2) for m in report.BLOCK.finditer((report.REPO / "README.md").read_text())] == ["summary"]
+
+
+def test_a_stale_table_is_rebuilt():
+    stale = "intro\n<!-- table:heads4 -->\n| variant | Dice |\n| full | 0.999 |\n<!-- end table -->\nafter\n"
+    fresh = report.render(stale, RESULTS)
+    assert fresh != stale and fresh.startswith("intro\n<!-- table:heads4 -->\n| variant |")
+    assert fresh.endswith("<!-- end table -->\nafter\n") and "0.999" not in fresh
+    assert report.render(fresh, RESULTS) == fresh
+
+
+def test_grid_rows_carry_the_means_the_experiment_recorded():
+    """The experiments write mean and std into summary.json; the report recomputes them from the
+    per-run values, and the two agree."""
+    for name in ("demo_ablation", "demo_mcm_attention_long", "demo_text_encoder"):
+        table = report.grid(RESULTS, name)
+        summary = json.loads((RESULTS / name / "summary.json").read_text())
+        for variant, v in summary["variants"].items():
+            row = next(line for line in table.splitlines() if line.startswith(f"| {variant} |"))
+            assert f"{v['dice']['mean']:.3f} ± {v['dice']['std']:.3f}" in row
+
+
+def test_binding_counts_follow_the_zone_probe():
+    table = report.grid(RESULTS, "demo_mcm_attention", binding=True)
+    counts = dict(re.findall(r"^\| ([\w-]+) \|.*\| (\d of \d) \|$", table, re.M))
+    # From results/demo_zone_probe/summary.json: seed 0 alone of the random-BERT sigmoid runs tells
+    # apart every pair at 0.95 or more (seed 2's middle/lower is 0.66).
+    assert counts == {"random-bert": "0 of 5", "random-bert-sigmoid": "1 of 5", "minilm": "1 of 5",
+                      "minilm-sigmoid": "2 of 5"}
+    assert report.binds_all_zones({"separation": {"a": 0.95, "b": 1.0}})
+    assert not report.binds_all_zones({"separation": {"a": 0.949, "b": 1.0}})

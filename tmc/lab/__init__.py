@@ -1,0 +1,1 @@
+"""Research tools around TMC (benchmark, op count, probes, experiments); never needed to train or evaluate."""

@@ -1,0 +1,255 @@
+"""Rebuild the result tables of README.md and results/README.md from the files in results/.
+
+    python -m tmc.lab.report            # rewrite every generated table in place
+    python -m tmc.lab.report --check    # exit 1 if a document's tables differ from the files
+
+A generated table sits between `<!-- table:NAME -->` and `<!-- end table -->`; NAME is a key of
+TABLES. So every figure in those tables is read from a JSON file that a command wrote, never retyped.
+A run "binds all six zones" when the zone probe tells apart every pair of zone words at 0.95 or more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCUMENTS = ("README.md", "results/README.md")
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
+BINDS = 0.95
+# train.py flags that set the data and the budget, the same for every row of a grid.
+COMMON_FLAGS = {"--dataset", "--seed", "--time-limit", "--root", "--image-size", "--reader-options", "--epochs",
+                "--patience", "--plateau-patience"}
+
+
+def _load(results: Path, name: str) -> dict:
+    return json.loads((results / name).read_text())
+
+
+def _ms(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def _seeds(values: list[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
+
+
+def _flags(flags: list[str]) -> str:
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f in COMMON_FLAGS:
+            skip = True
+        else:
+            out.append(f)
+    return f"`{' '.join(out)}`" if out else ""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def zone_runs(results: Path) -> dict[str, dict]:
+    """Every run the zone probe has measured, by "<grid>/<run>", from every zone-probe file."""
+    runs = {}
+    files = [results / "demo_zone_probe" / "summary.json", results / "demo96_zone_probe" / "summary.json",
+             *sorted(results.glob("*/zone_probe.json"))]
+    for f in files:
+        if f.is_file():
+            for name, run in json.loads(f.read_text())["runs"].items():
+                runs.setdefault(name, run)
+    return runs
+
+
+def binds_all_zones(run: dict) -> bool:
+    return min(run["separation"].values()) >= BINDS
+
+
+def grid(results: Path, name: str, binding: bool = False, shuffled: bool = False) -> str:
+    """One row per variant of results/<name>/summary.json: mean ± std over seeds, and the seeds."""
+    summary = _load(results, f"{name}/summary.json")
+    zones = zone_runs(results) if binding else {}
+    swap = _load(results, f"{name}/caption_swap.json")["runs"] if shuffled else {}
+    header = ["variant", "flags", "Dice (per image)", "per seed", "mIoU", "Dice (global)"]
+    header += ["runs binding all six zones"] * binding + ["Dice, shuffled captions (gap per seed)"] * shuffled
+    rows = []
+    for variant, v in summary["variants"].items():
+        row = [variant, _flags(v["runs"][0]["flags"]), _ms(v["dice"]["values"]), _seeds(v["dice"]["values"]),
+               _ms(v["miou"]["values"]), _ms(v["dice_global"]["values"])]
+        if binding:
+            probed = [zones.get(r["run"].removeprefix("results/")) for r in v["runs"]]
+            row.append(f"{sum(binds_all_zones(z) for z in probed)} of {len(probed)}" if all(probed) else "—")
+        if shuffled:
+            gaps = [swap[Path(r["run"]).name] for r in v["runs"] if Path(r["run"]).name in swap]
+            row.append(f"{statistics.fmean(g['shuffled'] for g in gaps):.3f} ("
+                       + ", ".join(f"{g['gap']:+.3f}" for g in gaps) + ")" if gaps else "—")
+        rows.append(row)
+    note = f"\n`{summary['command']}`; {summary['machine']}. {summary['note']}\n"
+    if shuffled:
+        every = _load(results, f"{name}/caption_swap.json")["every_blob_dice"]
+        note += f"Segmenting every blob, targets and distractors alike, scores Dice {every:.3f}.\n"
+    return _table(header, rows) + note
+
+
+def zone_probe(results: Path) -> str:
+    """Per group of seeds: test Dice, how well each pair of zone words is told apart, stage-2 focus."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, run in zone_runs(results).items():
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append((name, run))
+    pairs = ("left/right", "upper/middle", "upper/lower", "middle/lower")
+    header = ["runs", "seeds", "test Dice", *pairs, "stage-2 focus", "binds all six"]
+    rows = []
+    for group, runs in groups.items():
+        focus = [r.get("stage2_attention", {}).get("focus") for _, r in runs]
+        rows.append([group, ", ".join(n.rsplit("-s", 1)[1] for n, _ in runs),
+                     _seeds([r["test_dice"] for _, r in runs]),
+                     *(", ".join(f"{r['separation'][p]:.2f}" for _, r in runs) for p in pairs),
+                     ", ".join("—" if f is None else f"{f:.2f}" for f in focus),
+                     f"{sum(binds_all_zones(r) for _, r in runs)} of {len(runs)}"])
+    return _table(header, rows)
+
+
+def grounding_probe(results: Path) -> str:
+    """Held-out Dice of the probe at 500/1000/1500/4000 steps: mean (per seed)."""
+    summary = _load(results, "grounding_probe/summary.json")
+    steps = (500, 1000, 1500, 4000)
+    rows = []
+    for setting, runs in summary["settings"].items():
+        cells = []
+        for s in steps:
+            at = [next((c["dice"] for c in r["curve"] if c["step"] == s), None) for r in runs]
+            cells.append("" if None in at else
+                         f"{statistics.fmean(at):.2f} (" + ", ".join(f"{d:.2f}" for d in at) + ")")
+        rows.append([setting, ", ".join(str(r["seed"]) for r in runs), *cells])
+    return _table(["setting", "seeds", *(f"{s} steps" for s in steps)], rows) + f"\n`{summary['command']}`\n"
+
+
+def qata(results: Path, name: str) -> str:
+    """Validation scores of the QaTa runs, with the steps and training speed read from metrics.jsonl."""
+    summary = _load(results, f"{name}/summary.json")
+    rows = []
+    for variant, v in summary["variants"].items():
+        for r in v["runs"]:
+            run = results / name / Path(r["run"]).name
+            epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+            batch = json.loads((run / "config.json").read_text())["train"]["batch_size"]
+            steps = sum(e["steps"] for e in epochs)
+            rate = steps * batch / sum(e["train_time_s"] for e in epochs)
+            rows.append([variant, f"{r['dice_per_image']:.3f}", f"{r['iou_per_image']:.3f}",
+                         f"{r['dice_global']:.3f}", f"{r['iou_global']:.3f}", f"{len(epochs)} / {steps}",
+                         f"{rate:.0f}"])
+    header = ["run (seed 0)", "Dice (per image)", "IoU (per image)", "Dice (global)", "IoU (global)",
+              "epochs / steps", "training images/s"]
+    command = re.sub(r"--root \S+", "--root QATA_FOLDER", summary["command"])
+    return _table(header, rows) + f"\n`{command}`; {summary['machine']}. {summary['note']}\n"
+
+
+def loose_runs(results: Path, name: str) -> str:
+    """Runs started by hand with train.py (no summary): test Dice per seed, grouped by variant."""
+    groups: dict[str, list[float]] = {}
+    for run in sorted((results / name).glob("*-s*")):
+        if (run / "test_metrics.json").is_file():
+            groups.setdefault(re.sub(r"-s\d+$", "", run.name), []).append(
+                json.loads((run / "test_metrics.json").read_text())["dice"])
+    return _table(["variant", "Dice (per image)", "per seed"], [[g, _ms(v), _seeds(v)] for g, v in groups.items()])
+
+
+def bench_gpu(results: Path) -> str:
+    """The GPU benchmark rows, one JSON per row written by `python -m tmc.lab.bench --suite`."""
+    rows = []
+    for f in sorted((results / "bench_gpu").glob("*.json")):
+        r = json.loads(f.read_text())
+        if "train_step_ms" in r:
+            rows.append([f.stem, str(r["batch"]), "compile" if r["compile"] else "eager",
+                         f"{r['train_images_per_s']:.1f}", f"{r['train_step_ms']:.0f} ms",
+                         f"{100 * r['fraction_of_peak']:.2f}%", f"{r['peak_memory_gib']:.2f} GiB"])
+        elif "infer_images_per_s" in r:
+            rows.append([f.stem, f"{r['infer_batch']} (latency at 1: {r['infer_latency_ms_b1']:.1f} ms)",
+                         "compile" if r["compile"] else "eager", f"{r['infer_images_per_s']:.0f} (inference)",
+                         "", "", ""])
+    header = ["row", "batch", "mode", "images/s", "training step", "fraction of bf16 peak", "peak memory"]
+    return _table(header, rows)
+
+
+def model_size(results: Path) -> str:
+    """Parameters and forward GFLOPs per part of the paper preset, as the GPU benchmark recorded them."""
+    r = _load(results, "bench_gpu/train_b8_eager.json")
+    parts = ("text_encoder", "swin", "mcm", "alignment", "decoder")
+    rows = [[p, f"{r['params'][p] / 1e6:.2f} M", f"{r['forward_gflops_per_part'][p]:.2f}"] for p in parts]
+    rows.append(["**total**", f"**{r['params_total'] / 1e6:.2f} M**", f"**{r['forward_gflops']:.1f}**"])
+    return (_table(["part", "parameters", "forward GFLOPs (2 per multiply-add)"], rows)
+            + f"\n{r['preset']} preset, {r['image_size']}², `{r['text_model']}`, T = {r['text_length']}.\n")
+
+
+def summary(results: Path) -> str:
+    """The README's headline: the demo's ablation, the best demo recipe, the real QaTa runs."""
+    def variant(name: str, v: str) -> dict:
+        return _load(results, f"{name}/summary.json")["variants"][v]
+
+    rows = []
+    for label, name, v in (("demo, full TMC (tiny preset, 1000 steps)", "demo_ablation", "full"),
+                           ("demo, no text", "demo_ablation", "no-text"),
+                           ("demo, sigmoid word weights + MiniLM, 4000 steps", "demo_mcm_attention_long",
+                            "minilm-sigmoid")):
+        d = variant(name, v)
+        rows.append([label, _ms(d["dice"]["values"]), str(d["dice"]["n"]), f"`results/{name}`"])
+    for v in ("full", "no-text"):
+        d = variant("qata_gpu", v)
+        rows.append([f"QaTa subset, {v} (paper preset, 2.5 min on one GPU)", f"{d['dice']['mean']:.3f}",
+                     str(d["dice"]["n"]), "`results/qata_gpu`"])
+    return _table(["run", "test Dice (per image)", "seeds", "files"], rows)
+
+
+TABLES = {
+    "summary": summary,
+    "model-size": model_size,
+    "demo-ablation": lambda r: grid(r, "demo_ablation", binding=True, shuffled=True),
+    "demo96": lambda r: grid(r, "demo96", binding=True),
+    "demo-long": lambda r: grid(r, "demo_long", binding=True),
+    "text-encoder": lambda r: grid(r, "demo_text_encoder", binding=True),
+    "mcm-attention": lambda r: grid(r, "demo_mcm_attention", binding=True),
+    "mcm-attention-long": lambda r: grid(r, "demo_mcm_attention_long", binding=True),
+    "token-length": lambda r: grid(r, "demo_token_length"),
+    "zone-probe": zone_probe,
+    "grounding-probe": grounding_probe,
+    "heads4": lambda r: loose_runs(r, "demo_heads4"),
+    "alignment-weight": lambda r: loose_runs(r, "demo_alignment_weight"),
+    "text-encoder-long": lambda r: loose_runs(r, "demo_text_encoder_long"),
+    "qata-gpu": lambda r: qata(r, "qata_gpu"),
+    "qata-cpu-small": lambda r: qata(r, "qata_cpu_small"),
+    "bench-gpu": bench_gpu,
+}
+
+
+def render(text: str, results: Path) -> str:
+    """`text` with every generated block rebuilt from `results`; an unknown NAME raises KeyError."""
+    return BLOCK.sub(lambda m: m.group(1) + TABLES[m.group(2)](results) + m.group(4), text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="report stale tables instead of rewriting them")
+    args = p.parse_args(argv)
+    stale = []
+    for doc in DOCUMENTS:
+        path = REPO / doc
+        text = path.read_text()
+        new = render(text, REPO / "results")
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                path.write_text(new)
+    if stale:
+        print(("stale tables in " if args.check else "rewrote ") + ", ".join(stale)
+              + (": run `python -m tmc.lab.report`" if args.check else ""))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
