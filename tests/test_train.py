@@ -282,3 +282,31 @@ def test_every_experiment_variant_is_valid_train_flags():
             _resolve(["--dataset", "demo", *experiments.DEMO_BUDGET, *flags])  # argparse exits on a typo
     cfg, model = _resolve(["--dataset", "demo", *experiments.DEMO_TEXT_ENCODER_VARIANTS["minilm-clip"]])
     assert (model.text_model, cfg.text_lr, cfg.grad_clip, cfg.lr) == ("minilm", 3e-5, 1.0, 1e-3)
+
+
+def test_the_demo_defaults_set_model_fields_and_explicit_flags_win():
+    cfg, model = _resolve(["--dataset", "demo"])
+    assert cfg.preset == "tiny" and model.image_size == 64  # the tiny preset's widths
+    assert (model.text_model, model.freeze_text, model.mcm_attention) == ("minilm", True, "sigmoid")
+    assert (cfg.epochs, cfg.max_steps_per_epoch, cfg.time_limit) == (80, 50, 0.0)
+    _, model = _resolve(["--dataset", "demo", "--text-model", "random:2x64", "--no-freeze-text",
+                         "--mcm-attention", "softmax"])
+    assert (model.text_model, model.freeze_text, model.mcm_attention) == ("random:2x64", False, "softmax")
+    _, qata = _resolve(["--dataset", "qata"])  # other datasets keep their preset's model
+    assert (qata.text_model, qata.freeze_text, qata.mcm_attention) == ("bert-base-uncased", False, "softmax")
+
+
+def test_cosine_schedule_decays_to_min_lr_over_the_epochs():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, epochs=4, lr_schedule="cosine")
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    scheduler = train.make_scheduler(optimizer, cfg)
+    seen = []
+    for _ in range(cfg.epochs):
+        optimizer.step()
+        scheduler.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(1, 5)]
+    assert seen == pytest.approx(expected) and seen[-1] == pytest.approx(1e-5)
+    plateau = train.make_scheduler(torch.optim.Adam(params, lr=1e-3), TrainConfig())
+    assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
