@@ -1,5 +1,7 @@
 """The experiments behind results/README.md; each writes raw JSON under results/.
 
+    python -m tmc.lab.experiments demo-default --threads 1 --parallel 2
+                                                       # CPU: the quick start per seed, with and without text
     python -m tmc.lab.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the demo
     python -m tmc.lab.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
     python -m tmc.lab.experiments caption-swap             # does the text steer? true vs shuffled captions
@@ -161,13 +163,14 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     runs = {v: [futures[(v, s)].result() for s in seeds] for v in variants}
     cli = {"demo_ablation": "demo-ablation", "demo_token_length": "token-length", "demo96": "demo96",
            "demo_long": "demo-long", "demo_text_encoder": "text-encoder",
-           "demo_mcm_attention": "mcm-attention", "demo_mcm_attention_long": "mcm-attention-long"}[name]
+           "demo_mcm_attention": "mcm-attention", "demo_mcm_attention_long": "mcm-attention-long",
+           "demo_default": "demo-default"}[name]
     command = (f"python -m tmc.lab.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
     data = (f"Demo test split ({n_test} synthetic images, 64²)" if demo is None else
             f"Demo at {demo['image_size']}² with {demo['options']['n']} images (test split: {n_test})")
-    note = (f"{data}, tiny preset, demo defaults with {' '.join(budget)}; "
+    note = (f"{data}, tiny preset, demo defaults" + (f" with {' '.join(budget)}" if budget else "") + "; "
             "mean ± std over seeds of the test metrics of best.pt (selected on validation Dice).")
     return summarise(folder, runs, command, note)
 
@@ -192,7 +195,7 @@ def demo_test_split(demo: dict | None = None):
     return items, images, unions
 
 
-def caption_swap(folder: Path, seed: int = 0) -> dict:
+def caption_swap(folder: Path, seed: int = 0, command: str = "python -m tmc.lab.experiments caption-swap") -> dict:
     """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
     among the test images (a fixed permutation). The gap is how much the text steers the masks."""
     import torch
@@ -228,7 +231,7 @@ def caption_swap(folder: Path, seed: int = 0) -> dict:
         print(f"{run.name:<24} true {rows[run.name]['true']:.4f}  shuffled {rows[run.name]['shuffled']:.4f}"
               f"  gap {rows[run.name]['gap']:+.4f}", flush=True)
     (folder / "caption_swap.json").write_text(json.dumps(
-        {"command": "python -m tmc.lab.experiments caption-swap", "machine": machine(),
+        {"command": command, "machine": machine(),
          "note": "per-image test Dice (threshold 0.5, empty-vs-empty = 1) of best.pt with true vs "
                  f"shuffled captions (permutation seed {seed})", "every_blob_dice": every_blob,
          "runs": rows}, indent=2) + "\n")
@@ -451,7 +454,7 @@ def _one_thread() -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("demo-ablation", "token-length", "caption-swap", "qata",
+    p.add_argument("experiment", choices=("demo-default", "demo-ablation", "token-length", "caption-swap", "qata",
                                            "grounding-probe", "demo96", "demo-long", "zone-probe",
                                            "text-encoder", "mcm-attention", "mcm-attention-long"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -465,7 +468,12 @@ def main(argv=None) -> None:
                    "written to <first folder>/zone_probe.json (default: the grids results/README.md quotes, written to "
                    "results/demo_zone_probe/summary.json)")
     args = p.parse_args(argv)
-    if args.experiment == "demo-ablation":
+    if args.experiment == "demo-default":
+        # The quick start as a user types it (python train.py --dataset demo --seed S), and without text.
+        demo_grid("demo_default", {"default": [], "no-text": ["--no-text"]}, args.seeds, args.threads,
+                  args.parallel, budget=[])
+        caption_swap(REPO / "results" / "demo_default", command="python -m tmc.lab.experiments demo-default")
+    elif args.experiment == "demo-ablation":
         demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads, args.parallel)
     elif args.experiment == "token-length":
         # The tiny preset's T is 24, so the T24 runs are exactly the ablation's "full" and
