@@ -71,7 +71,7 @@ def _settings(image_size: int, split_mode: str, ratios, seed: int) -> dict:
     return {"format": FORMAT_VERSION, "image_size": int(image_size), "split_mode": split_mode,
             "ratios": [float(r) for r in ratios], "seed": int(seed),
             "image_resize": "bilinear-antialias", "mask_resize": "nearest",
-            "caption": "caption_from_mask(style=lvit, side=image)"}
+            "caption": "caption_from_mask(style=lvit, side=image, count per side)"}
 
 
 def _fingerprint_parts(reader: Reader, settings: dict) -> dict:
@@ -274,8 +274,8 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
                 bar.update(1)
                 continue
             seen[item.key] = item.source
-            generated = item.text is None
-            text = caption_from_mask(item.mask) if generated else str(item.text).strip()
+            generated = item.text is None or item.text_from_mask
+            text = caption_from_mask(item.mask) if item.text is None else str(item.text).strip()
             images.append(to_uint8(resize_image(item.image, image_size)))
             masks.append(resize_mask(item.mask, image_size).astype(np.uint8))
             rows.append({"key": item.key, "case": str(item.case), "slice": int(item.slice_index),
