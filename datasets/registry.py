@@ -16,11 +16,12 @@ import hashlib
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from datasets.records import Reader
 
-__all__ = ["DATASETS", "REPO", "make_reader", "default_cache_dir", "prepare"]
+__all__ = ["DATASETS", "REPO", "make_reader", "resolve_split_mode", "default_cache_dir", "prepare"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,20 @@ def make_reader(name: str, root=None, **options) -> Reader:
     return reader_cls(**{root_arg: root or None}, **{k: _coerce(v) for k, v in options.items()})
 
 
+def resolve_split_mode(reader: Reader, split_mode: str) -> str:
+    """"auto" → "layout" when the user wrote the split into the data (a reader whose
+    `declares_splits` is true: a CSV's split column), else "paper"; "paper" over such data warns
+    that the user's split is ignored."""
+    declared = bool(getattr(reader, "declares_splits", False))
+    if split_mode == "auto":
+        return "layout" if declared else "paper"
+    if split_mode == "paper" and declared:
+        warnings.warn(f"{reader.name}: the data's own split column is ignored under split mode "
+                      f"'paper' (a 7:1:2 patient split); drop --split-mode paper to use it",
+                      stacklevel=3)
+    return split_mode
+
+
 def default_cache_dir(name: str, root, image_size: int, split_mode: str, seed: int, ratios,
                       options: dict) -> Path:
     """`<$TMC_CACHE or <repo>/cache>/<name>-<12 hex>`, the hash over root and all settings."""
@@ -71,7 +86,7 @@ def default_cache_dir(name: str, root, image_size: int, split_mode: str, seed: i
     return base / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "paper",
+def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "auto",
             seed: int = 0, skip_bad: bool = False, ratios=(0.7, 0.1, 0.2), progress: bool = True,
             **options) -> Path:
     """Build or reuse the cache of a dataset and return its folder.
@@ -81,7 +96,8 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
         root: dataset folder (CSV file for "csv"; optional for "demo").
         image_size: S of the cached (S, S) arrays (paper: 224).
         cache_dir: cache folder (default: `default_cache_dir`).
-        split_mode: "paper" (case-level 7:1:2) or "layout" (the layout's own split).
+        split_mode: "paper" (case-level 7:1:2), "layout" (the layout's own split) or "auto"
+            (`resolve_split_mode`).
         seed: split seed.
         skip_bad: skip bad files (listed) instead of stopping at the first.
         ratios: (train, val, test).
@@ -92,6 +108,7 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
 
     options = {k: _coerce(v) for k, v in options.items()}
     reader = make_reader(name, root, **options)
+    split_mode = resolve_split_mode(reader, split_mode)
     if cache_dir is None or str(cache_dir) == "":
         cache_dir = default_cache_dir(name, root, image_size, split_mode, seed, ratios, options)
     return build_cache(reader, cache_dir, image_size=image_size, split_mode=split_mode,
