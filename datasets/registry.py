@@ -77,18 +77,20 @@ def resolve_split_mode(reader: Reader, split_mode: str) -> str:
 
 
 def default_cache_dir(name: str, root, image_size: int, split_mode: str, seed: int, ratios,
-                      options: dict) -> Path:
+                      options: dict, partial: bool = False) -> Path:
     """`<$TMC_CACHE or <repo>/cache>/<name>-<12 hex>`, the hash over root and all settings."""
-    key = json.dumps({"name": name, "root": str(Path(root).resolve()) if root else "",
-                      "image_size": image_size, "split_mode": split_mode, "seed": seed,
-                      "ratios": list(ratios), "options": options}, sort_keys=True, default=str)
+    key = {"name": name, "root": str(Path(root).resolve()) if root else "", "image_size": image_size,
+           "split_mode": split_mode, "seed": seed, "ratios": list(ratios), "options": options}
+    if partial:  # keyed only when set: training's cache folders keep their names
+        key["partial_splits"] = True
+    key = json.dumps(key, sort_keys=True, default=str)
     base = Path(os.environ["TMC_CACHE"]) if os.environ.get("TMC_CACHE") else REPO / "cache"
     return base / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "auto",
             seed: int = 0, skip_bad: bool = False, ratios=(0.7, 0.1, 0.2), progress: bool = True,
-            **options) -> Path:
+            partial: bool = False, **options) -> Path:
     """Build or reuse the cache of a dataset and return its folder.
 
     Args:
@@ -102,6 +104,7 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
         skip_bad: skip bad files (listed) instead of stopping at the first.
         ratios: (train, val, test).
         progress: tqdm bar.
+        partial: allow empty splits and unsplit samples (evaluating a folder; see build_cache).
         **options: reader settings.
     """
     from datasets.cache import build_cache
@@ -110,6 +113,8 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
     reader = make_reader(name, root, **options)
     split_mode = resolve_split_mode(reader, split_mode)
     if cache_dir is None or str(cache_dir) == "":
-        cache_dir = default_cache_dir(name, root, image_size, split_mode, seed, ratios, options)
+        cache_dir = default_cache_dir(name, root, image_size, split_mode, seed, ratios, options,
+                                      partial)
     return build_cache(reader, cache_dir, image_size=image_size, split_mode=split_mode,
-                       ratios=ratios, seed=seed, skip_bad=skip_bad, progress=progress)
+                       ratios=ratios, seed=seed, skip_bad=skip_bad, progress=progress,
+                       partial=partial)
