@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tmc.checkpoint import load_checkpoint, model_from_checkpoint
+from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.engine import THRESHOLD, autocast, pick_device, predict_records, summarize
 from tmc.train_config import parse_reader_options
 
@@ -50,7 +50,7 @@ def fail(message: str):
 
 def load_model(path: str | Path, device: torch.device):
     """(model in eval mode on device, ModelConfig, checkpoint dict) from a train.py checkpoint."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", require=MODEL_KEYS)
     model, cfg = model_from_checkpoint(ckpt)
     return model.to(device), cfg, ckpt
 
@@ -491,5 +491,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except DatasetError as e:  # a problem with the user's files: the message says which and the fix
+    except (DatasetError, CheckpointError) as e:  # the user's files: the message says which and the fix
         sys.exit(f"eval.py: {e}")

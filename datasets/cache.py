@@ -147,6 +147,24 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _remove_orphan_builds(cache_dir: Path) -> None:
+    """Delete `.<name>.tmp-PID` / `.<name>.old-PID` siblings whose process has died (a build
+    killed with kill -9 leaves them behind); a live process's folder is left alone."""
+    for p in cache_dir.parent.glob(f".{cache_dir.name}.*-*"):
+        kind, _, pid = p.name[len(cache_dir.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (another build of the same cache)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"removed {p}, left by an interrupted cache build")
+
+
 def _swap_into_place(tmp: Path, cache_dir: Path, fingerprint: str) -> None:
     """Rename tmp → cache_dir, replacing an old cache; tolerate a concurrent identical build."""
     old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
@@ -257,6 +275,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         print(f"rebuilding cache {cache_dir}: {why}")
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphan_builds(cache_dir)
     tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -282,3 +282,99 @@ def test_every_experiment_variant_is_valid_train_flags():
             _resolve(["--dataset", "demo", *experiments.DEMO_BUDGET, *flags])  # argparse exits on a typo
     cfg, model = _resolve(["--dataset", "demo", *experiments.DEMO_TEXT_ENCODER_VARIANTS["minilm-clip"]])
     assert (model.text_model, cfg.text_lr, cfg.grad_clip, cfg.lr) == ("minilm", 3e-5, 1.0, 1e-3)
+
+
+# ---------------------------------------------------------------------------- runs that keep their work
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(demo_dirs, tmp_path):
+    train.main(_argv(demo_dirs, tmp_path / "a", 1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    (tmp_path / "a" / "last.pt").unlink()  # even without last.pt: best.pt and metrics.jsonl are a run
+    with pytest.raises(SystemExit, match=r"already holds files \(best.pt, config.json.*--resume.*--out"):
+        train.main(_argv(demo_dirs, tmp_path / "a", 1))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    assert after == {k: v for k, v in before.items() if k != "last.pt"}  # nothing rewritten
+    (tmp_path / "empty").mkdir()
+    train.main(_argv(demo_dirs, tmp_path / "empty", 1))  # an empty folder is fine
+
+
+def test_sigterm_saves_last_pt_like_ctrl_c(demo_dirs, tmp_path, monkeypatch):
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: received.append(a))  # the old code's fate
+    try:
+        def terminate(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return {}
+
+        monkeypatch.setattr(train, "train_one_epoch", terminate)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(_argv(demo_dirs, tmp_path / "term", 3))
+        ck = load_checkpoint(tmp_path / "term" / "last.pt")
+        assert ck["interrupted"] and ck["epoch"] == 0 and not received
+        assert signal.getsignal(signal.SIGTERM) is not train._raise_terminated  # handler put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_resume_refuses_another_runs_last_pt_and_identity_flags(demo_dirs, tmp_path):
+    train.main(_argv(demo_dirs, tmp_path / "a", 1))
+    train.main(_argv(demo_dirs, tmp_path / "b", 1, "--seed", "1"))
+    with pytest.raises(SystemExit, match=r"--preset 'paper' \(the run has 'tiny'\)"):
+        train.main(["--out", str(tmp_path / "a"), "--resume", "--preset", "paper"])
+    with pytest.raises(SystemExit, match=r"--dataset 'qata' \(the run has 'demo'\)"):
+        train.main(["--out", str(tmp_path / "a"), "--resume", "--dataset", "qata"])
+    os.replace(tmp_path / "b" / "last.pt", tmp_path / "a" / "last.pt")
+    with pytest.raises(SystemExit, match=r"does not belong to the run .*seed: config.json 0, last.pt 1"):
+        train.main(["--out", str(tmp_path / "a"), "--resume", "--epochs", "2"])
+
+
+def test_resume_removes_dead_writers_temporaries_and_duplicate_epochs(demo_dirs, tmp_path):
+    out = tmp_path / "r"
+    train.main(_argv(demo_dirs, out, 1))
+    with open(out / "metrics.jsonl", "a") as f:  # epoch 2 logged, then kill -9 before last.pt
+        f.write(json.dumps({"epoch": 2, "train_loss": 9.0}) + "\n" + '{"epoch": 3, "trai')
+    dead = out / ".last.pt.99999999.k3j2h1g0.tmp"  # no such pid
+    dead.write_bytes(b"x" * 100)
+    live = out / f".last.pt.{os.getpid()}.a1b2c3d4.tmp"  # a save still in progress
+    live.write_bytes(b"x")
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--no-progress"])
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert not dead.exists() and live.exists()
+
+
+def test_a_killed_cache_build_leaves_no_temporary_folder(tmp_path):
+    from datasets.registry import prepare
+
+    cache = tmp_path / "cache"
+    orphan = tmp_path / ".cache.tmp-99999999"
+    (orphan / "x").mkdir(parents=True)
+    prepare("demo", tmp_path / "demo", image_size=32, cache_dir=cache, progress=False, n=12)
+    assert not orphan.exists() and (cache / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "an empty file"),
+    (b"not a checkpoint at all" * 10, "not a TMC checkpoint"),
+    (None, "not a TMC checkpoint"),  # a real checkpoint cut in half
+    ({"state": torch.zeros(2)}, r"a dict without \['model', 'model_config'\]"),
+    ([1, 2], "holds a list"),
+])
+def test_one_checkpoint_message_for_files_that_are_not_checkpoints(tmp_path, content, what):
+    from tmc.checkpoint import MODEL_KEYS, CheckpointError
+
+    path = tmp_path / "best.pt"
+    if content is None:
+        save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "model_config": {}})
+        path.write_bytes(path.read_bytes()[:2000])
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=f"{path}: {what}") as e:
+        load_checkpoint(path, require=MODEL_KEYS)
+    assert "weights_only" not in str(e.value) and "best.pt or last.pt" in str(e.value)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt")
