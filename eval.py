@@ -449,6 +449,42 @@ def _describe_mask(path: Path) -> str:
     return f"{size}, {100 * float((data > 0).mean()):.1f}% foreground"
 
 
+def check_flags(args) -> None:
+    """Stop on a bad flag before loading anything, naming the flag and the fix."""
+    if args.image and args.volume:
+        fail("--image and --volume together; fix: one of them per call")
+    if args.batch_size < 1:
+        fail(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.reader_options:
+        from datasets.registry import check_reader_options
+
+        try:
+            if args.dataset:
+                check_reader_options(args.dataset, parse_reader_options(args.reader_options))
+            else:
+                parse_reader_options(args.reader_options)
+        except ValueError as e:
+            fail(str(e))
+    if args.image:
+        if not Path(args.image).is_file():
+            fail(f"--image {args.image}: no such file")
+        if args.out and not args.out.lower().endswith(".png"):
+            fail(f"--out {args.out}: the mask of --image is written as PNG; fix: --out NAME.png")
+    if args.volume:
+        path = Path(args.volume)
+        nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+        if nifti and not path.is_file():
+            fail(f"--volume {path}: NIfTI file not found")
+        if not nifti and path.is_file():
+            kind = "a single DICOM file" if path.suffix.lower() == ".dcm" else "not a .nii/.nii.gz file"
+            fail(f"--volume {path}: {kind}; expected a NIfTI file or a DICOM series folder; fix: "
+                 f"pass the folder holding the series (or --image for one 2D image)")
+        if not nifti and not path.is_dir():
+            fail(f"--volume {path}: no such NIfTI file or DICOM series folder")
+        if args.out and not args.out.lower().endswith((".nii", ".nii.gz")):
+            fail(f"--out {args.out}: the mask of --volume is written as NIfTI; fix: --out NAME.nii.gz")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv, set_b = split_set_b(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -461,7 +497,11 @@ def main(argv: list[str] | None = None) -> dict:
             fail("--compare needs a second set: --compare A1.pt A2.pt -- B1.pt B2.pt (or --ckpt-b)")
     if not args.ckpt_list:
         fail("pass --ckpt PATH (or --compare A.pt ... -- B.pt ...)")
-    device = pick_device(args.device)
+    check_flags(args)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(str(e))
 
     if args.image or args.volume:
         if len(args.ckpt_list) != 1:

@@ -34,8 +34,8 @@ from tmc.engine import (
 )
 from tmc.model import build_model
 from tmc.train_config import (
-    TrainConfig, build_parser, explicit_overrides, parse_reader_options, resolve_model_config,
-    resolve_train_config,
+    TrainConfig, build_parser, check_train_config, explicit_overrides, parse_reader_options,
+    resolve_model_config, resolve_train_config,
 )
 
 
@@ -450,13 +450,20 @@ def test_best(raw, out: Path, test_loader, cfg: TrainConfig, dist: Dist, device)
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     train_over, model_over = explicit_overrides(args)
-    dist, device = init_distributed(train_over.get("device", ""))
+    try:
+        dist, device = init_distributed(train_over.get("device", ""))
+    except ValueError as e:  # --device cuda without CUDA
+        raise RunError(str(e)) from None
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave SIGTERM alone
         previous = None
     try:
-        cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
+        try:  # every flag checked before any work
+            cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
+            check_train_config(cfg)
+        except ValueError as e:
+            raise RunError(str(e)) from None
         return run(cfg, model_cfg, ckpt, dist, device)
     finally:
         if previous is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datasets.records import Reader
 
-__all__ = ["DATASETS", "REPO", "make_reader", "resolve_split_mode", "default_cache_dir", "prepare"]
+__all__ = ["DATASETS", "REPO", "reader_option_names", "check_reader_options", "make_reader", "resolve_split_mode", "default_cache_dir", "prepare"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +45,26 @@ def _coerce(value):
     return value
 
 
+def reader_option_names(name: str) -> list[str]:
+    """The settings the reader of dataset `name` takes (its constructor's arguments but root)."""
+    import inspect
+
+    module, cls, root_arg = DATASETS[name]
+    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+    return [p for p in params if p not in ("self", root_arg)]
+
+
+def check_reader_options(name: str, options: dict) -> None:
+    """ValueError naming the unknown --reader-options keys and the valid ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    valid = reader_option_names(name)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(f"--reader-options: {name} has no setting {', '.join(unknown)}; valid: "
+                         f"{', '.join(valid) or 'none'}")
+
+
 def make_reader(name: str, root=None, **options) -> Reader:
     """The reader of dataset `name` for the folder (or CSV file) `root`.
 
@@ -55,6 +75,7 @@ def make_reader(name: str, root=None, **options) -> Reader:
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    check_reader_options(name, options)
     module, cls, root_arg = DATASETS[name]
     if not root and name != "demo":
         raise ValueError(f"dataset {name!r} needs a root ({root_arg}); fix: pass --root PATH")

@@ -336,3 +336,21 @@ def test_the_runs_own_folder_keeps_the_runs_split(demo_run):
     other = evaluate.dataset_settings(ckpt, args)
     assert not other["own"] and other["partial"] and other["split_mode"] == "layout"
     assert other["cache_dir"] == ""  # never the run's cache folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image", "{d}/x.png", "--volume", "{d}/v.nii.gz"], "--image and --volume together"),
+    (["--volume", "{d}/missing.nii.gz"], "missing.nii.gz: NIfTI file not found"),
+    (["--volume", "{d}/one.dcm"], "one.dcm: a single DICOM file; expected a NIfTI file or a DICOM series"),
+    (["--volume", "{d}/nothing"], "no such NIfTI file or DICOM series folder"),
+    (["--image", "{d}/x.png", "--out", "m.nii.gz"], "--out m.nii.gz: the mask of --image is written as PNG"),
+    (["--volume", "{d}", "--out", "m.png"], "--out m.png: the mask of --volume is written as NIfTI"),
+    (["--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    (["--dataset", "qata", "--reader-options", "layot=lvit"], "qata has no setting layot; valid: layout"),
+])
+def test_bad_eval_flags_are_named_before_the_checkpoint_is_read(tmp_path, flags, message):
+    (tmp_path / "x.png").write_bytes(b"png")
+    (tmp_path / "one.dcm").write_bytes(b"dcm")
+    argv = ["--ckpt", str(tmp_path / "never_read.pt")] + [f.format(d=tmp_path) for f in flags]
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        evaluate.main(argv)

@@ -378,3 +378,23 @@ def test_one_checkpoint_message_for_files_that_are_not_checkpoints(tmp_path, con
     assert "weights_only" not in str(e.value) and "best.pt or last.pt" in str(e.value)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "100"], r"--image-size 100 is not a multiple of 32.*fix: --image-size 96 or 128"),
+    (["--batch-size", "0"], r"--batch-size 0: expected at least 1"),
+    (["--lr", "-0.001"], r"--lr -0.001: expected a value >= 0"),
+    (["--epochs", "0"], r"--epochs 0: expected at least 1"),
+    (["--reader-options", "n=24,sise=64"], r"demo has no setting sise; valid: n, size, seed"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, flags, message):
+    argv = _argv(tmp_path, tmp_path / "out", 1) + flags  # later flags win
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_device_cuda_without_cuda_is_a_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"--device cuda: CUDA is not available here; fix: --device cpu"):
+        train.main(_argv(tmp_path, tmp_path / "out", 1) + ["--device", "cuda"])

@@ -204,6 +204,24 @@ def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
     return get_config(preset, **overrides)
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """ValueError naming the flag and the fix, before any work (the cache build takes minutes)."""
+    from datasets.registry import check_reader_options
+
+    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected at least 1")
+    for name in ("lr", "text_lr", "weight_decay", "eval_batch_size", "grad_clip", "time_limit",
+                 "checkpoint_minutes", "min_lr"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a value "
+                             f">= 0")
+    if cfg.workers < -1:
+        raise ValueError(f"--workers {cfg.workers}: expected a count, or -1 for the default")
+    check_reader_options(cfg.dataset, parse_reader_options(cfg.reader_options))
+
+
 def parse_reader_options(text: str) -> dict:
     """"phase=post_1,window=-1000:200" → {"phase": "post_1", "window": (-1000, 200)}: numbers and
     true/false are converted, a:b becomes a tuple."""
