@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
-from tmc.engine import THRESHOLD, autocast, pick_device, predict_records, summarize
+from tmc.engine import THRESHOLD, autocast, default_workers, pick_device, predict_records, summarize
 from tmc.train_config import parse_reader_options
 
 METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="", help="the caption for --image / --volume")
     p.add_argument("--out", default="", help="output mask for --image (.png) / --volume (.nii.gz)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=-1,
+                   help="DataLoader workers (-1 = the CPU cores available, at most 4)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ('' = cuda when available)")
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     p.add_argument("--no-progress", action="store_true")
@@ -498,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.ckpt_list:
         fail("pass --ckpt PATH (or --compare A.pt ... -- B.pt ...)")
     check_flags(args)
+    if args.workers < 0:
+        args.workers = default_workers()
     try:
         device = pick_device(args.device)
     except ValueError as e:

@@ -29,8 +29,9 @@ from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, remove
 from tmc.config import ModelConfig
 from tmc.engine import (
     Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
-    cleanup_distributed, gather_lists, init_distributed, make_generator, make_scaler, predict_records,
-    restore_rng, seed_everything, seed_worker, summarize, train_one_epoch,
+    cleanup_distributed, default_workers, gather_lists, init_distributed, make_generator, make_scaler,
+    predict_records, resolve_amp, restore_rng, seed_everything, seed_worker, summarize,
+    train_one_epoch,
 )
 from tmc.model import build_model
 from tmc.train_config import (
@@ -251,6 +252,11 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     seed_everything(cfg.seed)
     out = Path(_broadcast(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
     cfg.out = str(out)
+    cfg.amp, amp_note = resolve_amp(cfg.amp, device)
+    log(dist, amp_note)
+    if cfg.workers < 0:
+        cfg.workers = default_workers()
+        log(dist, f"workers: {cfg.workers} (the CPU cores available, at most 4; --workers N to choose)")
     held = []
     if dist.is_main and out.is_dir():
         removed = remove_orphan_temporaries(out)  # of a save killed mid-write (kill -9)

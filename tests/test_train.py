@@ -398,3 +398,36 @@ def test_device_cuda_without_cuda_is_a_message(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match=r"--device cuda: CUDA is not available here; fix: --device cpu"):
         train.main(_argv(tmp_path, tmp_path / "out", 1) + ["--device", "cuda"])
+
+
+def test_amp_auto_resolves_per_device_and_says_what_it_ignores(monkeypatch):
+    from tmc.engine import resolve_amp
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert TrainConfig().amp == "auto" and resolve_amp("auto", cpu)[0] == "off"
+    amp, note = resolve_amp("bf16", cpu)
+    assert amp == "off" and "--amp bf16 is ignored on cpu" in note
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", gpu)[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", gpu)[0] == "fp16" and resolve_amp("off", gpu)[0] == "off"
+
+
+def test_workers_default_to_the_cores_available_and_the_run_says_so(demo_dirs, tmp_path, monkeypatch,
+                                                                   capsys):
+    from tmc import engine
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert TrainConfig().workers == -1 and engine.default_workers() == 2
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert engine.default_workers() == 4
+    monkeypatch.setattr(train, "default_workers", lambda: 0)  # keep this run in one process
+    argv = _argv(demo_dirs, tmp_path / "w", 1)
+    i = argv.index("--workers")
+    del argv[i:i + 2]  # the demo's own default is 0: ask for the general default
+    argv += ["--workers", "-1"]
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert "workers: 0 (the CPU cores available, at most 4" in out and "amp: off" in out
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["train"]["workers"] == 0 and config["train"]["amp"] == "off"

@@ -36,7 +36,7 @@ class TrainConfig:
     skip_bad: bool = False  # skip unreadable files while caching instead of stopping
     reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
     augment: str = "paper"  # paper (rotation ±20°, k·90°, flips) | text-consistent (no k·90°; flips rewrite left/right, upper/lower in the caption) | none
-    workers: int = 4  # DataLoader worker processes
+    workers: int = -1  # DataLoader worker processes (-1 = the CPU cores available, at most 4)
     # --- optimisation (paper §4.2) ---
     lr: float = 3e-4  # Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)
     # A pretrained BERT is usually fine-tuned near 1e-5..5e-5, far below the lr of a network trained
@@ -53,7 +53,7 @@ class TrainConfig:
     seg_loss: str = "bce"  # bce (paper §3.4) | bce+dice
     alignment_weight: float = 0.1  # λ in L = L_seg + λ·L_align (paper: 0.1)
     grad_clip: float = 0.0  # clip the gradient norm to this value (0 = off; the paper states none)
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
+    amp: str = "auto"  # auto (bf16 where the GPU supports it, else fp16; off on CPU) | off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
     # Training drops each epoch's last partial batch under compile, so every step has one shape.
     compile: bool = False  # torch.compile the model for training (tmc.bench: 1.42x at batch 32 on one H200; minutes to compile)
     # --- run ---
@@ -94,7 +94,7 @@ CHOICES = {
     "preset": ("", *PRESETS),
     "split_mode": ("auto", "paper", "layout"),
     "seg_loss": ("bce", "bce+dice"),
-    "amp": ("off", "bf16", "fp16"),
+    "amp": ("auto", "off", "bf16", "fp16"),
     "alignment_form": ("sigmoid", "literal"),
     "mcm_attention": ("softmax", "sigmoid"),
     "augment": ("paper", "text-consistent", "none"),
