@@ -311,8 +311,9 @@ def _resize_mask_back(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
     """A function (B, 1, S, S) images in [0, 1] → (B, 1, S, S) bool masks for one caption."""
-    if model.text is not None and not text:
-        fail("this model is text-guided; fix: pass --text \"<description of the lesion>\"")
+    if model.text is not None and not (text or "").strip():
+        what = "--text is blank" if text else "this model is text-guided"
+        fail(f"{what}; fix: pass --text \"<description of the lesion>\"")
 
     @torch.no_grad()
     def segment(images: torch.Tensor) -> torch.Tensor:

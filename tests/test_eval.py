@@ -311,7 +311,9 @@ def test_another_folder_is_scored_on_its_own_split_with_n_of_m(demo_run, tmp_pat
             warnings.simplefilter("ignore")
             res = evaluate.main([*common, "--root", str(root), "--cache-dir",
                                  str(tmp_path / f"c-{root.name}-{'-'.join(extra)}"), *extra])
-        return res, capsys.readouterr().out
+        captured = capsys.readouterr()
+        assert "caching qata" not in captured.err  # --no-progress reaches the cache build's bar
+        return res, captured.out
 
     res, text = score(lvit)
     assert (res["n_images"], res["n_folder"], res["split_mode"]) == (2, 2, "layout")
@@ -354,3 +356,12 @@ def test_bad_eval_flags_are_named_before_the_checkpoint_is_read(tmp_path, flags,
     argv = ["--ckpt", str(tmp_path / "never_read.pt")] + [f.format(d=tmp_path) for f in flags]
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
         evaluate.main(argv)
+
+
+def test_blank_text_is_refused():
+    from tmc.config import tiny_config
+    from tmc.model import build_model
+
+    model = build_model(tiny_config(image_size=32))
+    with pytest.raises(SystemExit, match="--text is blank"):
+        evaluate.make_segmenter(model, "   \t", torch.device("cpu"))
