@@ -126,16 +126,20 @@ class TextEncoder(nn.Module):
             list(captions), padding="max_length", truncation=True, max_length=self.length,
             return_tensors="pt",
         )
-        if not self._warned_truncation and enc["attention_mask"][:, -1].any():  # a row fills all T
-            self._warn_if_truncated(list(captions), enc["input_ids"])
+        if not self._warned_truncation:
+            self._warn_if_truncated(list(captions), enc)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def _warn_if_truncated(self, captions: list[str], ids: torch.Tensor) -> None:
-        """Warn (once) when a caption has more tokens than T, with the words the model keeps."""
+    def _warn_if_truncated(self, captions: list[str], enc) -> None:
+        """Warn (once) when a caption has more tokens than T, with the words the model keeps.
+
+        Reads the tokenizer's own records (no tensor value is read: no host sync on a GPU)."""
+        cut = ([bool(e.overflowing) for e in enc.encodings] if enc.encodings is not None
+               else [len(self.tokenizer(c)["input_ids"]) > self.length for c in captions])
         for i, caption in enumerate(captions):
-            n = len(self.tokenizer(caption)["input_ids"])
-            if n > self.length:
-                kept = self.tokenizer.decode(ids[i], skip_special_tokens=True)
+            if cut[i]:
+                n = len(self.tokenizer(caption)["input_ids"])
+                kept = self.tokenizer.decode(enc["input_ids"][i].tolist(), skip_special_tokens=True)
                 warnings.warn(f"a caption of {n} tokens is cut to the model's T = {self.length} "
                               f"(shown once); the model reads only {kept!r}; fix: a shorter "
                               f"caption, or train with a larger --text-length", stacklevel=3)
