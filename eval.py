@@ -1,6 +1,7 @@
 """Evaluate TMC checkpoints, compare sets of runs, draw overlays, or segment one image or volume.
 
     python eval.py --ckpt runs/qata-s0/best.pt                       # test split of the run's dataset
+    python eval.py --ckpt best.pt --dataset qata --root /data/QaTa-test --split all   # another folder
     python eval.py --ckpt runs/qata-s{0,1,2}/best.pt --json res.json  # mean ± std over seeds (Table 1)
     python eval.py --compare runs/tmc-s*/best.pt -- runs/nomcm-s*/best.pt   # paired t-test per case
     python eval.py --ckpt best.pt --save-overlays figs/               # contours + attention heatmaps
@@ -11,6 +12,10 @@ Metrics (threshold 0.5 on the sigmoid, at the model's input size), reported thre
   per image  mean over images of each image's Dice/IoU (LViT's protocol; "dice"/"miou" for 2D sets)
   global     Dice/IoU of tp/fp/fn summed over all pixels of the split (GuideDecoder's protocol)
   per case   slices → per-case mean → mean over cases (the paper's §4.3; "dice"/"miou" for volumes)
+Which images: the run's own folder is split as in training (--split test: its test images). Any
+other --root/--dataset keeps that folder's own split (--split-mode layout; a folder holding only a
+test split is fine); --split-mode paper re-splits it 7:1:2; --split all scores every image. Each
+result says "N of M images of the folder".
 Empty-vs-empty rule (tmc.metrics): an image with empty ground truth and empty prediction scores
 1.0 (a correct "nothing here"), so normal CT scans enter the per-case mean and the paired t-test as
 the paper's protocol requires; --empty nan leaves such images out (nnU-Net), --empty 0 is LViT's.
@@ -29,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tmc.checkpoint import load_checkpoint, model_from_checkpoint
-from tmc.engine import THRESHOLD, autocast, pick_device, predict_records, summarize
+from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
+from tmc.engine import THRESHOLD, autocast, default_workers, pick_device, predict_records, summarize
 from tmc.train_config import parse_reader_options
 
 METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
@@ -45,37 +50,62 @@ def fail(message: str):
 
 def load_model(path: str | Path, device: torch.device):
     """(model in eval mode on device, ModelConfig, checkpoint dict) from a train.py checkpoint."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", require=MODEL_KEYS)
     model, cfg = model_from_checkpoint(ckpt)
     return model.to(device), cfg, ckpt
 
 
+def _same_folder(a: str, b: str) -> bool:
+    return (not a and not b) or (bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve())
+
+
 def dataset_settings(ckpt: dict, args) -> dict:
-    """Dataset, root and cache settings: the run's own, overridden by --dataset/--root/--cache-dir."""
+    """Dataset, root, split and cache settings: the run's own, overridden by --dataset/--root/
+    --split-mode/--cache-dir/--reader-options.
+
+    The run's own folder is split as in training (and reuses its cache). Another folder keeps its
+    own split by default, allows splits that exist only partly, and gets its own cache.
+    """
     tc = ckpt.get("train_config", {})
-    return {"dataset": args.dataset or tc.get("dataset"), "root": args.root or tc.get("root", ""),
-            "cache_dir": args.cache_dir or tc.get("cache_dir", ""),
-            "split_mode": tc.get("split_mode", "paper"), "seed": tc.get("split_seed", tc.get("seed", 0)),
-            "skip_bad": tc.get("skip_bad", False),
-            "reader_options": args.reader_options or tc.get("reader_options", "")}
+    dataset = args.dataset or tc.get("dataset")
+    root = args.root or tc.get("root", "")
+    own = dataset == tc.get("dataset") and _same_folder(root, tc.get("root", ""))
+    run_mode = tc.get("split_mode", "paper")
+    mode = args.split_mode if args.split_mode != "auto" else run_mode if own else "layout"
+    as_trained = own and mode == run_mode
+    return {"dataset": dataset, "root": root, "own": own, "split_mode": mode,
+            "partial": not as_trained,
+            "cache_dir": args.cache_dir or (tc.get("cache_dir", "") if as_trained else ""),
+            "seed": tc.get("split_seed", tc.get("seed", 0)), "skip_bad": tc.get("skip_bad", False),
+            "reader_options": args.reader_options or (tc.get("reader_options", "")
+                                                      if dataset == tc.get("dataset") else "")}
 
 
 def split_loader(settings: dict, image_size: int, split: str, batch_size: int, workers: int,
-                 device: torch.device) -> DataLoader:
-    from datasets.cached import SegmentationSet
+                 device: torch.device, progress: bool = True) -> tuple[DataLoader, int]:
+    """The loader of one split (or "all") of the folder, and how many images the folder holds."""
+    from datasets.cached import SegmentationSet, load_index
     from datasets.registry import prepare
 
     if not settings["dataset"]:
         fail("the checkpoint names no dataset; fix: pass --dataset and --root")
     cache = prepare(settings["dataset"], settings["root"] or None, image_size=image_size,
                     cache_dir=settings["cache_dir"] or None, split_mode=settings["split_mode"],
-                    seed=settings["seed"], skip_bad=settings["skip_bad"],
-                    **parse_reader_options(settings["reader_options"]))
-    ds = SegmentationSet(cache, split)
-    if len(ds) == 0:
-        fail(f"{cache}: the {split} split is empty; fix: another --split")
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda")
+                    seed=settings["seed"], skip_bad=settings["skip_bad"], progress=progress,
+                    partial=settings["partial"], **parse_reader_options(settings["reader_options"]))
+    rows = load_index(cache)
+    wanted = None if split == "all" else split
+    if not any(wanted is None or r["split"] == wanted for r in rows):
+        held = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test", None)}
+        where = settings["root"] or settings["dataset"]
+        fail(f"{where}: no {split} images in this folder's {settings['split_mode']} split "
+             f"(train {held['train']}, val {held['val']}, test {held['test']}, without a split "
+             f"{held[None]}, of {len(rows)}); fix: --split all to score every image, another "
+             f"--split, or --split-mode paper|layout")
+    ds = SegmentationSet(cache, wanted)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    return loader, len(rows)
 
 
 # ---------------------------------------------------------------------------- overlays
@@ -127,7 +157,8 @@ def evaluate_checkpoint(path: str, args, device: torch.device) -> tuple[dict, li
     """Summary (tmc.engine.summarize) and per-image records of one checkpoint on one split."""
     model, cfg, ckpt = load_model(path, device)
     settings = dataset_settings(ckpt, args)
-    loader = split_loader(settings, cfg.image_size, args.split, args.batch_size, args.workers, device)
+    loader, n_folder = split_loader(settings, cfg.image_size, args.split, args.batch_size,
+                                    args.workers, device, progress=not args.no_progress)
     writer = None
     if args.save_overlays:
         folder = Path(args.save_overlays)
@@ -140,7 +171,8 @@ def evaluate_checkpoint(path: str, args, device: torch.device) -> tuple[dict, li
                               desc=f"eval {Path(path).name}", progress=not args.no_progress)
     summary = summarize(records, empty=args.empty)
     summary.update(dataset=settings["dataset"], split=args.split, checkpoint=str(path),
-                   epoch=ckpt.get("epoch"))
+                   epoch=ckpt.get("epoch"), root=settings["root"], split_mode=settings["split_mode"],
+                   n_folder=n_folder)
     if writer is not None:
         mosaic_path = writer.finish()
         summary["overlays"] = str(writer.folder)
@@ -163,8 +195,9 @@ def combine_runs(summaries: list[dict]) -> dict:
     for k in METRIC_KEYS:
         out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
     first = summaries[0]
-    for k in ("protocol", "empty_rule", "n_images", "n_cases", "dataset", "split"):
-        out[k] = first[k]
+    for k in ("protocol", "empty_rule", "n_images", "n_cases", "n_folder", "dataset", "split",
+              "split_mode"):
+        out[k] = first.get(k)
     out["checkpoint"] = first["checkpoint"] if len(summaries) == 1 else out["checkpoints"]
     cases = list(first["cases"])
     out["cases"] = {c: {"dice": float(np.nanmean([s["cases"][c]["dice"] for s in summaries])),
@@ -198,8 +231,8 @@ def print_result(name: str, r: dict) -> None:
     std = r["n_runs"] > 1
     g = (lambda k: pct(r[k], r[k + "_std"] if std else None))
     unit = "cases" if r["protocol"] == "per-case" else "images"
-    print(f"{name}: {r['dataset']} {r['split']} | {r['n_images']} images, {r['n_cases']} cases | "
-          f"{r['n_runs']} run(s)")
+    print(f"{name}: {r['dataset']} {r['split']} ({r['split_mode']} split) | {r['n_images']} of "
+          f"{r['n_folder']} images of the folder, {r['n_cases']} cases | {r['n_runs']} run(s)")
     print(f"  Dice {g('dice')}  mIoU {g('miou')}   (paper protocol: {r['protocol']} mean over {unit})")
     print(f"  per image  Dice {g('dice_per_image')}  IoU {g('iou_per_image')}   (LViT)")
     print(f"  global     Dice {g('dice_global')}  IoU {g('iou_global')}   (GuideDecoder)")
@@ -240,8 +273,8 @@ def evaluate_sets(args, device: torch.device) -> dict:
         summary = {"A": results["A"], "B": results["B"],
                    "compare": paired_test(results["A"], results["B"])}
         c = summary["compare"]
-        for k in ("dataset", "split", "n_images", "n_cases"):
-            summary[k] = results["A"][k]
+        for k in ("dataset", "split", "n_images", "n_cases", "n_folder"):
+            summary[k] = results["A"].get(k)
         print(f"A − B per-case Dice: mean diff {pct(c['mean_diff'])} points over {c['n_cases']} cases, "
               f"paired t = {c['t']:.3f}, p = {c['p']:.4g}" + (" (*)" if c["p"] < 0.05 else ""))
     if args.json:
@@ -278,8 +311,9 @@ def _resize_mask_back(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
     """A function (B, 1, S, S) images in [0, 1] → (B, 1, S, S) bool masks for one caption."""
-    if model.text is not None and not text:
-        fail("this model is text-guided; fix: pass --text \"<description of the lesion>\"")
+    if model.text is not None and not (text or "").strip():
+        what = "--text is blank" if text else "this model is text-guided"
+        fail(f"{what}; fix: pass --text \"<description of the lesion>\"")
 
     @torch.no_grad()
     def segment(images: torch.Tensor) -> torch.Tensor:
@@ -364,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="", help="override the run's dataset folder")
     p.add_argument("--cache-dir", default="", help="override the run's cache folder")
     p.add_argument("--reader-options", default="", help="override the run's reader options")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="which images (all = every image of the folder) [test]")
+    p.add_argument("--split-mode", default="auto", choices=("auto", "paper", "layout"),
+                   help="auto: the run's split on its own folder, the folder's own split (layout) "
+                        "on another; paper: re-split 7:1:2 by patient [auto]")
     p.add_argument("--empty", default="1", choices=("1", "nan", "0"),
                    help="score of an empty-vs-empty image (see the description) [1]")
     p.add_argument("--json", default="", help="write the summary here (and <stem>_cases.csv beside it)")
@@ -378,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="", help="the caption for --image / --volume")
     p.add_argument("--out", default="", help="output mask for --image (.png) / --volume (.nii.gz)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=-1,
+                   help="DataLoader workers (-1 = the CPU cores available, at most 4)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ('' = cuda when available)")
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     p.add_argument("--no-progress", action="store_true")
@@ -412,6 +451,42 @@ def _describe_mask(path: Path) -> str:
     return f"{size}, {100 * float((data > 0).mean()):.1f}% foreground"
 
 
+def check_flags(args) -> None:
+    """Stop on a bad flag before loading anything, naming the flag and the fix."""
+    if args.image and args.volume:
+        fail("--image and --volume together; fix: one of them per call")
+    if args.batch_size < 1:
+        fail(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.reader_options:
+        from datasets.registry import check_reader_options
+
+        try:
+            if args.dataset:
+                check_reader_options(args.dataset, parse_reader_options(args.reader_options))
+            else:
+                parse_reader_options(args.reader_options)
+        except ValueError as e:
+            fail(str(e))
+    if args.image:
+        if not Path(args.image).is_file():
+            fail(f"--image {args.image}: no such file")
+        if args.out and not args.out.lower().endswith(".png"):
+            fail(f"--out {args.out}: the mask of --image is written as PNG; fix: --out NAME.png")
+    if args.volume:
+        path = Path(args.volume)
+        nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+        if nifti and not path.is_file():
+            fail(f"--volume {path}: NIfTI file not found")
+        if not nifti and path.is_file():
+            kind = "a single DICOM file" if path.suffix.lower() == ".dcm" else "not a .nii/.nii.gz file"
+            fail(f"--volume {path}: {kind}; expected a NIfTI file or a DICOM series folder; fix: "
+                 f"pass the folder holding the series (or --image for one 2D image)")
+        if not nifti and not path.is_dir():
+            fail(f"--volume {path}: no such NIfTI file or DICOM series folder")
+        if args.out and not args.out.lower().endswith((".nii", ".nii.gz")):
+            fail(f"--out {args.out}: the mask of --volume is written as NIfTI; fix: --out NAME.nii.gz")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv, set_b = split_set_b(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -424,7 +499,13 @@ def main(argv: list[str] | None = None) -> dict:
             fail("--compare needs a second set: --compare A1.pt A2.pt -- B1.pt B2.pt (or --ckpt-b)")
     if not args.ckpt_list:
         fail("pass --ckpt PATH (or --compare A.pt ... -- B.pt ...)")
-    device = pick_device(args.device)
+    check_flags(args)
+    if args.workers < 0:
+        args.workers = default_workers()
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(str(e))
 
     if args.image or args.volume:
         if len(args.ckpt_list) != 1:
@@ -454,5 +535,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except DatasetError as e:  # a problem with the user's files: the message says which and the fix
+    except (DatasetError, CheckpointError) as e:  # the user's files: the message says which and the fix
         sys.exit(f"eval.py: {e}")

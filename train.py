@@ -8,13 +8,15 @@
     (build a large cache once first: python -m datasets.prepare --dataset NAME --root PATH)
 
 The run folder (--out) receives config.json, metrics.jsonl (one line per epoch), best.pt (best
-validation Dice), last.pt (end of the latest epoch; also written on Ctrl-C) and test_metrics.json.
+validation Dice), last.pt (end of the latest epoch; also written on Ctrl-C and SIGTERM) and
+test_metrics.json. A fresh run needs an empty (or new) folder; --resume continues the run in it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,17 +24,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tmc.checkpoint import load_checkpoint, save_checkpoint
+from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, remove_orphan_temporaries,
+                            save_checkpoint)
 from tmc.config import ModelConfig
 from tmc.engine import (
     Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
-    cleanup_distributed, gather_lists, init_distributed, make_generator, make_scaler, predict_records,
-    restore_rng, seed_everything, seed_worker, summarize, train_one_epoch,
+    cleanup_distributed, default_workers, gather_lists, init_distributed, make_generator, make_scaler,
+    predict_records, resolve_amp, restore_rng, seed_everything, seed_worker, summarize,
+    train_one_epoch,
 )
 from tmc.model import build_model
 from tmc.train_config import (
-    TrainConfig, build_parser, explicit_overrides, parse_reader_options, resolve_model_config,
-    resolve_train_config,
+    TrainConfig, build_parser, check_train_config, explicit_overrides, parse_reader_options,
+    resolve_model_config, resolve_train_config,
 )
 
 
@@ -41,6 +45,16 @@ class RunError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(message)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, preemption): handled like Ctrl-C, so last.pt is saved."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def log(dist: Dist, *args) -> None:
@@ -59,6 +73,38 @@ def _broadcast(obj, dist: Dist):
 
 # ---------------------------------------------------------------------------- configuration
 
+# The settings that make a run what it is: --resume refuses to change them, and a last.pt whose
+# values differ from its folder's config.json belongs to another run.
+RUN_IDENTITY = ("dataset", "root", "preset", "split_mode", "split_seed", "reader_options", "seed")
+
+
+def check_resume(ckpt: dict, train_over: dict, out: Path) -> None:
+    """Refuse a resume that would train another run: flags that change the run's identity, or a
+    last.pt that does not belong to the folder's config.json."""
+    saved = ckpt["train_config"]
+    changed = {k: (saved.get(k), v) for k, v in train_over.items()
+               if k in RUN_IDENTITY and saved.get(k) != v}
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {new!r} (the run has {old!r})"
+                          for k, (old, new) in changed.items())
+        raise RunError(f"--resume continues the run in {out} as it was set up; these flags would "
+                       f"change it: {shown}; fix: drop them, or start a new run with another --out")
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            run = json.loads(config.read_text())
+        except ValueError:
+            return
+        folder = {**run.get("train", {}), **{f"model.{k}": v for k, v in run.get("model", {}).items()}}
+        mine = {**saved, **{f"model.{k}": v for k, v in ckpt["model_config"].items()}}
+        keys = [k for k in RUN_IDENTITY] + [k for k in folder if k.startswith("model.")]
+        diff = {k: (folder.get(k), mine.get(k)) for k in keys
+                if k in folder and json.dumps(folder[k]) != json.dumps(mine.get(k))}
+        if diff:
+            shown = ", ".join(f"{k}: config.json {a!r}, last.pt {b!r}" for k, (a, b) in diff.items())
+            raise RunError(f"{out / 'last.pt'} does not belong to the run in {out} ({shown}); fix: "
+                           f"resume the folder that last.pt came from, or put that run's last.pt back")
+
 def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, ModelConfig, dict | None]:
     """Configs of this run, and the checkpoint to resume from (or None)."""
     if not train_over.get("resume"):
@@ -69,7 +115,11 @@ def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, Mo
     path = Path(train_over["out"]) / "last.pt"
     if not path.is_file():
         raise RunError(f"{path}: nothing to resume; fix: check --out, or drop --resume to start anew")
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path, require=(*MODEL_KEYS, "train_config", "optimizer", "rng"))
+    except CheckpointError as e:
+        raise RunError(f"--resume: {e}") from None
+    check_resume(ckpt, train_over, path.parent)
     model_cfg = ModelConfig.from_dict(ckpt["model_config"])
     changed = {k: v for k, v in model_over.items() if getattr(model_cfg, k) != v}
     if changed:
@@ -77,6 +127,25 @@ def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, Mo
                        f"{changed}; fix: drop them, or start a new run with another --out")
     cfg = resolve_train_config(train_over, base=ckpt["train_config"])
     return cfg, model_cfg, ckpt
+
+
+def drop_metrics_after(path: Path, epoch: int) -> None:
+    """Keep metrics.jsonl's lines up to `epoch` (the resumed last.pt's): the epochs after it are
+    trained again, and would otherwise appear twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill: dropped as well
+    if len(keep) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -193,10 +262,28 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     seed_everything(cfg.seed)
     out = Path(_broadcast(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
     cfg.out = str(out)
-    if ckpt is None and (out / "last.pt").exists():  # checked on every rank: all stop together
-        raise RunError(f"{out}/last.pt exists; fix: --resume to continue that run, or another --out")
+    cfg.amp, amp_note = resolve_amp(cfg.amp, device)
+    log(dist, amp_note)
+    if cfg.workers < 0:
+        cfg.workers = default_workers()
+        log(dist, f"workers: {cfg.workers} (the CPU cores available, at most 4; --workers N to choose)")
+    held = []
+    if dist.is_main and out.is_dir():
+        removed = remove_orphan_temporaries(out)  # of a save killed mid-write (kill -9)
+        if removed:
+            print(f"removed {len(removed)} unfinished checkpoint file(s) left by a killed run: "
+                  f"{', '.join(p.name for p in removed)}", flush=True)
+        held = sorted(p.name for p in out.iterdir()) if ckpt is None else []
+    held = _broadcast(held, dist)  # rank 0 looks before it writes; every rank stops together
+    if held:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise RunError(f"{out} already holds files ({shown}); a fresh run would overwrite its "
+                       f"best.pt and append to its metrics.jsonl; fix: --resume to continue that "
+                       f"run, or another --out (an empty or new folder)")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            drop_metrics_after(out / "metrics.jsonl", ckpt["epoch"])
         resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                     "world_size": dist.world_size, "device": str(device), "torch": torch.__version__}
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
@@ -291,13 +378,14 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         if saved["epoch"] != completed:  # the run stops: last.pt holds its final epoch
             save_last(completed)
             barrier(dist)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         if dist.is_main:
             # Mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact).
             save_checkpoint(out / "last.pt", make_checkpoint(
                 raw, epoch=completed, metrics=metrics, rng=[capture_rng(generators)], interrupted=True,
                 **state))
-            print(f"\ninterrupted: saved {out / 'last.pt'}; continue with "
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            print(f"\n{how}: saved {out / 'last.pt'}; continue with "
                   f"python train.py --out {out} --resume", file=sys.stderr, flush=True)
         raise
     except NonFiniteLossError as e:
@@ -376,11 +464,26 @@ def test_best(raw, out: Path, test_loader, cfg: TrainConfig, dist: Dist, device)
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     train_over, model_over = explicit_overrides(args)
-    dist, device = init_distributed(train_over.get("device", ""))
     try:
-        cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
+        dist, device = init_distributed(train_over.get("device", ""))
+    except ValueError as e:  # --device cuda without CUDA
+        raise RunError(str(e)) from None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        try:  # every flag checked before any work
+            cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
+            check_train_config(cfg)
+            from datasets.registry import check_reader_options
+            check_reader_options(cfg.dataset, parse_reader_options(cfg.reader_options))
+        except ValueError as e:
+            raise RunError(str(e)) from None
         return run(cfg, model_cfg, ckpt, dist, device)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         cleanup_distributed(dist)
 
 
@@ -389,6 +492,8 @@ if __name__ == "__main__":
 
     try:
         main()
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.exit(130)
     except DatasetError as e:  # a problem with the user's files: the message says which and the fix

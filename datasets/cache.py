@@ -19,7 +19,9 @@ and renamed into place, so an interrupted build never leaves a half-written cach
 Splits: split_mode="paper" assigns cases 7:1:2 (`assign_splits`, stratified by Sample.stratum);
 "layout" keeps each Sample.split. In both modes `check_no_leak` must pass. Train and val must not be
 empty. An empty test split is an error in paper mode. In layout mode it is only a warning, because
-some layouts ship no test split (e.g. the shared QaTa subset).
+some layouts ship no test split (e.g. the shared QaTa subset). `partial=True` (for evaluation, e.g.
+a folder that holds only a test split) allows empty splits and keeps samples the layout gives no
+split (split null in the index).
 
 Bad files. A reader reports a bad file (unreadable file, size mismatch, non-binary mask, missing
 text) by *yielding* the DatasetError instead of a Sample, so that iteration can go on. build_cache
@@ -67,11 +69,13 @@ def source_listing(paths) -> list[list]:
     return sorted(out)
 
 
-def _settings(image_size: int, split_mode: str, ratios, seed: int) -> dict:
-    return {"format": FORMAT_VERSION, "image_size": int(image_size), "split_mode": split_mode,
+def _settings(image_size: int, split_mode: str, ratios, seed: int, partial: bool = False) -> dict:
+    # `partial` is keyed only when set, so the caches training builds keep their fingerprints.
+    return {**({"partial_splits": True} if partial else {}),
+            "format": FORMAT_VERSION, "image_size": int(image_size), "split_mode": split_mode,
             "ratios": [float(r) for r in ratios], "seed": int(seed),
             "image_resize": "bilinear-antialias", "mask_resize": "nearest",
-            "caption": "caption_from_mask(style=lvit, side=image)"}
+            "caption": "caption_from_mask(style=lvit, side=image, count per side)"}
 
 
 def _fingerprint_parts(reader: Reader, settings: dict) -> dict:
@@ -143,6 +147,24 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _remove_orphan_builds(cache_dir: Path) -> None:
+    """Delete `.<name>.tmp-PID` / `.<name>.old-PID` siblings whose process has died (a build
+    killed with kill -9 leaves them behind); a live process's folder is left alone."""
+    for p in cache_dir.parent.glob(f".{cache_dir.name}.*-*"):
+        kind, _, pid = p.name[len(cache_dir.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (another build of the same cache)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"removed {p}, left by an interrupted cache build")
+
+
 def _swap_into_place(tmp: Path, cache_dir: Path, fingerprint: str) -> None:
     """Rename tmp → cache_dir, replacing an old cache; tolerate a concurrent identical build."""
     old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
@@ -178,8 +200,9 @@ def validate_sample(s: Sample) -> None:
         raise DatasetError(f"{where}: empty text; expected a caption, or None to generate one")
 
 
-def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str) -> None:
-    """Fill row["split"] in place, check leaks and empty splits."""
+def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
+            partial: bool = False) -> None:
+    """Fill row["split"] in place, check leaks and (unless `partial`) empty splits."""
     if split_mode == "paper":
         table = assign_splits([r["case"] for r in rows], [r["stratum"] for r in rows],
                               ratios=ratios, seed=seed)
@@ -187,6 +210,8 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str) ->
             r["split"] = table[r["case"]]
     elif split_mode == "layout":
         for r in rows:
+            if r["split"] is None and partial:
+                continue
             if r["split"] is None:
                 raise DatasetError(f"{r['source']}: the layout gives this sample no split; "
                                    f"expected train/val/test from the folders; fix: use "
@@ -194,7 +219,9 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str) ->
             r["split"] = normalise_split(r["split"], r["source"])
     else:
         raise ValueError(f"split_mode must be 'paper' or 'layout', got {split_mode!r}")
-    check_no_leak(rows, where)
+    check_no_leak([r for r in rows if r["split"] is not None], where)
+    if partial:
+        return
     counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
     n_cases = len({r["case"] for r in rows})
     for s in SPLITS:
@@ -215,7 +242,7 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str) ->
 
 def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: str = "paper",
                 ratios=(0.7, 0.1, 0.2), seed: int = 0, skip_bad: bool = False,
-                progress: bool = True) -> Path:
+                progress: bool = True, partial: bool = False) -> Path:
     """Build (or reuse, if its fingerprint matches) the cache of `reader` in `cache_dir`.
 
     Args:
@@ -227,6 +254,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         seed: split seed.
         skip_bad: skip files the reader reports as bad (and print them) instead of stopping.
         progress: show a tqdm bar.
+        partial: allow empty splits and samples without a split (evaluation of any folder).
 
     Returns:
         cache_dir as a Path.
@@ -236,7 +264,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     cache_dir = Path(cache_dir).resolve()
     if split_mode not in ("paper", "layout"):
         raise ValueError(f"split_mode must be 'paper' or 'layout', got {split_mode!r}")
-    settings = _settings(image_size, split_mode, ratios, seed)
+    settings = _settings(image_size, split_mode, ratios, seed, partial)
     parts = _fingerprint_parts(reader, settings)
     fp = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     fresh, why = is_fresh(cache_dir, fp, parts)
@@ -247,6 +275,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         print(f"rebuilding cache {cache_dir}: {why}")
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphan_builds(cache_dir)
     tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -274,8 +303,8 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
                 bar.update(1)
                 continue
             seen[item.key] = item.source
-            generated = item.text is None
-            text = caption_from_mask(item.mask) if generated else str(item.text).strip()
+            generated = item.text is None or item.text_from_mask
+            text = caption_from_mask(item.mask) if item.text is None else str(item.text).strip()
             images.append(to_uint8(resize_image(item.image, image_size)))
             masks.append(resize_mask(item.mask, image_size).astype(np.uint8))
             rows.append({"key": item.key, "case": str(item.case), "slice": int(item.slice_index),
@@ -302,13 +331,14 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         if not rows:
             raise DatasetError(f"{where}: no usable samples ({len(skipped)} skipped); expected at "
                                f"least one image with a mask")
-        _assign(rows, split_mode, ratios, seed, where)
+        _assign(rows, split_mode, ratios, seed, where, partial)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
     cases = {s: len({r["case"] for r in rows if r["split"] == s}) for s in SPLITS}
     meta = {"fingerprint": fp, "dataset": reader.name, **parts, "n": len(rows), "counts": counts,
+            "unsplit": sum(r["split"] is None for r in rows),
             "cases": cases,
             "text_from_mask": sum(r["text_from_mask"] for r in rows), "skipped": skipped,
             "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),

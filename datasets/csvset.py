@@ -10,7 +10,9 @@ BMP or DICOM (datasets/images.py says how each is converted). Masks: binary 0/1 
 
 * case: the patient/study id that never crosses splits; default = the image's file stem (each
   image its own case). Give it whenever one patient has several images.
-* split: train / val (valid) / test, used with split_mode="layout"; empty = none.
+* split: train / val (valid) / test. A CSV whose split column holds any value is split by it
+  (split_mode "auto", the default, resolves to "layout"; every row then needs one); "paper" ignores
+  the column, with a warning.
 * text: an empty cell is an error for that row, unless text_from_mask=True, in which case the cache
   writes a QaTa-style caption from the mask (datasets/text_from_mask.py). Such a caption is derived
   from the label, so say so when you report results on it.
@@ -102,6 +104,8 @@ class CsvReader:
                                   split, r.get("stratum", ""), key))
         if not self.rows:
             raise DatasetError(f"{self.csv_path}: no rows; expected one row per image")
+        # The user wrote the split: datasets.registry.resolve_split_mode keeps it.
+        self.declares_splits = any(r.split for r in self.rows)
 
     def sources(self) -> list[Path]:
         files = {self.csv_path}

@@ -44,7 +44,8 @@ Choices the paper leaves open (what this reader does):
   `<lesion type>` from `lesion_type_column` (decoded with its legend row, e.g. "0=mass, 1=non-mass")
   when given, `Multicentric/Multifocal` = 1 → "multifocal", `Bilateral Information` = 1 →
   "bilateral disease". E.g. "Left breast tumour, luminal-like subtype, mass lesion." Without
-  either source text is None (the cache's mask caption is a lung template: pass one of them).
+  either source each slice's caption is written from its mask by `breast_caption` (breast side,
+  quadrant, number of lesions, size; marked text_from_mask in the cache), never the chest template.
 - Stratum: `stratum_column="Mol Subtype"` decoded by its legend ("luminal-like", ...); "unknown"
   when missing. Which clinical column holds the paper's mass/non-mass lesion type is not
   confirmed; pass `stratum_column=<that column>` when known.
@@ -257,6 +258,52 @@ def box_mask(vol, box: tuple[int, ...], where: str) -> np.ndarray:
     return vol.native_to_ras(native)
 
 
+# ---------------------------------------------------------------- captions from the mask
+def breast_caption(mask: np.ndarray, z_fraction: float, pixel_mm=(1.0, 1.0)) -> str:
+    """The caption of one axial slice's tumour mask, e.g. "Left breast lesion, one lesion, upper
+    outer quadrant of the left breast, 14 mm."
+
+    Args:
+        mask: (H, W) bool in the radiological display of `axial_slice_to_image` (rows anterior →
+            posterior, columns patient right → left: the patient's right breast is the image's left).
+        z_fraction: the slice's height in its volume, 0 = lowest (inferior) slice, 1 = highest; upper
+            or lower is which half of the volume it lies in (no breast outline is available).
+        pixel_mm: (row, column) pixel size in mm, for the size of the largest lesion.
+
+    Inner or outer is the lesion pixels' mean column in the breast's half of the image: toward the
+    midline (inner) or the side (outer). Lesions are 8-connected regions counted per breast.
+    """
+    from datasets.text_from_mask import count_regions, number_word
+
+    mask = np.asarray(mask).astype(bool)
+    H, W = mask.shape
+    if not mask.any():
+        return "No breast lesion."
+    level = "upper" if z_fraction >= 0.5 else "lower"
+    parts, sides, n = [], [], 0
+    for side, half in (("right", mask[:, :W // 2]), ("left", mask[:, W // 2:])):
+        if not half.any():
+            continue
+        n += count_regions(half)
+        centre = np.nonzero(half)[1].mean() / half.shape[1]  # 0..1 across the half
+        outer = centre < 0.5 if side == "right" else centre >= 0.5  # midline: the image's centre
+        parts.append(f"{level} {'outer' if outer else 'inner'} quadrant of the {side} breast")
+        sides.append(side)
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    size = 0.0
+    for region in ndimage.find_objects(labels):
+        size = max(size, (region[0].stop - region[0].start) * pixel_mm[0],
+                   (region[1].stop - region[1].start) * pixel_mm[1])
+    if len(sides) == 2:
+        lead = "Bilateral breast lesions"
+    else:
+        lead = f"{sides[0].capitalize()} breast lesion{'' if n == 1 else 's'}"
+    lesions = f"{number_word(n)} lesion{'' if n == 1 else 's'}"
+    return f"{lead}, {lesions}, {' and '.join(parts)}, {'largest ' if n > 1 else ''}{size:.0f} mm."
+
+
 # ---------------------------------------------------------------- the reader
 class DukeReader:
     """Duke-Breast-Cancer-MRI → one Sample per selected axial slice (see the module docstring).
@@ -408,14 +455,14 @@ class DukeReader:
                                "pass mapping_xlsx (Breast-Cancer-MRI-filepath_filename-mapping.xlsx)")
         return phases[self.phase]
 
-    def _load(self, n: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """(image (X, Y, Z), mask (X, Y, Z) bool, source) for patient n."""
+    def _load(self, n: int) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+        """(image (X, Y, Z), mask (X, Y, Z) bool, source, RAS affine (4, 4)) for patient n."""
         k = PHASES.index(self.phase)
         if n in self.dicom_patients and self.image_source != "mama-mia":
             vol = load_dicom_volume(self._phase_series(n))
             where = str(vol.files[0].parent)
             if self.mask_source == "boxes":
-                return vol.array, box_mask(vol, self.boxes[n], where), where
+                return vol.array, box_mask(vol, self.boxes[n], where), where, vol.affine
             m, m_aff = read_nifti(self.mama_masks[n])
             mask = m > 0.5
             if mask.shape != vol.array.shape or not np.allclose(m_aff, vol.affine, rtol=1e-4, atol=1e-2):
@@ -423,10 +470,10 @@ class DukeReader:
                 if m.any() and not mask.any():
                     raise DatasetError(f"{self.mama_masks[n]} and {where}: the mask does not overlap "
                                        "the DICOM volume; fix: image_source='mama-mia'")
-            return vol.array, mask, f"{where}|{self.mama_masks[n]}"
+            return vol.array, mask, f"{where}|{self.mama_masks[n]}", vol.affine
         image_path = self.mama_images[n][k]
-        image, mask, _ = read_nifti_pair(image_path, self.mama_masks[n])
-        return image, mask, f"{image_path}|{self.mama_masks[n]}"
+        image, mask, affine = read_nifti_pair(image_path, self.mama_masks[n])
+        return image, mask, f"{image_path}|{self.mama_masks[n]}", affine
 
     def sources(self) -> list[Path]:
         out = [p for p in (self.mapping_xlsx, self.clinical_xlsx, self.text_csv, self.boxes_xlsx) if p]
@@ -444,7 +491,8 @@ class DukeReader:
     def options(self) -> dict:
         return {"phase": self.phase, "mask_source": self.mask_source, "image_source": self.image_source,
                 "negative_share": self.negative_share, "percentiles": list(self.percentiles),
-                "stratum_column": self.stratum_column, "lesion_type_column": self.lesion_type_column}
+                "stratum_column": self.stratum_column, "lesion_type_column": self.lesion_type_column,
+                "mask_caption": "breast_caption v1"}
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -452,7 +500,7 @@ class DukeReader:
     def __iter__(self) -> Iterator[Sample]:
         for n in self.cases:
             try:
-                image, mask, source = self._load(n)
+                image, mask, source, affine = self._load(n)
                 if not mask.any():
                     raise DatasetError(f"{source}: empty tumour mask; fix: check the segmentation")
             except DatasetError as e:
@@ -462,8 +510,14 @@ class DukeReader:
             has = mask.any(axis=(0, 1))  # (Z,)
             free = np.flatnonzero(~has)
             picked = free[spread_indices(len(free), int(round(self.negative_share * len(free))))]
+            spacing = np.linalg.norm(np.asarray(affine)[:3, :2], axis=0)  # (X, Y) mm per voxel
+            Z = mask.shape[2]
             for z in sorted(np.flatnonzero(has).tolist() + picked.tolist()):
+                slice_mask = axial_slice_to_image(mask[:, :, z])  # (H=Y, W=X)
+                text = self.texts.get(n)
+                if text is None:  # RAS+: z grows toward the head
+                    text = breast_caption(slice_mask, z / max(1, Z - 1), (spacing[1], spacing[0]))
                 yield Sample(key=f"{case_id(n)}#{z:03d}", image=axial_slice_to_image(vol[:, :, z]),
-                             mask=axial_slice_to_image(mask[:, :, z]), text=self.texts.get(n),
-                             case=case_id(n), split=None, stratum=self.strata.get(n, "unknown"),
-                             slice_index=int(z), source=source)
+                             mask=slice_mask, text=text, case=case_id(n), split=None,
+                             stratum=self.strata.get(n, "unknown"), slice_index=int(z),
+                             source=source, text_from_mask=n not in self.texts)

@@ -35,8 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--root", default="", help="dataset folder (csv: the CSV file; demo: optional)")
     p.add_argument("--image-size", type=int, default=224, help="side of the cached images (224)")
-    p.add_argument("--split-mode", choices=("paper", "layout"), default="paper",
-                   help="paper: patient-level 7:1:2; layout: the folders' own split")
+    p.add_argument("--split-mode", choices=("auto", "paper", "layout"), default="auto",
+                   help="paper: patient-level 7:1:2; layout: the folders' own split; auto: layout "
+                        "for data with a split the user wrote (a CSV's split column), else paper")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--cache-dir", default="", help="cache folder (default <repo>/cache/<name>-<hash> "
                                                    "or $TMC_CACHE/<name>-<hash>)")

@@ -317,9 +317,14 @@ class QataReader:
                 except (OSError, ValueError) as e:
                     raise DatasetError(f"{path}: unreadable JSON ({e}); expected "
                                        f'{{"train": [{{"image_path": ..., "caption": ...}}]}}') from e
+                shape = '{"train": [{"image_path": ..., "caption": ...}], "test": [...]}'
+                if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+                    raise DatasetError(f"{path}: holds a JSON {type(data).__name__}; expected an "
+                                       f"object of split → list of entries, {shape}; fix: group "
+                                       f"the entries by split as SGSeg's annotation.json does")
                 for split, entries in data.items():
                     for e in entries:
-                        if "image_path" not in e:
+                        if not isinstance(e, dict) or "image_path" not in e:
                             raise DatasetError(f"{path}: entry without 'image_path' in {split!r}")
                         self._add_text(texts, image_key(e["image_path"]), e.get("caption"), path)
         tables = extra[:]

@@ -22,12 +22,14 @@ class Sample:
     key: str  # unique within the dataset (image stem, or "<case>#<slice>")
     image: np.ndarray  # (H, W) float32 in [0, 1]
     mask: np.ndarray  # (H, W) bool
-    text: str | None  # None: generated from the mask by the cache builder
+    text: str | None  # None: generated from the mask by the cache builder (chest template)
     case: str  # patient / study id: the unit that never crosses splits
     split: str | None = None  # the layout's own split ("train", "val", "test"), if it has one
     stratum: str = ""  # stratification label (severity grade, lesion type)
     slice_index: int = -1  # axial slice index for volumes, -1 for 2D images
     source: str = ""  # file(s) it came from, for messages and the index
+    # The reader wrote `text` from the mask with its dataset's own template (e.g. Duke's breast one).
+    text_from_mask: bool = False
 
 
 class Reader(Protocol):

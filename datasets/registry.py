@@ -16,11 +16,12 @@ import hashlib
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from datasets.records import Reader
 
-__all__ = ["DATASETS", "REPO", "make_reader", "default_cache_dir", "prepare"]
+__all__ = ["DATASETS", "REPO", "reader_option_names", "check_reader_options", "make_reader", "resolve_split_mode", "default_cache_dir", "prepare"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,26 @@ def _coerce(value):
     return value
 
 
+def reader_option_names(name: str) -> list[str]:
+    """The settings the reader of dataset `name` takes (its constructor's arguments but root)."""
+    import inspect
+
+    module, cls, root_arg = DATASETS[name]
+    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+    return [p for p in params if p not in ("self", root_arg)]
+
+
+def check_reader_options(name: str, options: dict) -> None:
+    """ValueError naming the unknown --reader-options keys and the valid ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    valid = reader_option_names(name)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(f"--reader-options: {name} has no setting {', '.join(unknown)}; valid: "
+                         f"{', '.join(valid) or 'none'}")
+
+
 def make_reader(name: str, root=None, **options) -> Reader:
     """The reader of dataset `name` for the folder (or CSV file) `root`.
 
@@ -54,6 +75,7 @@ def make_reader(name: str, root=None, **options) -> Reader:
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    check_reader_options(name, options)
     module, cls, root_arg = DATASETS[name]
     if not root and name != "demo":
         raise ValueError(f"dataset {name!r} needs a root ({root_arg}); fix: pass --root PATH")
@@ -61,19 +83,35 @@ def make_reader(name: str, root=None, **options) -> Reader:
     return reader_cls(**{root_arg: root or None}, **{k: _coerce(v) for k, v in options.items()})
 
 
+def resolve_split_mode(reader: Reader, split_mode: str) -> str:
+    """"auto" → "layout" when the user wrote the split into the data (a reader whose
+    `declares_splits` is true: a CSV's split column), else "paper"; "paper" over such data warns
+    that the user's split is ignored."""
+    declared = bool(getattr(reader, "declares_splits", False))
+    if split_mode == "auto":
+        return "layout" if declared else "paper"
+    if split_mode == "paper" and declared:
+        warnings.warn(f"{reader.name}: the data's own split column is ignored under split mode "
+                      f"'paper' (a 7:1:2 patient split); drop --split-mode paper to use it",
+                      stacklevel=3)
+    return split_mode
+
+
 def default_cache_dir(name: str, root, image_size: int, split_mode: str, seed: int, ratios,
-                      options: dict) -> Path:
+                      options: dict, partial: bool = False) -> Path:
     """`<$TMC_CACHE or <repo>/cache>/<name>-<12 hex>`, the hash over root and all settings."""
-    key = json.dumps({"name": name, "root": str(Path(root).resolve()) if root else "",
-                      "image_size": image_size, "split_mode": split_mode, "seed": seed,
-                      "ratios": list(ratios), "options": options}, sort_keys=True, default=str)
+    key = {"name": name, "root": str(Path(root).resolve()) if root else "", "image_size": image_size,
+           "split_mode": split_mode, "seed": seed, "ratios": list(ratios), "options": options}
+    if partial:  # keyed only when set: training's cache folders keep their names
+        key["partial_splits"] = True
+    key = json.dumps(key, sort_keys=True, default=str)
     base = Path(os.environ["TMC_CACHE"]) if os.environ.get("TMC_CACHE") else REPO / "cache"
     return base / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "paper",
+def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "auto",
             seed: int = 0, skip_bad: bool = False, ratios=(0.7, 0.1, 0.2), progress: bool = True,
-            **options) -> Path:
+            partial: bool = False, **options) -> Path:
     """Build or reuse the cache of a dataset and return its folder.
 
     Args:
@@ -81,18 +119,23 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
         root: dataset folder (CSV file for "csv"; optional for "demo").
         image_size: S of the cached (S, S) arrays (paper: 224).
         cache_dir: cache folder (default: `default_cache_dir`).
-        split_mode: "paper" (case-level 7:1:2) or "layout" (the layout's own split).
+        split_mode: "paper" (case-level 7:1:2), "layout" (the layout's own split) or "auto"
+            (`resolve_split_mode`).
         seed: split seed.
         skip_bad: skip bad files (listed) instead of stopping at the first.
         ratios: (train, val, test).
         progress: tqdm bar.
+        partial: allow empty splits and unsplit samples (evaluating a folder; see build_cache).
         **options: reader settings.
     """
     from datasets.cache import build_cache
 
     options = {k: _coerce(v) for k, v in options.items()}
     reader = make_reader(name, root, **options)
+    split_mode = resolve_split_mode(reader, split_mode)
     if cache_dir is None or str(cache_dir) == "":
-        cache_dir = default_cache_dir(name, root, image_size, split_mode, seed, ratios, options)
+        cache_dir = default_cache_dir(name, root, image_size, split_mode, seed, ratios, options,
+                                      partial)
     return build_cache(reader, cache_dir, image_size=image_size, split_mode=split_mode,
-                       ratios=ratios, seed=seed, skip_bad=skip_bad, progress=progress)
+                       ratios=ratios, seed=seed, skip_bad=skip_bad, progress=progress,
+                       partial=partial)

@@ -13,8 +13,9 @@ left/right (halves of the width). A zone counts when it holds any foreground pix
 (`min_fraction` raises that bar). Per side the zones are listed top to bottom ("upper middle left
 lung"); all three on one side read "all left lung" in the "lvit" style. Sides are joined by "and",
 left first. "Unilateral"/"Bilateral" is whether one or both sides have a zone. The count is the
-number of connected lesions (8-connectivity), as in LViT's "Unilateral pulmonary infection, two
-infected areas, upper left lung". The "sgseg" style reproduces the normalised captions of the QaTa
+number of connected lesions (8-connectivity) on each side, summed, as in LViT's "Unilateral
+pulmonary infection, two infected areas, upper left lung": a lesion across the midline counts once
+per side, so a "Bilateral" caption never says "one infected area". The "sgseg" style reproduces the normalised captions of the QaTa
 copy in SGSeg (ShuchangYe-bib/SGSeg), which is our /work/shared/data/qata: lower case, zones always
 enumerated ("upper middle lower left lung"), and the count is the number of zones.
 
@@ -131,5 +132,7 @@ def caption_from_mask(mask: np.ndarray, style: str = "lvit", side: str = "image"
         e.g. "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
     """
     zones = mask_zones(mask, side=side, min_fraction=min_fraction)
-    count = count_regions(mask) if zones.any() else 0
+    mask = np.asarray(mask).astype(bool)
+    half = mask.shape[1] // 2  # the sides of `mask_zones`
+    count = count_regions(mask[:, :half]) + count_regions(mask[:, half:]) if zones.any() else 0
     return caption_from_zones(zones, count, style=style)

@@ -195,3 +195,22 @@ def test_prepare_and_cli(tmp_path, capsys, monkeypatch):
     assert "no QaTa-COV19 layout" in capsys.readouterr().err
     with open(tmp_path / "d" / "meta_test.json", "w") as f:
         json.dump(load_meta(path), f)  # meta is plain JSON
+
+
+def test_a_csv_split_column_is_honoured_unless_paper_mode_is_asked_for(tmp_path, monkeypatch):
+    from tmc.train_config import TrainConfig
+
+    csv_path, _ = _make_set(tmp_path / "d", n_cases=10)
+    rows = _read_csv(csv_path)
+    wanted = {}
+    for r in rows:  # cases p00-p05 train, p06-p07 val, p08-p09 test (the user's choice)
+        c = int(r["case"][1:])
+        r["split"] = wanted[r["image"]] = "train" if c < 6 else "val" if c < 8 else "test"
+    _write_csv(csv_path, rows)
+    monkeypatch.setenv("TMC_CACHE", str(tmp_path / "caches"))
+    cache = prepare("csv", csv_path, image_size=8, split_mode=TrainConfig().split_mode, progress=False)
+    got = {f"{r['key']}.png": r["split"] for r in load_index(cache)}
+    assert got == wanted
+    with pytest.warns(UserWarning, match="split column is ignored"):
+        paper = prepare("csv", csv_path, image_size=8, split_mode="paper", progress=False)
+    assert load_meta(paper)["counts"] == {"train": 14, "val": 2, "test": 4}  # 7:1:2 of 10 cases

@@ -303,3 +303,9 @@ def test_text_consistent_augmentation_keeps_captions_true():
     assert same[2] == [caption] * 16 and torch.equal(same[1], mask)
     with pytest.raises(ValueError):
         augment_training_batch(image, mask, [caption] * 16, "mixup")
+
+
+def test_a_lesion_across_the_midline_is_not_bilateral_with_one_area():
+    across = _mask([(20, 30, 20, 40)])  # one 8-connected region over both halves
+    assert caption_from_mask(across) == ("Bilateral pulmonary infection, two infected areas, "
+                                         "middle left lung and middle right lung.")

@@ -244,3 +244,65 @@ def test_bad_inputs_are_reported(duke_root, tmp_path):
     reader.mama_masks[3] = bad
     errors = [str(e) for e in reader if isinstance(e, DatasetError)]
     assert len(errors) == 1 and "DUKE_003_0001.nii.gz and" in errors[0] and str(bad) in errors[0]
+
+
+# ---------------------------------------------------------------- captions from the mask
+def _slice_mask(boxes, h=40, w=80):
+    m = np.zeros((h, w), bool)
+    for r0, r1, c0, c1 in boxes:
+        m[r0:r1, c0:c1] = True
+    return m
+
+
+@pytest.mark.parametrize("boxes, z, expected", [
+    # image columns 0-39 are the patient's right breast (outer at column 0), 40-79 the left
+    ([(5, 12, 2, 9)], 0.8, "Right breast lesion, one lesion, upper outer quadrant of the right breast, 14 mm."),
+    ([(5, 10, 45, 50)], 0.2, "Left breast lesion, one lesion, lower inner quadrant of the left breast, 10 mm."),
+    ([(5, 10, 70, 75), (20, 30, 60, 64)], 0.5,
+     "Left breast lesions, two lesions, upper outer quadrant of the left breast, largest 20 mm."),
+    ([(5, 10, 30, 50)], 0.9,  # one region across the midline: one lesion per breast, not "one"
+     "Bilateral breast lesions, two lesions, upper inner quadrant of the right breast and upper inner "
+     "quadrant of the left breast, largest 40 mm."),
+    ([], 0.5, "No breast lesion."),
+])
+def test_breast_caption_from_the_mask(boxes, z, expected):
+    assert D.breast_caption(_slice_mask(boxes), z, pixel_mm=(2.0, 2.0)) == expected
+
+
+def test_duke_without_clinical_text_gets_breast_captions_not_the_chest_template(duke_root, tmp_path):
+    from datasets.cache import build_cache
+    from datasets.cached import load_index
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reader = D.DukeReader(duke_root / "MAMA-MIA", negative_share=0.5)  # no clinical sheet
+        samples = list(reader)
+        for i, s in enumerate(samples):  # one patient: make each slice a case to build a cache
+            s.case, s.split = s.key, ("train", "val", "test")[i % 3]
+        cache = build_cache(_Listed(reader, samples), tmp_path / "c", 16, split_mode="layout",
+                            progress=False)
+    rows = load_index(cache)
+    assert len(rows) == len(samples) and all(r["text_from_mask"] for r in rows)
+    assert not any("pulmonary" in r["text"] or "lung" in r["text"] for r in rows)
+    assert {r["text"].split(",")[0] for r in rows} == {"Bilateral breast lesions", "No breast lesion."}
+    tumour = next(s for s in samples if s.mask.any())
+    assert tumour.text == D.breast_caption(tumour.mask, tumour.slice_index / (S - 1), (0.7, 0.7))
+
+
+class _Listed:
+    """A reader that yields given samples (with the wrapped reader's name, options and sources)."""
+
+    def __init__(self, reader, samples):
+        self.name, self.reader, self.samples = reader.name, reader, samples
+
+    def sources(self):
+        return self.reader.sources()
+
+    def options(self):
+        return self.reader.options()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)

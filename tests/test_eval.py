@@ -290,3 +290,78 @@ def test_volume_prediction_with_the_model(demo_run, tmp_path):
     written = nib.load(str(tmp_path / "mask.nii.gz"))
     assert written.shape == data.shape
     np.testing.assert_allclose(written.affine, affine)
+
+
+def test_another_folder_is_scored_on_its_own_split_with_n_of_m(demo_run, tmp_path, capsys):
+    """QaTa's LViT layout holding only Test_Folder, and the SGSeg layout, scored by a checkpoint
+    trained elsewhere: every image of the asked split, never a 7:1:2 re-split of the folder."""
+    import shutil
+    import warnings
+
+    from tests.test_qata import NAMES, make_lvit, make_sgseg
+
+    _, out, _ = demo_run
+    lvit = make_lvit(tmp_path / "lvit")
+    shutil.rmtree(lvit / "Train_Folder"), shutil.rmtree(lvit / "Val_Folder")  # a test-only copy
+    sgseg = make_sgseg(tmp_path / "sgseg")  # train 6 + valid 2, no test
+    common = ["--ckpt", str(out / "best.pt"), "--dataset", "qata", "--no-progress", "--workers", "0"]
+
+    def score(root, *extra):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = evaluate.main([*common, "--root", str(root), "--cache-dir",
+                                 str(tmp_path / f"c-{root.name}-{'-'.join(extra)}"), *extra])
+        captured = capsys.readouterr()
+        assert "caching qata" not in captured.err  # --no-progress reaches the cache build's bar
+        return res, captured.out
+
+    res, text = score(lvit)
+    assert (res["n_images"], res["n_folder"], res["split_mode"]) == (2, 2, "layout")
+    assert "qata test (layout split) | 2 of 2 images of the folder" in text
+    res, text = score(sgseg, "--split", "all")
+    assert (res["n_images"], res["n_folder"]) == (len(NAMES), len(NAMES))
+    assert f"{len(NAMES)} of {len(NAMES)} images of the folder" in text
+    assert score(sgseg, "--split", "val")[0]["n_images"] == 2
+    with pytest.raises(SystemExit, match=r"no test images .*train 6, val 2, test 0.*--split all"):
+        score(sgseg)
+    res, _ = score(sgseg, "--split-mode", "paper", "--split", "all")  # re-split: still every image
+    assert res["n_images"] == len(NAMES)
+
+
+def test_the_runs_own_folder_keeps_the_runs_split(demo_run):
+    _, out, _ = demo_run
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    args = evaluate.build_parser().parse_args(["--ckpt", "x"])
+    own = evaluate.dataset_settings(ckpt, args)
+    assert own["own"] and not own["partial"] and own["cache_dir"] == ckpt["train_config"]["cache_dir"]
+    args = evaluate.build_parser().parse_args(["--ckpt", "x", "--root", "/elsewhere"])
+    other = evaluate.dataset_settings(ckpt, args)
+    assert not other["own"] and other["partial"] and other["split_mode"] == "layout"
+    assert other["cache_dir"] == ""  # never the run's cache folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image", "{d}/x.png", "--volume", "{d}/v.nii.gz"], "--image and --volume together"),
+    (["--volume", "{d}/missing.nii.gz"], "missing.nii.gz: NIfTI file not found"),
+    (["--volume", "{d}/one.dcm"], "one.dcm: a single DICOM file; expected a NIfTI file or a DICOM series"),
+    (["--volume", "{d}/nothing"], "no such NIfTI file or DICOM series folder"),
+    (["--image", "{d}/x.png", "--out", "m.nii.gz"], "--out m.nii.gz: the mask of --image is written as PNG"),
+    (["--volume", "{d}", "--out", "m.png"], "--out m.png: the mask of --volume is written as NIfTI"),
+    (["--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    (["--dataset", "qata", "--reader-options", "layot=lvit"], "qata has no setting layot; valid: layout"),
+])
+def test_bad_eval_flags_are_named_before_the_checkpoint_is_read(tmp_path, flags, message):
+    (tmp_path / "x.png").write_bytes(b"png")
+    (tmp_path / "one.dcm").write_bytes(b"dcm")
+    argv = ["--ckpt", str(tmp_path / "never_read.pt")] + [f.format(d=tmp_path) for f in flags]
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        evaluate.main(argv)
+
+
+def test_blank_text_is_refused():
+    from tmc.config import tiny_config
+    from tmc.model import build_model
+
+    model = build_model(tiny_config(image_size=32))
+    with pytest.raises(SystemExit, match="--text is blank"):
+        evaluate.make_segmenter(model, "   \t", torch.device("cpu"))

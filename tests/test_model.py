@@ -322,3 +322,20 @@ def test_training_step_never_waits_for_the_device():
         loss.backward()
     assert sum(counter.ops.values()) > 0 and counter.syncs == {}
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_caption_longer_than_t_warns_once_with_the_kept_words():
+    import warnings
+
+    model = build_model(tiny_config(text_length=8))
+    short = "No pulmonary infection."  # 6 tokens with [CLS] and [SEP]
+    long = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.tokenize([short])
+        assert not caught
+        model.tokenize([short, long])
+        model.tokenize([long])  # once per run, not per batch
+    (w,) = caught
+    assert "cut to the model's T = 8" in str(w.message)
+    assert "reads only 'bilateral pulmonary infection, two infected'" in str(w.message)

@@ -261,3 +261,11 @@ def test_real_subset_cache_slice(real_reader, tmp_path):
     assert len(rows) == 200 and masks.shape == (200, 64, 64)
     assert Counter(r["split"] for r in rows) == {"train": 150, "val": 50}
     assert all(masks[i].any() for i in range(200))
+
+
+def test_an_annotation_json_that_is_a_list_is_explained(tmp_path):
+    root = make_sgseg(tmp_path)
+    ann = json.loads((root / "prompts" / "annotation.json").read_text())
+    (root / "prompts" / "annotation.json").write_text(json.dumps(ann["train"]))  # entries, no splits
+    with pytest.raises(DatasetError, match=r"annotation.json: holds a JSON list; expected an object"):
+        QataReader(root)

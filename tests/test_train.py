@@ -310,3 +310,151 @@ def test_cosine_schedule_decays_to_min_lr_over_the_epochs():
     assert seen == pytest.approx(expected) and seen[-1] == pytest.approx(1e-5)
     plateau = train.make_scheduler(torch.optim.Adam(params, lr=1e-3), TrainConfig())
     assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+# ---------------------------------------------------------------------------- runs that keep their work
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(demo_dirs, tmp_path):
+    train.main(_argv(demo_dirs, tmp_path / "a", 1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    (tmp_path / "a" / "last.pt").unlink()  # even without last.pt: best.pt and metrics.jsonl are a run
+    with pytest.raises(SystemExit, match=r"already holds files \(best.pt, config.json.*--resume.*--out"):
+        train.main(_argv(demo_dirs, tmp_path / "a", 1))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    assert after == {k: v for k, v in before.items() if k != "last.pt"}  # nothing rewritten
+    (tmp_path / "empty").mkdir()
+    train.main(_argv(demo_dirs, tmp_path / "empty", 1))  # an empty folder is fine
+
+
+def test_sigterm_saves_last_pt_like_ctrl_c(demo_dirs, tmp_path, monkeypatch):
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: received.append(a))  # the old code's fate
+    try:
+        def terminate(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return {}
+
+        monkeypatch.setattr(train, "train_one_epoch", terminate)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(_argv(demo_dirs, tmp_path / "term", 3))
+        ck = load_checkpoint(tmp_path / "term" / "last.pt")
+        assert ck["interrupted"] and ck["epoch"] == 0 and not received
+        assert signal.getsignal(signal.SIGTERM) is not train._raise_terminated  # handler put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_resume_refuses_another_runs_last_pt_and_identity_flags(demo_dirs, tmp_path):
+    train.main(_argv(demo_dirs, tmp_path / "a", 1))
+    train.main(_argv(demo_dirs, tmp_path / "b", 1, "--seed", "1"))
+    with pytest.raises(SystemExit, match=r"--preset 'paper' \(the run has 'tiny'\)"):
+        train.main(["--out", str(tmp_path / "a"), "--resume", "--preset", "paper"])
+    with pytest.raises(SystemExit, match=r"--dataset 'qata' \(the run has 'demo'\)"):
+        train.main(["--out", str(tmp_path / "a"), "--resume", "--dataset", "qata"])
+    os.replace(tmp_path / "b" / "last.pt", tmp_path / "a" / "last.pt")
+    with pytest.raises(SystemExit, match=r"does not belong to the run .*seed: config.json 0, last.pt 1"):
+        train.main(["--out", str(tmp_path / "a"), "--resume", "--epochs", "2"])
+
+
+def test_resume_removes_dead_writers_temporaries_and_duplicate_epochs(demo_dirs, tmp_path):
+    out = tmp_path / "r"
+    train.main(_argv(demo_dirs, out, 1))
+    with open(out / "metrics.jsonl", "a") as f:  # epoch 2 logged, then kill -9 before last.pt
+        f.write(json.dumps({"epoch": 2, "train_loss": 9.0}) + "\n" + '{"epoch": 3, "trai')
+    dead = out / ".last.pt.99999999.k3j2h1g0.tmp"  # no such pid
+    dead.write_bytes(b"x" * 100)
+    live = out / f".last.pt.{os.getpid()}.a1b2c3d4.tmp"  # a save still in progress
+    live.write_bytes(b"x")
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--no-progress"])
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert not dead.exists() and live.exists()
+
+
+def test_a_killed_cache_build_leaves_no_temporary_folder(tmp_path):
+    from datasets.registry import prepare
+
+    cache = tmp_path / "cache"
+    orphan = tmp_path / ".cache.tmp-99999999"
+    (orphan / "x").mkdir(parents=True)
+    prepare("demo", tmp_path / "demo", image_size=32, cache_dir=cache, progress=False, n=12)
+    assert not orphan.exists() and (cache / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "an empty file"),
+    (b"not a checkpoint at all" * 10, "not a TMC checkpoint"),
+    (None, "not a TMC checkpoint"),  # a real checkpoint cut in half
+    ({"state": torch.zeros(2)}, r"a dict without \['model', 'model_config'\]"),
+    ([1, 2], "holds a list"),
+])
+def test_one_checkpoint_message_for_files_that_are_not_checkpoints(tmp_path, content, what):
+    from tmc.checkpoint import MODEL_KEYS, CheckpointError
+
+    path = tmp_path / "best.pt"
+    if content is None:
+        save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "model_config": {}})
+        path.write_bytes(path.read_bytes()[:2000])
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=f"{path}: {what}") as e:
+        load_checkpoint(path, require=MODEL_KEYS)
+    assert "weights_only" not in str(e.value) and "best.pt or last.pt" in str(e.value)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "100"], r"--image-size 100 is not a multiple of 32.*fix: --image-size 96 or 128"),
+    (["--batch-size", "0"], r"--batch-size 0: expected at least 1"),
+    (["--lr", "-0.001"], r"--lr -0.001: expected a value >= 0"),
+    (["--epochs", "0"], r"--epochs 0: expected at least 1"),
+    (["--reader-options", "n=24,sise=64"], r"demo has no setting sise; valid: n, size, seed"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, flags, message):
+    argv = _argv(tmp_path, tmp_path / "out", 1) + flags  # later flags win
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_device_cuda_without_cuda_is_a_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"--device cuda: CUDA is not available here; fix: --device cpu"):
+        train.main(_argv(tmp_path, tmp_path / "out", 1) + ["--device", "cuda"])
+
+
+def test_amp_auto_resolves_per_device_and_says_what_it_ignores(monkeypatch):
+    from tmc.engine import resolve_amp
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert TrainConfig().amp == "auto" and resolve_amp("auto", cpu)[0] == "off"
+    amp, note = resolve_amp("bf16", cpu)
+    assert amp == "off" and "--amp bf16 is ignored on cpu" in note
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", gpu)[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", gpu)[0] == "fp16" and resolve_amp("off", gpu)[0] == "off"
+
+
+def test_workers_default_to_the_cores_available_and_the_run_says_so(demo_dirs, tmp_path, monkeypatch,
+                                                                   capsys):
+    from tmc import engine
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert TrainConfig().workers == -1 and engine.default_workers() == 2
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert engine.default_workers() == 4
+    monkeypatch.setattr(train, "default_workers", lambda: 0)  # keep this run in one process
+    argv = _argv(demo_dirs, tmp_path / "w", 1)
+    i = argv.index("--workers")
+    del argv[i:i + 2]  # the demo's own default is 0: ask for the general default
+    argv += ["--workers", "-1"]
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert "workers: 0 (the CPU cores available, at most 4" in out and "amp: off" in out
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["train"]["workers"] == 0 and config["train"]["amp"] == "off"

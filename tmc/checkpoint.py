@@ -9,12 +9,46 @@ Everything is tensors, numbers, strings, lists and dicts, so `torch.load(weights
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 from tmc.config import ModelConfig
+
+MODEL_KEYS = ("model", "model_config")  # what rebuilding a model needs
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message names it and the fix."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphan_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of `save_checkpoint` whose writer has died (kill -9 mid-save).
+
+    A temporary is `.<name>.<pid>.<random>.tmp`; one of a live process is kept, as is anything else.
+    Returns the deleted paths.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        m = re.fullmatch(r"\..+?\.pt\.(?:(\d+)\.)?[^.]+\.tmp", p.name)
+        if m and p.is_file() and not (m.group(1) and _pid_alive(int(m.group(1)))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
@@ -24,7 +58,8 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The pid in the name lets `remove_orphan_temporaries` tell a dead writer's file from a live one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
@@ -38,11 +73,38 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    require: tuple[str, ...] = ()) -> dict:
+    """The checkpoint dict at `path`, read with weights_only=True; `require`: keys it must hold.
+
+    Raises CheckpointError (naming the file, what it is not, and the fix) for a missing, empty,
+    truncated or foreign file.
+    """
     path = Path(path)
+    fix = "fix: pass a best.pt or last.pt that train.py wrote (in its --out folder)"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (train.py writes best.pt and last.pt in --out)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise CheckpointError(f"{path}: no such checkpoint file; {fix}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: an empty file, not a checkpoint (a copy or save that did not "
+                              f"finish?); {fix}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError,
+            OSError) as e:
+        # torch's own message would advise an unsafe load: name the problem instead.
+        what = ("not a complete PyTorch file: cut short, or another kind of file"
+                if not zipfile.is_zipfile(path) else
+                f"a PyTorch file holding more than tensors and plain values ({type(e).__name__})")
+        raise CheckpointError(f"{path}: not a TMC checkpoint ({what}); {fix}; a file cut short by "
+                              f"a copy: copy it again") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a TMC checkpoint dict; "
+                              f"{fix}")
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: a dict without {missing} (keys: {sorted(ckpt)[:8]}), not a "
+                              f"TMC checkpoint; {fix}")
+    return ckpt
 
 
 def clean_state_dict(state_dict: dict) -> dict:
@@ -65,7 +127,7 @@ def model_from_checkpoint(checkpoint: dict | str | Path, map_location="cpu"):
     from tmc.model import build_model
 
     if not isinstance(checkpoint, dict):
-        checkpoint = load_checkpoint(checkpoint, map_location)
+        checkpoint = load_checkpoint(checkpoint, map_location, require=MODEL_KEYS)
     cfg = ModelConfig.from_dict(checkpoint["model_config"])
     model = build_model(cfg, load_pretrained=False, text_config=checkpoint.get("text_config"))
     model.load_state_dict(clean_state_dict(checkpoint["model"]), strict=True)

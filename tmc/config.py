@@ -85,6 +85,12 @@ class ModelConfig:
             raise ValueError(f"alignment_form must be 'sigmoid' or 'literal', not {self.alignment_form!r}")
         if self.text_length < 2:
             raise ValueError("text_length must keep at least [CLS] and one word")
+        step = self.patch_size * 2 ** (n - 1)  # the patch embedding, then n - 1 patch merges halve it
+        if self.image_size < step or self.image_size % step:
+            fit = max(step, self.image_size // step * step)
+            raise ValueError(f"--image-size {self.image_size} is not a multiple of {step} (patch "
+                             f"{self.patch_size} x 2**{n - 1} merges); fix: --image-size {fit} or "
+                             f"{fit + step}")
 
     @property
     def stage_channels(self) -> tuple[int, ...]:

@@ -104,6 +104,33 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
+    """(the AMP mode to run, a line saying why) for --amp auto|off|bf16|fp16 on `device`.
+
+    auto: bf16 where the GPU supports it, else fp16 (with a GradScaler); off on the CPU, where
+    bf16/fp16 are ignored rather than run silently in fp32 under their name.
+    """
+    if device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            return "off", f"amp: --amp {amp} is ignored on {device.type} (AMP runs on CUDA only): fp32"
+        return "off", "amp: off (fp32)" + (" (auto: no CUDA device)" if amp == "auto" else "")
+    if amp != "auto":
+        return amp, f"amp: {amp}"
+    if torch.cuda.is_bf16_supported():
+        return "bf16", "amp: bf16 (auto: this GPU supports bf16; --amp off for fp32)"
+    return "fp16", "amp: fp16 with a gradient scaler (auto: no bf16 on this GPU; --amp off for fp32)"
+
+
+def default_workers(limit: int = 4) -> int:
+    """DataLoader workers when none are asked for: the CPU cores this process may use, at most
+    `limit` (more only compete with the main process on a small machine)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(limit, cores))
+
+
 def autocast(device: torch.device, amp: str):
     dtype = amp_dtype(amp, device)
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype else nullcontext()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -129,6 +130,7 @@ class TextEncoder(nn.Module):
                     config = AutoConfig.for_model(**bert_config)
                 self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
         self.tokenizer = _load_tokenizer_with_fallback(tokenizer_source, self.encoder.config)
+        self._warned_truncation = False  # warn once per encoder (once per run)
         self.hidden_size = self.encoder.config.hidden_size
         if freeze:
             self.encoder.requires_grad_(False)
@@ -172,7 +174,25 @@ class TextEncoder(nn.Module):
             list(captions), padding="max_length", truncation=True, max_length=self.length,
             return_tensors="pt",
         )
+        if not self._warned_truncation:
+            self._warn_if_truncated(list(captions), enc)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _warn_if_truncated(self, captions: list[str], enc) -> None:
+        """Warn (once) when a caption has more tokens than T, with the words the model keeps.
+
+        Reads the tokenizer's own records (no tensor value is read: no host sync on a GPU)."""
+        cut = ([bool(e.overflowing) for e in enc.encodings] if enc.encodings is not None
+               else [len(self.tokenizer(c)["input_ids"]) > self.length for c in captions])
+        for i, caption in enumerate(captions):
+            if cut[i]:
+                n = len(self.tokenizer(caption)["input_ids"])
+                kept = self.tokenizer.decode(enc["input_ids"][i].tolist(), skip_special_tokens=True)
+                warnings.warn(f"a caption of {n} tokens is cut to the model's T = {self.length} "
+                              f"(shown once); the model reads only {kept!r}; fix: a shorter "
+                              f"caption, or train with a larger --text-length", stacklevel=3)
+                self._warned_truncation = True
+                return
 
     def train(self, mode: bool = True):
         super().train(mode)

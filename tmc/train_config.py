@@ -31,12 +31,12 @@ class TrainConfig:
     root: str = ""  # dataset folder (csv: the CSV file); demo: "" = generated in the cache folder
     preset: str = ""  # model preset paper | tiny ("" = tiny for demo, paper otherwise)
     cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
-    split_mode: str = "paper"  # paper: patient-level 7:1:2 split; layout: the folders' own split
+    split_mode: str = "auto"  # paper: patient-level 7:1:2 split; layout: the folders' own split; auto: layout for a CSV with a split column, else paper
     split_seed: int = 0  # seed of the paper split; fixed across --seed so all runs share test cases
     skip_bad: bool = False  # skip unreadable files while caching instead of stopping
     reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
     augment: str = "paper"  # paper (rotation ±20°, k·90°, flips) | text-consistent (no k·90°; flips rewrite left/right, upper/lower in the caption) | none
-    workers: int = 4  # DataLoader worker processes
+    workers: int = -1  # DataLoader worker processes (-1 = the CPU cores available, at most 4)
     # --- optimisation (paper §4.2) ---
     lr: float = 3e-4  # Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)
     # A pretrained BERT is usually fine-tuned near 1e-5..5e-5, far below the lr of a network trained
@@ -54,7 +54,7 @@ class TrainConfig:
     seg_loss: str = "bce"  # bce (paper §3.4) | bce+dice
     alignment_weight: float = 0.1  # λ in L = L_seg + λ·L_align (paper: 0.1)
     grad_clip: float = 0.0  # clip the gradient norm to this value (0 = off; the paper states none)
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
+    amp: str = "auto"  # auto (bf16 where the GPU supports it, else fp16; off on CPU) | off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
     # Training drops each epoch's last partial batch under compile, so every step has one shape.
     compile: bool = False  # torch.compile the model for training (tmc.bench: 1.42x at batch 32 on one H200; minutes to compile)
     # --- run ---
@@ -95,10 +95,10 @@ DATASET_DEFAULTS: dict[str, dict] = {
 CHOICES = {
     "dataset": DATASET_NAMES,
     "preset": ("", *PRESETS),
-    "split_mode": ("paper", "layout"),
+    "split_mode": ("auto", "paper", "layout"),
     "seg_loss": ("bce", "bce+dice"),
     "lr_schedule": ("plateau", "cosine"),
-    "amp": ("off", "bf16", "fp16"),
+    "amp": ("auto", "off", "bf16", "fp16"),
     "alignment_form": ("sigmoid", "literal"),
     "mcm_attention": ("softmax", "sigmoid"),
     "augment": ("paper", "text-consistent", "none"),
@@ -208,6 +208,22 @@ def resolve_model_config(preset: str, overrides: dict, dataset: str = "") -> Mod
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     defaults = {k: v for k, v in DATASET_DEFAULTS.get(dataset, {}).items() if k in model_fields}
     return get_config(preset, **{**defaults, **overrides})
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """ValueError naming the flag and the fix, before any work (the cache build takes minutes).
+    The reader options are the dataset reader's to check (datasets.registry.check_reader_options)."""
+    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected at least 1")
+    for name in ("lr", "text_lr", "weight_decay", "eval_batch_size", "grad_clip", "time_limit",
+                 "checkpoint_minutes", "min_lr"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a value "
+                             f">= 0")
+    if cfg.workers < -1:
+        raise ValueError(f"--workers {cfg.workers}: expected a count, or -1 for the default")
 
 
 def parse_reader_options(text: str) -> dict:
