@@ -9,6 +9,7 @@ Everything is tensors, numbers, strings, lists and dicts, so `torch.load(weights
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -42,7 +43,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (train.py writes best.pt and last.pt in --out)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(checkpoint.get("model"), dict):
+        checkpoint["model"] = upgrade_state_dict(checkpoint["model"])
+    return checkpoint
+
+
+# Key names of earlier versions → today's: the decoder's ViT MLP was an nn.Sequential (mlp.0, mlp.2)
+# before it became tmc.layers.Mlp (mlp.fc1, mlp.fc2). Same tensors, same order.
+_RENAMED = (re.compile(r"^((?:_orig_mod\.|module\.)*decoder\.vit\.\d+\.blocks\.\d+\.mlp\.)([02])\."),
+            {"0": "fc1", "2": "fc2"})
+
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """A state_dict saved by an earlier version, with today's key names (others unchanged)."""
+    pattern, names = _RENAMED
+    return {pattern.sub(lambda m: f"{m[1]}{names[m[2]]}.", k): v for k, v in state_dict.items()}
 
 
 def clean_state_dict(state_dict: dict) -> dict:
