@@ -56,6 +56,7 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
     # Training drops each epoch's last partial batch under compile, so every step has one shape.
     compile: bool = False  # torch.compile the model for training (tmc.bench: 1.42x at batch 32 on one H200; minutes to compile)
+    cuda_graphs: bool = False  # record the whole training step in a CUDA graph and replay it (one GPU; drops the last partial batch)
     # --- run ---
     device: str = ""  # "" = cuda when available, else cpu
     seed: int = 0  # python, numpy, torch, loader workers and augmentation
