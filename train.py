@@ -30,8 +30,8 @@ from tmc.config import ModelConfig
 from tmc.engine import (
     Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
     cleanup_distributed, default_workers, gather_lists, init_distributed, make_generator, make_scaler,
-    predict_records, resolve_amp, restore_rng, seed_everything, seed_worker, summarize,
-    train_one_epoch,
+    make_train_step, predict_records, resolve_amp, restore_rng, seed_everything, seed_worker,
+    summarize, train_one_epoch,
 )
 from tmc.model import build_model
 from tmc.train_config import (
@@ -183,7 +183,7 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
     # resumed run sees the same order without replaying the loader's RNG.
     sampler = DistributedSampler(sets["train"], dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
     train = DataLoader(sets["train"], batch_size=cfg.batch_size, sampler=sampler,
-                       generator=loader_gen, drop_last=cfg.compile, **common)
+                       generator=loader_gen, drop_last=cfg.compile or cfg.cuda_graphs, **common)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
     def eval_loader(ds):
@@ -331,6 +331,18 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         log(dist, f"resumed from {out / 'last.pt'} at epoch {ckpt['epoch']} (best val Dice "
                   f"{early['best']:.4f} at epoch {early['best_epoch']})")
 
+    step = make_train_step(model, optimizer, scaler, device=device, amp=cfg.amp, seg_loss_kind=cfg.seg_loss,
+                           alignment_weight=cfg.alignment_weight, alignment_form=model_cfg.alignment_form,
+                           grad_clip=cfg.grad_clip, dist=dist, compiled=cfg.compile)  # after resuming: bf16 copies
+    if cfg.cuda_graphs:
+        why = ("it needs a CUDA device" if device.type != "cuda" else
+               "it does not combine with torchrun" if dist.enabled else
+               "it does not combine with --compile" if cfg.compile else "")
+        if why:
+            log(dist, f"--cuda-graphs ignored: {why}; training eagerly")
+        else:
+            from tmc.step import CudaGraphStep
+            step = CudaGraphStep(step)
     guard = NonFiniteGuard(cfg.max_nonfinite)
     deadline = t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
     completed = start_epoch - 1  # last finished epoch
@@ -352,7 +364,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                 break
             metrics = train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg,
                                          optimizer, scheduler, scaler, early, guard, augment_fn,
-                                         aug_gen, dist, device, deadline)
+                                         aug_gen, dist, device, deadline, step)
             if dist.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -404,7 +416,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
 
 def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg, optimizer,
                        scheduler, scaler, early, guard, augment_fn, aug_gen, dist, device,
-                       deadline=None) -> dict:
+                       deadline=None, step=None) -> dict:
     """One epoch of training, then validation; updates the scheduler and early-stop state."""
     train_loader.sampler.set_epoch(epoch)
     t0 = time.time()
@@ -413,7 +425,7 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
         guard=guard, amp=cfg.amp, seg_loss_kind=cfg.seg_loss, alignment_weight=cfg.alignment_weight,
         alignment_form=model_cfg.alignment_form, augment_fn=augment_fn, aug_generator=aug_gen,
         max_steps=cfg.max_steps_per_epoch, grad_clip=cfg.grad_clip, dist=dist,
-        desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress, deadline=deadline)
+        desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress, deadline=deadline, step=step)
     t1 = time.time()
     records = predict_records(raw, val_loader, device=device, tokenize=raw.tokenize, amp=cfg.amp,
                               max_batches=cfg.limit_eval_batches, dist=dist, desc="val",
@@ -430,7 +442,7 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
         "epoch": epoch, "train_loss": stats["loss"], "train_seg": stats["seg"],
         "train_align": stats["align"], "steps": stats["steps"], "skipped_nonfinite": stats["skipped"],
         "val_dice": val["dice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
-        "val_protocol": val["protocol"], "lr": optimizer.param_groups[0]["lr"],
+        "val_protocol": val["protocol"], "lr": float(optimizer.param_groups[0]["lr"]),
         "improved": improved, "best_val_dice": early["best"], "time_s": round(time.time() - t0, 2),
         "train_time_s": round(t1 - t0, 2), "val_time_s": round(time.time() - t1, 2),
     }

@@ -120,6 +120,12 @@ def _argv(data, out, epochs, *extra):
             "--time-limit", "0", *extra]
 
 
+def test_cuda_graphs_on_cpu_trains_eagerly_and_says_so(demo_dirs, tmp_path, capsys):
+    result = train.main(_argv(demo_dirs, tmp_path / "g", 1, "--cuda-graphs"))
+    assert "--cuda-graphs ignored: it needs a CUDA device; training eagerly" in capsys.readouterr().out
+    assert load_checkpoint(result["last"])["epoch"] == 1
+
+
 def _states_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:

@@ -104,7 +104,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     if missing:
         raise CheckpointError(f"{path}: a dict without {missing} (keys: {sorted(ckpt)[:8]}), not a "
                               f"TMC checkpoint; {fix}")
+    if isinstance(ckpt.get("model"), dict):
+        ckpt["model"] = upgrade_state_dict(ckpt["model"])
     return ckpt
+
+
+# Key names of earlier versions → today's: the decoder's ViT MLP was an nn.Sequential (mlp.0, mlp.2)
+# before it became tmc.layers.Mlp (mlp.fc1, mlp.fc2). Same tensors, same order.
+_RENAMED = (re.compile(r"^((?:_orig_mod\.|module\.)*decoder\.vit\.\d+\.blocks\.\d+\.mlp\.)([02])\."),
+            {"0": "fc1", "2": "fc2"})
+
+
+def upgrade_state_dict(state_dict: dict) -> dict:
+    """A state_dict saved by an earlier version, with today's key names (others unchanged)."""
+    pattern, names = _RENAMED
+    return {pattern.sub(lambda m: f"{m[1]}{names[m[2]]}.", k): v for k, v in state_dict.items()}
 
 
 def clean_state_dict(state_dict: dict) -> dict:

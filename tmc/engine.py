@@ -243,12 +243,15 @@ class NonFiniteGuard:
     total: int = 0
 
     def update(self, finite: bool) -> None:
-        if finite:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        self.total += 1
-        if self.limit and self.in_a_row >= self.limit:
+        self.observe(0, 0, 0) if finite else self.observe(self.in_a_row + 1, self.in_a_row + 1, 1)
+
+    def observe(self, in_a_row: int, longest: int, skipped: int) -> None:
+        """Counts read from the device: the current run of skips, the longest run since the last
+        read, and the skips since then."""
+        self.in_a_row = in_a_row
+        self.total += skipped
+        if self.limit and max(longest, in_a_row) >= self.limit:
+            self.in_a_row = max(longest, in_a_row)
             raise NonFiniteLossError(
                 f"{self.in_a_row} non-finite losses in a row ({self.total} in total): training "
                 f"diverged; fix: lower --lr, use --amp bf16 instead of fp16, or --grad-clip 1.0")
@@ -259,17 +262,45 @@ def _float_alignment(stages: list[dict]) -> list[dict]:
     return [{k: v.float() if torch.is_tensor(v) else v for k, v in s.items()} for s in stages]
 
 
-def compute_loss(out: dict, mask: torch.Tensor, captions: list[str], seg_loss_kind: str,
+def compute_loss(out: dict, mask: torch.Tensor, positives: torch.Tensor, seg_loss_kind: str,
                  alignment_weight: float, alignment_form: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L = L_seg + λ·L_align (paper §3.4). Returns (loss, seg, align), 0-d tensors."""
+    """L = L_seg + λ·L_align (paper §3.4); `positives` (B, B) from caption_positive_mask. Returns
+    (loss, seg, align), 0-d tensors."""
     seg = segmentation_loss(out["logits"].float(), mask, kind=seg_loss_kind)
     if out["alignment"] and alignment_weight > 0:
-        positives = caption_positive_mask(captions, device=mask.device)  # (B, B)
         align = multistage_alignment_loss(_float_alignment(out["alignment"]), alignment_form, positives)
     else:
         align = torch.zeros((), device=mask.device)
     return seg + alignment_weight * align, seg, align
+
+
+def step_precision(amp: str, device: torch.device, distributed: bool) -> str:
+    """TrainStep's precision for --amp: bf16 working weights on one CUDA device, autocast under DDP or
+    torch.compile (DDP reduces the gradients of the model's own parameters) and for fp16, fp32 on CPU."""
+    dtype = amp_dtype(amp, device)
+    if dtype is None:
+        return "off"
+    if dtype == torch.bfloat16:
+        return "autocast-bf16" if distributed else "bf16"
+    return "autocast-fp16"
+
+
+def make_train_step(model, optimizer, scaler, *, device: torch.device, amp: str = "off",
+                    seg_loss_kind: str = "bce", alignment_weight: float = 0.1, alignment_form: str = "sigmoid",
+                    grad_clip: float = 0.0, dist: Dist | None = None, compiled: bool = False):
+    """The tmc.step.TrainStep of train.py's objective (built once, reused by every epoch)."""
+    from tmc.step import TrainStep
+
+    dist = dist or Dist()
+
+    def loss_fn(out, batch):
+        return compute_loss(out, batch["mask"], batch["positives"], seg_loss_kind, alignment_weight,
+                            alignment_form)
+
+    precision = step_precision(amp, device, dist.enabled or compiled)
+    return TrainStep(model, optimizer, loss_fn, precision=precision, scaler=scaler, grad_clip=grad_clip,
+                     world_size=dist.world_size)
 
 
 def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize, scaler,
@@ -277,7 +308,8 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
                     alignment_weight: float = 0.1, alignment_form: str = "sigmoid", augment_fn=None,
                     aug_generator: torch.Generator | None = None, max_steps: int = 0,
                     grad_clip: float = 0.0, dist: Dist | None = None, desc: str = "",
-                    progress: bool = True, deadline: float | None = None) -> dict:
+                    progress: bool = True, deadline: float | None = None, step=None,
+                    read_every: int = 10) -> dict:
     """One pass over `loader` (or `max_steps` batches, or until the `deadline`).
 
     Args:
@@ -289,6 +321,10 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         guard: counts non-finite losses; a step with one is skipped on every rank.
         deadline: time.time() after which no further step starts (after at least one step); every
             rank stops at the same step.
+        step: a tmc.step.TrainStep (or CudaGraphStep) to reuse across epochs; when None, one is built
+            from the other arguments (`make_train_step`).
+        read_every: the host reads the running sums (progress bar, guard) every this many steps;
+            the steps in between issue device work only.
 
     Returns:
         {"loss", "seg", "align"} image-weighted means over all ranks, "steps" (optimizer updates),
@@ -296,15 +332,29 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
     """
     dist = dist or Dist()
     model.train()
+    if step is None:
+        step = make_train_step(model, optimizer, scaler, device=device, amp=amp, seg_loss_kind=seg_loss_kind,
+                               alignment_weight=alignment_weight, alignment_form=alignment_form,
+                               grad_clip=grad_clip, dist=dist)
     total = len(loader) if not max_steps else min(max_steps, len(loader))
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss·B, seg·B, align·B, images
-    steps = skipped = 0
+    # On the device: loss·B, seg·B, align·B, images, skipped, current and longest run of skips.
+    sums = torch.zeros(7, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+    sums[5] = guard.in_a_row  # a run of skips continues across epochs
+    iters, counted = 0, [0]  # counted: skips already passed to the guard
     bar = tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True,
                disable=not (progress and dist.is_main))
+
+    def read() -> list[float]:  # one host read of the sums; the guard raises on a long run of skips
+        values = sums.tolist()
+        sums[6] = sums[5]  # the longest run restarts from the current one
+        guard.observe(in_a_row=int(values[5]), longest=int(values[6]), skipped=int(values[4]) - counted[0])
+        counted[0] = int(values[4])
+        return values
+
     for batch in bar:
-        if max_steps and steps + skipped >= max_steps:
+        if max_steps and iters >= max_steps:
             break
-        if deadline is not None and steps + skipped > 0 and \
+        if deadline is not None and iters > 0 and \
                 all_reduce_sum([float(time.time() > deadline)], dist, device)[0] > 0:
             break
         image = batch["image"].to(device, non_blocking=True)  # (B, 1, H, W)
@@ -313,36 +363,29 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         if augment_fn is not None:
             image, mask, captions = augment_fn(image, mask, captions, generator=aug_generator)
         tokens = {k: v.to(device) for k, v in tokenize(captions).items()}  # (B, T) each
-        with autocast(device, amp):
-            out = model(image, **tokens)
-        loss, seg, align = compute_loss(out, mask, captions, seg_loss_kind,
-                                        alignment_weight, alignment_form)
-        # Every rank must agree to skip, or DDP's gradient all-reduce would hang.
-        finite = all_reduce_sum([float(torch.isfinite(loss))], dist, device)[0] == dist.world_size
-        guard.update(finite)
-        optimizer.zero_grad(set_to_none=True)
-        if not finite:
-            skipped += 1
-            continue
-        scaler.scale(loss).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        steps += 1
+        inputs = {"image": image, "mask": mask, **tokens,
+                  "positives": caption_positive_mask(captions, device=device)}  # (B, B)
+        out = step(inputs)
+        ok = out["finite"].to(sums.dtype)
         B = image.shape[0]
-        for i, v in enumerate((loss, seg, align)):
-            sums[i] += float(v.detach()) * B
-        sums[3] += B
-        if steps % 10 == 0 or steps == 1:
-            bar.set_postfix(loss=f"{sums[0] / sums[3]:.4f}")
+        sums[:4] += torch.stack([out["loss"] * B, out["seg"] * B, out["align"] * B,
+                                 torch.full((), B, device=device)]).to(sums.dtype) * ok
+        sums[4] += 1 - ok
+        sums[5] = (sums[5] + 1) * (1 - ok)  # current run of skips
+        sums[6] = torch.maximum(sums[6], sums[5])
+        iters += 1
+        if iters % read_every == 0 or iters == 1:
+            values = read()
+            if values[3]:
+                bar.set_postfix(loss=f"{values[0] / values[3]:.4f}")
     bar.close()
-    loss_sum, seg_sum, align_sum, n = all_reduce_sum(sums, dist, device)
+    values = read()
+    loss_sum, seg_sum, align_sum, n = all_reduce_sum(values[:4], dist, device)
+    skipped = int(values[4])
     mean = (lambda s: s / n) if n else (lambda s: float("nan"))
     # steps and skips are the same on every rank (the skip decision is shared)
     return {"loss": mean(loss_sum), "seg": mean(seg_sum), "align": mean(align_sum),
-            "steps": steps, "skipped": skipped, "images": int(n)}
+            "steps": iters - skipped, "skipped": skipped, "images": int(n)}
 
 
 # ---------------------------------------------------------------------------- evaluation

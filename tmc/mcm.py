@@ -27,45 +27,9 @@ import torch
 from torch import nn
 
 from tmc.attention import MultiHeadCrossAttention
+from tmc.layers import Mlp, PositionCode, sincos_position_embedding
 
 __all__ = ["Mlp", "MultiStageCrossAttentionBlock", "sincos_position_embedding"]
-
-
-def sincos_position_embedding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """Fixed 2D sine-cosine position code of an h × w grid (ViT-MAE / DETR style), (h·w, dim).
-
-    Half the channels encode the row, half the column, each as sin/cos at geometric frequencies.
-    It has no parameters, so it fits every stage and image size.
-    """
-    if dim % 4:
-        raise ValueError(f"position code width {dim} must be divisible by 4")
-    freq = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
-    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freq  # (h, dim/4)
-    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freq  # (w, dim/4)
-    rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(h, w, dim // 2)
-    cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(h, w, dim // 2)
-    return torch.cat([rows, cols], dim=-1).reshape(h * w, dim).to(dtype or torch.float32)  # (h·w, dim)
-
-
-class Mlp(nn.Module):
-    """Position-wise feed-forward network: fc1 → GELU → dropout → fc2 → dropout.
-
-    Args:
-        dim: input and output width.
-        hidden_dim: inner width.
-        dropout: dropout probability (training only).
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, M, dim) → (B, M, dim)."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class MultiStageCrossAttentionBlock(nn.Module):
@@ -128,17 +92,19 @@ class MultiStageCrossAttentionBlock(nn.Module):
             model uses it at the last MCM stage, where F_L has no consumer (no later stage, and the
             alignment loss reads CLS_i before cross-attention): its parameters would get no gradient.
         image_weighting: "softmax" or "sigmoid" weights where image tokens query the text (4. above).
+        grid: (H, W) of this stage's map, for which `pos_code` builds its position code once.
     """
 
     def __init__(self, vis_dim: int, txt_dim: int, num_heads: int, mlp_ratio: float = 4.0,
                  dropout: float = 0.0, zero_init_visual: bool = True, update_text: bool = True,
-                 image_weighting: str = "softmax") -> None:
+                 image_weighting: str = "softmax", grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         for name, dim in (("vis_dim", vis_dim), ("txt_dim", txt_dim)):
             if dim % num_heads:
                 raise ValueError(f"{name} {dim} is not divisible by num_heads {num_heads}")
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+        self.pos_code = PositionCode(vis_dim, grid)  # (N, C_v) code of 0. above, for the caller's v_pos
         # Image queries text (text→image guidance).
         self.v_norm_q = nn.LayerNorm(vis_dim)
         self.v_norm_kv = nn.LayerNorm(txt_dim)

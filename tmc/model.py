@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from tmc.config import ModelConfig
 from tmc.decoder import DualUDecoder
-from tmc.mcm import MultiStageCrossAttentionBlock, sincos_position_embedding
+from tmc.mcm import MultiStageCrossAttentionBlock
 from tmc.swin import SwinTransformer
 from tmc.swin_weights import load_swin_weights
 from tmc.text import TextEncoder
@@ -154,7 +154,7 @@ class TMC(nn.Module):
                         cls = cls.detach()
                     alignment.append(self.align[key](v_a, cls))
                 if key in self.mcm:
-                    pos = sincos_position_embedding(H, W, C, device=v.device, dtype=v.dtype)  # (N_i, C_i)
+                    pos = self.mcm[key].pos_code(H, W, v.dtype)  # (N_i, C_i), built once per grid
                     out = self.mcm[key](v, lang_i, pad, return_attention=return_attention, v_pos=pos)
                     f_v, lang = out[0], out[1]  # F_V^i (B, N_i, C_i), F_L^i (B, T, C_i)
                     text_fused = True  # later stages' image tokens carry the caption
@@ -200,7 +200,8 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
                 last = i == max(cfg.active_mcm_stages)  # its F_L would have no consumer
                 mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio,
                                                             update_text=not last,
-                                                            image_weighting=cfg.mcm_attention)
+                                                            image_weighting=cfg.mcm_attention,
+                                                            grid=(cfg.image_size // 2 ** (i + 1),) * 2)
                 lang_dim = c  # F_L^i feeds the next stage's projection
 
     decoder = DualUDecoder(

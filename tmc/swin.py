@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tmc.layers import DropPath, Mlp
+
 # ----------------------------------------------------------------------------- window helpers
 
 
@@ -72,37 +74,6 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- blocks
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, rescale survivors by 1/keep."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
-
-
-class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class WindowAttention(nn.Module):
@@ -217,8 +188,8 @@ class SwinBlock(nn.Module):
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
         x = x[:, :H, :W]  # (B, H, W, C), padding cropped
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.add(shortcut, x)  # shortcut + drop_path(x), one op
+        return self.drop_path.add(x, self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tmc.layers import Dropout
+
 _RANDOM = re.compile(r"^random:(\d+)x(\d+)$")
 VOCAB = Path(__file__).with_name("bert_base_uncased_vocab.txt")
 
@@ -132,6 +134,7 @@ class TextEncoder(nn.Module):
         self.tokenizer = _load_tokenizer_with_fallback(tokenizer_source, self.encoder.config)
         self._warned_truncation = False  # warn once per encoder (once per run)
         self.hidden_size = self.encoder.config.hidden_size
+        use_native_dropout(self.encoder)
         if freeze:
             self.encoder.requires_grad_(False)
         # caption → (T, d_l) features of the frozen encoder, most recently used last
@@ -210,14 +213,22 @@ class TextEncoder(nn.Module):
 
         Given the 2-D mask, transformers asks `mask.all()` on every call (to drop an all-ones mask): a
         host-device sync that stalls the GPU queue in each training step and makes CUDA-graph capture fail.
+        Both SDPA and eager attention get it additive in the weights' dtype: SDPA would otherwise turn a
+        boolean mask into that in every layer.
         """
         keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), True = attend
-        implementation = self.encoder.config._attn_implementation
-        if implementation == "sdpa":
-            return keep
-        if implementation == "eager":  # added to the attention scores
-            return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, torch.finfo(torch.float32).min)
+        if self.encoder.config._attn_implementation in ("sdpa", "eager"):  # added to the attention scores
+            dtype = self.encoder.embeddings.word_embeddings.weight.dtype
+            return torch.zeros(keep.shape, device=keep.device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
         return attention_mask  # other kernels (flash attention) take the 2-D mask
+
+
+def use_native_dropout(module: nn.Module) -> None:
+    """Replace every nn.Dropout inside `module` by tmc.layers.Dropout (one kernel; same draws)."""
+    for name, child in list(module.named_modules()):
+        for attr, m in list(child.named_children()):
+            if type(m) is nn.Dropout:
+                setattr(child, attr, Dropout(m.p))
 
 
 def _load_tokenizer_with_fallback(source, config):

@@ -56,7 +56,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip the gradient norm to this value (0 = off; the paper states none)
     amp: str = "auto"  # auto (bf16 where the GPU supports it, else fp16; off on CPU) | off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
     # Training drops each epoch's last partial batch under compile, so every step has one shape.
-    compile: bool = False  # torch.compile the model for training (tmc.bench: 1.42x at batch 32 on one H200; minutes to compile)
+    compile: bool = False  # torch.compile the model for training (minutes to compile)
+    cuda_graphs: bool = False  # record the whole training step in a CUDA graph and replay it (one GPU; drops the last partial batch)
     # --- run ---
     device: str = ""  # "" = cuda when available, else cpu
     seed: int = 0  # python, numpy, torch, loader workers and augmentation

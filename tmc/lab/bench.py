@@ -6,6 +6,7 @@
     python -m tmc.lab.bench --config paper --batch 8 --profile    # top kernels + forward time per part
     python -m tmc.lab.bench --suite bench_out/                    # the whole GPU table, one JSON per row
     python -m tmc.lab.bench --suite bench_out/ --rows train_b8_eager,infer_eager          # some of its rows
+    python -m tmc.lab.bench --config paper --batch 8 --amp bf16 --graph-step    # the step in one CUDA graph
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode: 2 FLOPs per multiply-add of matmuls,
 convolutions and attention; element-wise work (norms, GELU, softmax, the optimizer) is not counted.
@@ -14,8 +15,10 @@ counted through the math SDPA backend because FlopCounterMode has no formula for
 (it would count 0). Training FLOPs per step are counted directly over forward + backward of the real
 loss (about 3× the forward), not assumed.
 
-A training step is forward + loss (segmentation_loss + 0.1·multistage_alignment_loss) + backward + Adam
-step. Times are medians over --steps steps after --warmup steps, taken with torch.cuda.Event on GPU and
+A training step is forward + loss (segmentation_loss + 0.1·multistage_alignment_loss) + backward + fused
+Adam step, run by tmc.step.TrainStep as train.py runs it (--amp bf16: bf16 working weights; --graph-step:
+the whole step replayed from one CUDA graph, as train.py --cuda-graphs).
+Times are medians over --steps steps after --warmup steps, taken with torch.cuda.Event on GPU and
 time.perf_counter on CPU. The fraction of peak divides counted training FLOP/s by the best throughput of
 an n³ matmul measured in the same run (bf16 8192³ on GPU; 1024³ in the compute dtype, fp32 by default,
 on CPU). Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU the growth of the process's
@@ -40,7 +43,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tmc.config import get_config
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
+from tmc.engine import compute_loss
 from tmc.model import build_model, count_parameters
+from tmc.step import CudaGraphStep, TrainStep
 
 PAPER_PARAMS = 242.8e6
 PAPER_GFLOPS = 145.7
@@ -167,8 +172,8 @@ def maxrss_bytes() -> int:
 # ---------------------------------------------------------------------------- one benchmark row
 
 def paper_loss(model, batch, amp: str, form: str) -> torch.Tensor:
-    """Forward pass and the paper's objective, segmentation_loss + λ·multistage_alignment_loss, on a
-    make_batch batch under autocast."""
+    """Forward pass and the paper's objective under autocast, the way training ran before tmc.step: the
+    reference its bf16 working weights are compared against (tests)."""
     image, mask, tokens, positive = batch
     with autocast(image.device, amp):
         out = model(image, **tokens)
@@ -176,14 +181,20 @@ def paper_loss(model, batch, amp: str, form: str) -> torch.Tensor:
         return segmentation_loss(out["logits"].float(), mask) + ALIGN_WEIGHT * align
 
 
-def train_step(model, optimizer, scaler, batch, amp: str, form: str) -> torch.Tensor:
-    """One optimisation step with the paper's objective; returns the detached loss (no sync)."""
-    loss = paper_loss(model, batch, amp, form)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
+def step_inputs(batch) -> dict:
+    """A make_batch tuple as tmc.step.TrainStep's batch dict."""
+    image, mask, tokens, positive = batch
+    return {"image": image, "mask": mask, **tokens, "positives": positive}
+
+
+def make_train_step(model, optimizer, scaler, amp: str, form: str, compiled: bool = False) -> TrainStep:
+    """train.py's step with the paper's objective, segmentation_loss + λ·multistage_alignment_loss:
+    bf16 working weights for --amp bf16 (autocast under torch.compile), autocast for fp16."""
+    def loss_fn(out, b):
+        return compute_loss(out, b["mask"], b["positives"], "bce", ALIGN_WEIGHT, form)
+
+    precision = {"off": "off", "fp16": "autocast-fp16", "bf16": "autocast-bf16" if compiled else "bf16"}[amp]
+    return TrainStep(model, optimizer, loss_fn, precision=precision, scaler=scaler)
 
 
 def setup(args) -> SimpleNamespace:
@@ -195,6 +206,8 @@ def setup(args) -> SimpleNamespace:
         raise ValueError("--amp fp16 needs CUDA (GradScaler); fix: use --amp bf16 or --amp off on CPU")
     if args.cuda_graphs and not (args.compile and device.type == "cuda"):
         raise ValueError("--cuda-graphs means torch.compile(mode='reduce-overhead'); fix: add --compile, on CUDA")
+    if args.graph_step and (args.compile or device.type != "cuda"):
+        raise ValueError("--graph-step records tmc.step's eager step in a CUDA graph; fix: without --compile, on CUDA")
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
@@ -203,18 +216,22 @@ def setup(args) -> SimpleNamespace:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     run = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
-    # Fused Adam on GPU (one kernel for all parameters), as a tuned trainer would use it.
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    # Fused Adam (one kernel for all parameters), as train.py uses it.
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    batch = make_batch(model, cfg.image_size, args.batch, device, args.channels_last)
+    batch = step_inputs(make_batch(model, cfg.image_size, args.batch, device, args.channels_last))
+    timed = make_train_step(run, optimizer, scaler, amp, cfg.alignment_form, compiled=args.compile)
+    eager = make_train_step(model, optimizer, scaler, amp, cfg.alignment_form, args.compile) if args.compile else timed
+    if args.graph_step:
+        timed = CudaGraphStep(timed)
 
     def new_step() -> None:  # CUDA graphs: a new iteration begins, earlier graph outputs may be reused
         if args.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
-    def step(eager: bool = False) -> torch.Tensor:  # eager: uncompiled, for counting FLOPs
+    def step(eager_step: bool = False) -> torch.Tensor:  # eager_step: uncompiled, for counting FLOPs
         new_step()
-        return train_step(model if eager else run, optimizer, scaler, batch, amp, cfg.alignment_form)
+        return (eager if eager_step else timed)(batch)["loss"]
 
     return SimpleNamespace(device=device, amp=amp, cfg=cfg, model=model, run=run, step=step, new_step=new_step)
 
@@ -234,7 +251,7 @@ def measure_training(s: SimpleNamespace, args) -> dict:
         memory, kind = maxrss_bytes() - rss0, "ru_maxrss growth during training (lower bound)"
     step = statistics.median(times)
     # Counted after timing, so the CPU high-water mark above is the timed step's own.
-    flops, _ = count_flops(lambda: s.step(eager=True))
+    flops, _ = count_flops(lambda: s.step(eager_step=True))
     peak_dtype, peak_n = (torch.bfloat16, 8192) if cuda else (DTYPES[s.amp], 1024)
     peak_n = args.peak_n or peak_n
     peak = matmul_peak(s.device, peak_dtype, peak_n)
@@ -268,7 +285,8 @@ def bench(args) -> dict:
     result = {"command": " ".join(["python -m tmc.lab.bench", *args.argv]), "preset": args.config,
               "device": s.device.type, "device_name": device_name(s.device), "torch_version": torch.__version__,
               "amp": s.amp, "dtype": str(DTYPES[s.amp]).removeprefix("torch."), "compile": args.compile,
-              "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "batch": args.batch,
+              "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
+              "graph_step": args.graph_step, "batch": args.batch,
               "image_size": s.cfg.image_size, "text_model": s.cfg.text_model, "text_length": s.cfg.text_length,
               "params": params, "params_total": params["total"]}
     if args.steps > 0:
@@ -355,6 +373,8 @@ SUITE_ROWS = {
     "infer_eager": ["--batch", "1", "--steps", "0", "--infer-batch", "64", "--warmup", "5", "--infer-iters", "30"],
     "train_b32_compile": ["--batch", "32", "--warmup", "10", "--steps", "20", "--infer-iters", "0", "--compile"],
     "train_b8_compile": ["--batch", "8", "--warmup", "10", "--steps", "20", "--infer-iters", "0", "--compile"],
+    "train_b8_graphstep": ["--batch", "8", "--warmup", "5", "--steps", "20", "--infer-iters", "0", "--graph-step"],
+    "train_b32_graphstep": ["--batch", "32", "--warmup", "5", "--steps", "20", "--infer-iters", "0", "--graph-step"],
     "train_b8_cudagraphs": ["--batch", "8", "--warmup", "10", "--steps", "20", "--infer-iters", "0", "--compile",
                             "--cuda-graphs"],
     "infer_cudagraphs": ["--batch", "1", "--steps", "0", "--infer-batch", "64", "--warmup", "5",
@@ -405,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     p.add_argument("--cuda-graphs", action="store_true", help="with --compile: mode='reduce-overhead'")
+    p.add_argument("--graph-step", action="store_true",
+                   help="record tmc.step's whole eager step in one CUDA graph (train.py --cuda-graphs)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (and inference calls) before timing")
     p.add_argument("--steps", type=int, default=10, help="timed training steps (0: no training)")
     p.add_argument("--infer-batch", type=int, default=64, help="batch of the inference images/s")

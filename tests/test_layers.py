@@ -1,0 +1,58 @@
+"""tmc.layers: the shared blocks keep their values while issuing fewer ops; old checkpoint keys load."""
+import torch
+
+from tmc.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from tmc.config import tiny_config
+from tmc.layers import Dropout, DropPath, PositionCode, sincos_position_embedding
+from tmc.model import build_model
+from tmc.op_count import OpCounter
+
+
+def test_native_dropout_draws_what_nn_dropout_draws_in_one_op():
+    x = torch.randn(32, 50)
+    torch.manual_seed(3)
+    reference = torch.nn.functional.dropout(x, 0.25, training=True)
+    torch.manual_seed(3)
+    with OpCounter() as counter:
+        ours = Dropout(0.25).train()(x)
+    torch.testing.assert_close(ours, reference)
+    assert sum(counter.ops.values()) == 1
+    assert torch.equal(Dropout(0.25).eval()(x), x)
+
+
+def test_drop_path_add_is_residual_plus_drop_path_in_fewer_ops():
+    x, r = torch.randn(8, 3, 5), torch.randn(8, 3, 5)
+    dp = DropPath(0.5).train()
+    torch.manual_seed(0)
+    with OpCounter() as plain:
+        reference = r + dp(x)
+    torch.manual_seed(0)
+    with OpCounter() as fused:
+        ours = dp.add(r, x)
+    torch.testing.assert_close(ours, reference)
+    assert sum(fused.ops.values()) < sum(plain.ops.values())
+    assert torch.equal(dp.eval().add(r, x), r + x)
+
+
+def test_position_code_is_built_once_per_grid():
+    pc = PositionCode(16, (3, 4))
+    torch.testing.assert_close(pc(3, 4), sincos_position_embedding(3, 4, 16))
+    with OpCounter() as counter:
+        first = pc(3, 4)
+    assert sum(counter.ops.values()) == 0 and pc(3, 4) is first  # no rebuild
+    torch.testing.assert_close(pc(2, 2), sincos_position_embedding(2, 2, 16))  # another size: rebuilt
+    assert pc(2, 2).dtype == torch.float32 and pc(2, 2, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_a_checkpoint_with_the_old_decoder_mlp_keys_loads(tmp_path):
+    """The decoder's ViT MLP was nn.Sequential (mlp.0, mlp.2) before tmc.layers.Mlp (mlp.fc1, mlp.fc2)."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    old = {k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2.") if k.startswith("decoder.") else k: v
+           for k, v in model.state_dict().items()}
+    assert any(".mlp.0." in k for k in old)
+    save_checkpoint(tmp_path / "old.pt", {"model": old, "model_config": cfg.to_dict(), "text_config": None})
+    assert load_checkpoint(tmp_path / "old.pt")["model"].keys() == model.state_dict().keys()
+    loaded, _ = model_from_checkpoint(tmp_path / "old.pt")
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
