@@ -5,7 +5,7 @@ from tmc.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoi
 from tmc.config import tiny_config
 from tmc.layers import Dropout, DropPath, PositionCode, sincos_position_embedding
 from tmc.model import build_model
-from tmc.op_count import OpCounter
+from tmc.lab.op_count import OpCounter
 
 
 def test_native_dropout_draws_what_nn_dropout_draws_in_one_op():

@@ -71,13 +71,15 @@ def binds_all_zones(run: dict) -> bool:
     return min(run["separation"].values()) >= BINDS
 
 
-def grid(results: Path, name: str, binding: bool = False, shuffled: bool = False) -> str:
-    """One row per variant of results/<name>/summary.json: mean ± std over seeds, and the seeds."""
+def grid(results: Path, name: str, binding: bool = False, shuffled: bool = False, wall: bool = False) -> str:
+    """One row per variant of results/<name>/summary.json: mean ± std over seeds, and the seeds;
+    `wall`: each run's wall time (its wall_time_s.txt)."""
     summary = _load(results, f"{name}/summary.json")
     zones = zone_runs(results) if binding else {}
     swap = _load(results, f"{name}/caption_swap.json")["runs"] if shuffled else {}
     header = ["variant", "flags", "Dice (per image)", "per seed", "mIoU", "Dice (global)"]
     header += ["runs binding all six zones"] * binding + ["Dice, shuffled captions (gap per seed)"] * shuffled
+    header += ["wall time per seed (s)"] * wall
     rows = []
     for variant, v in summary["variants"].items():
         row = [variant, _flags(v["runs"][0]["flags"]), _ms(v["dice"]["values"]), _seeds(v["dice"]["values"]),
@@ -89,6 +91,9 @@ def grid(results: Path, name: str, binding: bool = False, shuffled: bool = False
             gaps = [swap[Path(r["run"]).name] for r in v["runs"] if Path(r["run"]).name in swap]
             row.append(f"{statistics.fmean(g['shuffled'] for g in gaps):.3f} ("
                        + ", ".join(f"{g['gap']:+.3f}" for g in gaps) + ")" if gaps else "—")
+        if wall:
+            row.append(", ".join(f"{float((results.parent / r['run'] / 'wall_time_s.txt').read_text()):.0f}"
+                                 for r in v["runs"]))
         rows.append(row)
     note = f"\n`{summary['command']}`; {summary['machine']}. {summary['note']}\n"
     if shuffled:
@@ -193,8 +198,11 @@ def summary(results: Path) -> str:
         return _load(results, f"{name}/summary.json")["variants"][v]
 
     rows = []
-    for label, name, v in (("demo, full TMC (tiny preset, 1000 steps)", "demo_ablation", "full"),
-                           ("demo, no text", "demo_ablation", "no-text"),
+    for label, name, v in (("demo, `python train.py --dataset demo` (frozen MiniLM, sigmoid word weights, 4000 steps)",
+                            "demo_default", "default"),
+                           ("demo, the same with `--no-text`", "demo_default", "no-text"),
+                           ("demo, earlier default (random 2x64 BERT fine-tuned, softmax, 1000 steps)",
+                            "demo_ablation", "full"),
                            ("demo, sigmoid word weights + MiniLM, 4000 steps", "demo_mcm_attention_long",
                             "minilm-sigmoid")):
         d = variant(name, v)
@@ -209,6 +217,7 @@ def summary(results: Path) -> str:
 TABLES = {
     "summary": summary,
     "model-size": model_size,
+    "demo-default": lambda r: grid(r, "demo_default", shuffled=True, wall=True),
     "demo-ablation": lambda r: grid(r, "demo_ablation", binding=True, shuffled=True),
     "demo96": lambda r: grid(r, "demo96", binding=True),
     "demo-long": lambda r: grid(r, "demo_long", binding=True),
