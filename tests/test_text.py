@@ -28,13 +28,17 @@ def test_cached_features_equal_the_encoder_and_each_caption_is_encoded_once():
     model = _frozen()
     rows = _count_encoder_rows(model)
     tokens = model.tokenize(CAPTIONS)
-    assert rows == [2]  # two distinct captions, one batched call
+    assert rows == [1, 1]  # two distinct captions, each encoded alone
     reference = model.text(tokens["input_ids"], tokens["attention_mask"])  # (B, T, d_l), uncached
     torch.testing.assert_close(tokens["text_features"], reference, atol=1e-5, rtol=1e-5)
     rows.clear()
     again = model.tokenize(list(reversed(CAPTIONS)))
     assert rows == []  # all cached
     torch.testing.assert_close(again["text_features"], reference.flip(0), atol=1e-5, rtol=1e-5)
+    # The same bits whatever batch a caption first came in (exact resume, sharded evaluation).
+    other = _frozen()
+    other.tokenize(CAPTIONS[1:2] + ["another caption", "and a third one"])
+    assert torch.equal(other.tokenize(CAPTIONS)["text_features"], tokens["text_features"])
     image = torch.rand(3, 1, 32, 32)
     cached = model(image, **tokens)["logits"]
     plain = model(image, tokens["input_ids"], tokens["attention_mask"])["logits"]

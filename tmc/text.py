@@ -148,21 +148,20 @@ class TextEncoder(nn.Module):
     def cached_features(self, captions: list[str], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T, d_l) features of a frozen encoder, each distinct caption encoded once.
 
-        `tokens` is `tokenize(captions)`. Cached rows live on the encoder's device and are dropped
-        when weights are loaded or the module moves.
+        `tokens` is `tokenize(captions)`. Each new caption is encoded alone, so its features do not
+        depend on the batch it first came in (a resumed run or another process gets the same bits).
+        Cached rows live on the encoder's device and are dropped when weights are loaded or the
+        module moves.
         """
         if not self.freeze:
             raise RuntimeError("cached_features needs a frozen encoder (freeze_text=True)")
         device = next(self.encoder.parameters()).device
-        missing = list(dict.fromkeys(c for c in captions if c not in self._features))
-        if missing:
-            rows = [captions.index(c) for c in missing]
-            with torch.no_grad():
-                feats = self(tokens["input_ids"][rows].to(device),
-                             tokens["attention_mask"][rows].to(device))  # (M, T, d_l)
-            self._features.update(zip(missing, feats))
-        for c in captions:
-            self._features.move_to_end(c)
+        for row, caption in enumerate(captions):
+            if caption not in self._features:
+                with torch.no_grad():
+                    self._features[caption] = self(tokens["input_ids"][row:row + 1].to(device),
+                                                   tokens["attention_mask"][row:row + 1].to(device))[0]
+            self._features.move_to_end(caption)
         while len(self._features) > max(self.CACHE_SIZE, len(captions)):
             self._features.popitem(last=False)
         return torch.stack([self._features[c] for c in captions])  # (B, T, d_l)
