@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from datasets.cache import SPLIT_MODES
 from datasets.records import DatasetError
 from datasets.registry import DATASETS, prepare
 
@@ -35,8 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--root", default="", help="dataset folder (csv: the CSV file; demo: optional)")
     p.add_argument("--image-size", type=int, default=224, help="side of the cached images (224)")
-    p.add_argument("--split-mode", choices=("paper", "layout"), default="paper",
-                   help="paper: patient-level 7:1:2; layout: the folders' own split")
+    p.add_argument("--split-mode", choices=SPLIT_MODES, default="paper",
+                   help="paper: patient-level 7:1:2; layout: the folders' own split; layout-val: "
+                        "the layout's held-out split as test, val carved from its train split")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--cache-dir", default="", help="cache folder (default <repo>/cache/<name>-<hash> "
                                                    "or $TMC_CACHE/<name>-<hash>)")

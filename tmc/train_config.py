@@ -31,7 +31,7 @@ class TrainConfig:
     root: str = ""  # dataset folder (csv: the CSV file); demo: "" = generated in the cache folder
     preset: str = ""  # model preset paper | tiny ("" = tiny for demo, paper otherwise)
     cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
-    split_mode: str = "paper"  # paper: patient-level 7:1:2 split; layout: the folders' own split
+    split_mode: str = "paper"  # paper: patient-level 7:1:2 split; layout: the folders' own split; layout-val: the layout's held-out split as test, val carved by patient from its train split (1/8)
     split_seed: int = 0  # seed of the paper split; fixed across --seed so all runs share test cases
     skip_bad: bool = False  # skip unreadable files while caching instead of stopping
     reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
@@ -93,7 +93,7 @@ DATASET_DEFAULTS: dict[str, dict] = {
 CHOICES = {
     "dataset": DATASET_NAMES,
     "preset": ("", *PRESETS),
-    "split_mode": ("paper", "layout"),
+    "split_mode": ("paper", "layout", "layout-val"),
     "seg_loss": ("bce", "bce+dice"),
     "lr_schedule": ("plateau", "cosine"),
     "amp": ("off", "bf16", "fp16"),
