@@ -12,7 +12,7 @@ import torch
 
 import train
 from tmc.checkpoint import load_checkpoint, save_checkpoint
-from tmc.config import ModelConfig
+from tmc.config import ModelConfig, get_config
 from tmc.engine import NonFiniteGuard, NonFiniteLossError, capture_rng, restore_rng, train_one_epoch
 from tmc.train_config import (
     DATASET_DEFAULTS, TrainConfig, build_parser, explicit_overrides, resolve_model_config,
@@ -48,6 +48,9 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
     assert demo.dataset == "demo" and demo.preset == "tiny" and tiny.image_size == 64
     assert _resolve(["--dataset", "mosmed", "--lr", "5e-4"])[0].lr == 5e-4
     assert _resolve(["--dataset", "demo", "--preset", "paper"])[1].image_size == 224
+    cfg, small = _resolve(["--dataset", "qata", "--preset", "small"])
+    assert cfg.preset == "small" and small == get_config("small")
+    assert _resolve(["--preset", "small", "--image-size", "128"])[1].image_size == 128
     assert set(DATASET_DEFAULTS) == {"demo", "qata", "mosmed", "mosmedplus", "duke", "csv"}
 
 

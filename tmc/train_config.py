@@ -29,7 +29,7 @@ class TrainConfig:
     # --- data ---
     dataset: str = "demo"  # demo | qata | mosmed | mosmedplus | duke | csv
     root: str = ""  # dataset folder (csv: the CSV file); demo: "" = generated in the cache folder
-    preset: str = ""  # model preset paper | tiny ("" = tiny for demo, paper otherwise)
+    preset: str = ""  # model preset paper | tiny | small ("" = tiny for demo, paper otherwise)
     cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
     split_mode: str = "paper"  # paper: patient-level 7:1:2 split; layout: the folders' own split; layout-val: the layout's held-out split as test, val carved by patient from its train split (1/8)
     split_seed: int = 0  # seed of the paper split; fixed across --seed so all runs share test cases
