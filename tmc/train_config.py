@@ -47,7 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0 = batch_size
     epochs: int = 200  # at most this many epochs
     patience: int = 20  # early stop after this many epochs without a validation-Dice gain
-    lr_schedule: str = "plateau"  # plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine (lr to min_lr over --epochs)
+    lr_schedule: str = "plateau"  # plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine (lr to min_lr over --epochs) | cosine-time (lr to min_lr over --time-limit, for a wall-clock budget)
     plateau_patience: int = 10  # ReduceLROnPlateau: epochs without gain before lr × plateau_factor
     plateau_factor: float = 0.1  # ReduceLROnPlateau factor
     min_lr: float = 0.0  # ReduceLROnPlateau floor
@@ -66,6 +66,10 @@ class TrainConfig:
     limit_eval_batches: int = 0  # evaluate only this many batches (0 = all)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     time_limit: float = 0.0  # minutes of training + validation; then the run stops (0 = none)
+    # Runs of different speed compared at equal steps: the weights at the end of the epoch in which
+    # the step count reaches N are kept as step<N>.pt (exactly step N when N is a multiple of
+    # --max-steps-per-epoch).
+    snapshot_steps: tuple[int, ...] = ()  # step counts whose weights are also saved as step<N>.pt
     # last.pt (weights + Adam state: 2.5 GiB for the paper preset) at most this often, and always when
     # the run stops; 0 = after every epoch. A GPU epoch of QaTa's 2000 images takes about 13 s.
     checkpoint_minutes: float = 5.0
@@ -95,7 +99,7 @@ CHOICES = {
     "preset": ("", *PRESETS),
     "split_mode": ("paper", "layout", "layout-val"),
     "seg_loss": ("bce", "bce+dice"),
-    "lr_schedule": ("plateau", "cosine"),
+    "lr_schedule": ("plateau", "cosine", "cosine-time"),
     "amp": ("off", "bf16", "fp16"),
     "alignment_form": ("sigmoid", "literal"),
     "mcm_attention": ("softmax", "sigmoid"),
@@ -196,6 +200,9 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
         base = {**dataclasses.asdict(TrainConfig()), **DATASET_DEFAULTS[dataset]}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **overrides}.items() if k in known})
+    if cfg.lr_schedule == "cosine-time" and cfg.time_limit <= 0:
+        raise ValueError("--lr-schedule cosine-time decays the lr over the --time-limit budget; fix: "
+                         "give --time-limit MINUTES, or use --lr-schedule cosine (over --epochs)")
     if not cfg.preset:
         cfg.preset = "tiny" if cfg.dataset == "demo" else "paper"
     return cfg
