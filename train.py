@@ -8,8 +8,9 @@
     (build a large cache once first: python -m datasets.prepare --dataset NAME --root PATH)
 
 The run folder (--out) receives config.json, metrics.jsonl (one line per epoch), best.pt (best
-validation Dice), last.pt (end of the latest epoch; also written on Ctrl-C and SIGTERM) and
-test_metrics.json. A fresh run needs an empty (or new) folder; --resume continues the run in it.
+validation Dice), last.pt (end of the latest epoch; also written on Ctrl-C and SIGTERM),
+test_metrics.json and, with --snapshot-steps, step<N>.pt. A fresh run needs an empty (or new) folder;
+--resume continues the run in it.
 """
 from __future__ import annotations
 
@@ -207,13 +208,25 @@ def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
     return groups + [{"params": text, "lr": cfg.text_lr}] if text else groups
 
 
-def make_scheduler(optimizer, cfg: TrainConfig):
+def make_scheduler(optimizer, cfg: TrainConfig, start: float | None = None):
     """The paper's ReduceLROnPlateau on validation Dice, or a cosine decay from lr to min_lr over
-    cfg.epochs, stepped once per epoch (a known budget: the lr reaches its floor as the run ends)."""
+    cfg.epochs, stepped once per epoch (a known budget: the lr reaches its floor as the run ends).
+    "cosine-time" decays over the share of cfg.time_limit used since `start` (time.time()), for a
+    wall-clock budget, where the number of epochs that fit is not known in advance."""
     if cfg.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
             min_lr=cfg.min_lr)
+    if cfg.lr_schedule == "cosine-time":
+        start = time.time() if start is None else start
+
+        def factor(base_lr: float):  # LambdaLR multiplies each group's own lr by it
+            floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
+            return lambda _: floor + (1 - floor) * 0.5 * (1 + math.cos(
+                math.pi * min(1.0, (time.time() - start) / (60 * cfg.time_limit))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 [factor(g["lr"]) for g in optimizer.param_groups])
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
 
 
@@ -305,7 +318,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         model = torch.compile(model)
     optimizer = torch.optim.Adam(parameter_groups(raw, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor
-    scheduler = make_scheduler(optimizer, cfg)
+    scheduler = make_scheduler(optimizer, cfg, start=t_start)
     scaler = make_scaler(device, cfg.amp)
     # Different augmentations per rank; the same stream on every run with this seed.
     aug_gen = make_generator(cfg.seed + 7919 * (dist.rank + 1), device)
@@ -347,6 +360,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     deadline = t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
     completed = start_epoch - 1  # last finished epoch
     metrics: dict = {}
+    total_steps = ckpt["metrics"].get("total_steps", 0) if ckpt else 0
     state = dict(model_cfg=model_cfg, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
                  scaler=scaler, early=early)
     saved = {"epoch": completed, "time": time.time()}  # last.pt as of when
@@ -365,12 +379,18 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             metrics = train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg,
                                          optimizer, scheduler, scaler, early, guard, augment_fn,
                                          aug_gen, dist, device, deadline, step)
+            total_steps += metrics["steps"]
+            metrics["total_steps"] = total_steps
             if dist.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if metrics["improved"]:
                     save_checkpoint(out / "best.pt", weights_checkpoint(
                         raw, model_cfg, cfg, epoch=epoch, early=early, metrics=metrics))
+                for n in cfg.snapshot_steps:  # reached during this epoch
+                    if total_steps - metrics["steps"] < n <= total_steps:
+                        save_checkpoint(out / f"step{n}.pt", weights_checkpoint(
+                            raw, model_cfg, cfg, epoch=epoch, early=early, metrics=metrics))
                 print(summary_line(metrics, cfg.epochs), flush=True)
             completed = epoch
             if _broadcast(time.time() - saved["time"] >= 60 * cfg.checkpoint_minutes, dist):

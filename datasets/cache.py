@@ -17,11 +17,14 @@ says why. A cache is never reused silently. The new cache is written to a tempor
 and renamed into place, so an interrupted build never leaves a half-written cache behind.
 
 Splits: split_mode="paper" assigns cases 7:1:2 (`assign_splits`, stratified by Sample.stratum);
-"layout" keeps each Sample.split. In both modes `check_no_leak` must pass. Train and val must not be
-empty. An empty test split is an error in paper mode. In layout mode it is only a warning, because
-some layouts ship no test split (e.g. the shared QaTa subset). `partial=True` (for evaluation, e.g.
-a folder that holds only a test split) allows empty splits and keeps samples the layout gives no
-split (split null in the index).
+"layout" keeps each Sample.split; "layout-val" is for a layout with one held-out split (e.g. the
+shared QaTa subset's train/valid): everything the layout holds out (its val and test) becomes the
+test split, and val is carved out of the layout's train split by case, at ratios' train:val
+proportion (7:1 by default, so 1/8 of the training cases). In every mode `check_no_leak` must pass.
+Train and val must not be empty. An empty test split is an error in paper and layout-val mode. In
+layout mode it is only a warning, because some layouts ship no test split. `partial=True` (for
+evaluation, e.g. a folder that holds only a test split) allows empty splits and keeps samples the
+layout gives no split (split null in the index).
 
 Bad files. A reader reports a bad file (unreadable file, size mismatch, non-binary mask, missing
 text) by *yielding* the DatasetError instead of a Sample, so that iteration can go on. build_cache
@@ -47,10 +50,11 @@ from datasets.records import DatasetError, Reader, Sample
 from datasets.splits import SPLITS, assign_splits, check_no_leak, normalise_split
 from datasets.text_from_mask import caption_from_mask
 
-__all__ = ["FORMAT_VERSION", "source_listing", "cache_fingerprint", "is_fresh", "validate_sample",
-           "build_cache"]
+__all__ = ["FORMAT_VERSION", "SPLIT_MODES", "source_listing", "cache_fingerprint", "is_fresh",
+           "validate_sample", "build_cache"]
 
 FORMAT_VERSION = 1
+SPLIT_MODES = ("paper", "layout", "layout-val")
 _HEADER_BYTES = 128  # reserved .npy header; the shape is written when N is known
 
 
@@ -200,6 +204,19 @@ def validate_sample(s: Sample) -> None:
         raise DatasetError(f"{where}: empty text; expected a caption, or None to generate one")
 
 
+def _carve_validation(rows: list[dict], ratios, seed: int) -> None:
+    """layout-val: the layout's held-out rows become test; its train rows are divided by case into
+    train and val at ratios[0]:ratios[1] (assign_splits with no test share)."""
+    train = [r for r in rows if r["split"] == "train"]
+    for r in rows:
+        if r["split"] != "train":
+            r["split"] = "test"
+    table = assign_splits([r["case"] for r in train], [r["stratum"] for r in train],
+                          ratios=(ratios[0], ratios[1], 0.0), seed=seed)
+    for r in train:
+        r["split"] = table[r["case"]]
+
+
 def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
             partial: bool = False) -> None:
     """Fill row["split"] in place, check leaks and (unless `partial`) empty splits."""
@@ -208,7 +225,7 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
                               ratios=ratios, seed=seed)
         for r in rows:
             r["split"] = table[r["case"]]
-    elif split_mode == "layout":
+    elif split_mode in ("layout", "layout-val"):
         for r in rows:
             if r["split"] is None and partial:
                 continue
@@ -217,8 +234,10 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
                                    f"expected train/val/test from the folders; fix: use "
                                    f"split_mode='paper'")
             r["split"] = normalise_split(r["split"], r["source"])
+        if split_mode == "layout-val":
+            _carve_validation(rows, ratios, seed)
     else:
-        raise ValueError(f"split_mode must be 'paper' or 'layout', got {split_mode!r}")
+        raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
     check_no_leak([r for r in rows if r["split"] is not None], where)
     if partial:
         return
@@ -231,8 +250,10 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
             warnings.warn(f"{where}: the layout has no test split; train/val only (use "
                           f"split_mode='paper' for a 7:1:2 patient split)", stacklevel=3)
             continue
-        fix = ("add more cases or change ratios" if split_mode == "paper"
-               else "use split_mode='paper' or give the layout a '" + s + "' split")
+        fix = {"paper": "add more cases or change ratios",
+               "layout": f"use split_mode='paper' or give the layout a '{s}' split",
+               "layout-val": "use split_mode='paper', or a layout with a held-out (val or test) "
+                             "split besides train"}[split_mode]
         raise DatasetError(f"{where}: the {s} split is empty ({n_cases} cases, split_mode="
                            f"{split_mode!r}, counts {counts}); expected samples in train, val and "
                            f"test; fix: {fix}")
@@ -249,8 +270,9 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         reader: a datasets.records.Reader.
         cache_dir: the cache folder (created; replaced when stale).
         image_size: S, the square side of the stored arrays.
-        split_mode: "paper" (case-level 7:1:2 by `assign_splits`) or "layout" (Sample.split).
-        ratios: (train, val, test) shares for the paper mode.
+        split_mode: "paper" (case-level 7:1:2 by `assign_splits`), "layout" (Sample.split) or
+            "layout-val" (the layout's held-out split as test, val carved from its train split).
+        ratios: (train, val, test) shares for the paper mode; layout-val uses train:val.
         seed: split seed.
         skip_bad: skip files the reader reports as bad (and print them) instead of stopping.
         progress: show a tqdm bar.
@@ -262,8 +284,8 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     from tqdm import tqdm
 
     cache_dir = Path(cache_dir).resolve()
-    if split_mode not in ("paper", "layout"):
-        raise ValueError(f"split_mode must be 'paper' or 'layout', got {split_mode!r}")
+    if split_mode not in SPLIT_MODES:
+        raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
     settings = _settings(image_size, split_mode, ratios, seed, partial)
     parts = _fingerprint_parts(reader, settings)
     fp = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from datasets.cache import SPLIT_MODES
 from datasets.records import DatasetError
 from datasets.registry import DATASETS, prepare
 
@@ -35,9 +36,10 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--root", default="", help="dataset folder (csv: the CSV file; demo: optional)")
     p.add_argument("--image-size", type=int, default=224, help="side of the cached images (224)")
-    p.add_argument("--split-mode", choices=("auto", "paper", "layout"), default="auto",
-                   help="paper: patient-level 7:1:2; layout: the folders' own split; auto: layout "
-                        "for data with a split the user wrote (a CSV's split column), else paper")
+    p.add_argument("--split-mode", choices=("auto", *SPLIT_MODES), default="auto",
+                   help="paper: patient-level 7:1:2; layout: the folders' own split; layout-val: "
+                        "the layout's held-out split as test, val carved from its train split; auto: "
+                        "layout for data with a split the user wrote (a CSV's split column), else paper")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--cache-dir", default="", help="cache folder (default <repo>/cache/<name>-<hash> "
                                                    "or $TMC_CACHE/<name>-<hash>)")

@@ -119,8 +119,9 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
         root: dataset folder (CSV file for "csv"; optional for "demo").
         image_size: S of the cached (S, S) arrays (paper: 224).
         cache_dir: cache folder (default: `default_cache_dir`).
-        split_mode: "paper" (case-level 7:1:2), "layout" (the layout's own split) or "auto"
-            (`resolve_split_mode`).
+        split_mode: "paper" (case-level 7:1:2), "layout" (the layout's own split), "layout-val"
+            (the layout's held-out split as test, val carved from its train split by case) or
+            "auto" (`resolve_split_mode`).
         seed: split seed.
         skip_bad: skip bad files (listed) instead of stopping at the first.
         ratios: (train, val, test).

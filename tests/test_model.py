@@ -205,6 +205,25 @@ def test_minilm_text_encoder_loads_from_the_package_and_encodes():
     assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.1
 
 
+def test_small_preset_builds_frozen_minilm_and_trains_everything_else():
+    torch.manual_seed(0)
+    cfg = get_config("small")
+    assert (cfg.image_size, cfg.embed_dim, cfg.text_model) == (96, tiny_config().embed_dim, "minilm")
+    assert cfg.freeze_text and cfg.mcm_attention == "sigmoid"
+    assert get_config("paper") == ModelConfig()  # the paper preset is untouched
+    model = build_model(cfg)
+    image, mask = _batch(cfg)
+    loss, out = _loss(model, image, mask, CAPTIONS)
+    assert out["logits"].shape == (2, 1, 96, 96)
+    loss.backward()
+    text = {n for n, _ in model.text.named_parameters(prefix="text")}
+    assert text and all(not p.requires_grad and p.grad is None
+                        for n, p in model.named_parameters() if n in text)
+    missing = [n for n, p in model.named_parameters() if n not in text and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:10]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_missing_hub_model_error_names_both_remedies(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from tmc.text import TextEncoder

@@ -159,6 +159,48 @@ def test_layout_mode_cache_and_kaggle_without_id_lists(tmp_path):
         build_cache(QataReader(root), tmp_path / "c2", 8, split_mode="layout", progress=False)
 
 
+def test_layout_val_mode_holds_out_the_layouts_valid_as_test_and_carves_val_by_patient(tmp_path):
+    # 12 training patients, one of them (sub-S00001) with two images; 2 held-out images (valid)
+    root = make_sgseg(tmp_path / "s")
+    ann = json.loads((root / "prompts" / "annotation.json").read_text())
+    for i in range(6, 13):
+        name = f"covid_{10 + i}"
+        _pair(root / "images/train/images", root / "images/train/masks", name, i)
+        ann["train"].append({"image_path": f"mask_{name}.png", "caption": _text(name)})
+    (root / "prompts" / "annotation.json").write_text(json.dumps(ann))
+    cache = build_cache(QataReader(root), tmp_path / "c", 8, split_mode="layout-val", progress=False)
+    rows = {r["key"]: r for r in load_index(cache)}
+    assert {k for k, r in rows.items() if r["split"] == "test"} == set(NAMES[6:])  # the layout's valid
+    val_cases = {r["case"] for r in rows.values() if r["split"] == "val"}
+    train_cases = {r["case"] for r in rows.values() if r["split"] == "train"}
+    assert val_cases and not val_cases & train_cases  # by patient: sub-s00001's two images together
+    assert len(val_cases) == round(12 / 8) and len(val_cases | train_cases) == 12  # train:val = 7:1
+    assert rows[NAMES[4]]["split"] == rows[NAMES[5]]["split"] != "test"
+    assert load_meta(cache)["counts"]["test"] == 2
+    # The same seed gives the same split; another seed keeps the sizes.
+    again = build_cache(QataReader(root), tmp_path / "c2", 8, split_mode="layout-val", progress=False)
+    assert load_index(again) == load_index(cache)
+    other = build_cache(QataReader(root), tmp_path / "c3", 8, split_mode="layout-val", seed=3,
+                        progress=False)
+    other_val = {r["case"] for r in load_index(other) if r["split"] == "val"}
+    assert len(other_val) == len(val_cases)
+
+    # A Kaggle layout without ID lists has no val split: layout mode stops, layout-val carves one.
+    kaggle = make_kaggle(tmp_path / "k", ids=False)
+    with pytest.warns(UserWarning):
+        cache = build_cache(QataReader(kaggle), tmp_path / "k2", 8, split_mode="layout-val",
+                            progress=False)
+    counts = load_meta(cache)["counts"]
+    assert counts["test"] == 2 and counts["val"] >= 1 and counts["train"] + counts["val"] == 6
+
+    # A layout with nothing held out leaves layout-val no test split: an error that says so.
+    for sub in ("images", "masks"):
+        for f in (root / "images" / "valid" / sub).iterdir():
+            f.unlink()
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="test split is empty.*held-out"):
+        build_cache(QataReader(root), tmp_path / "c4", 8, split_mode="layout-val", progress=False)
+
+
 def test_workbooks_outside_root_given_explicitly(tmp_path):
     make_kaggle(tmp_path)
     inner = tmp_path / "QaTa-COV19" / "QaTa-COV19-v2"

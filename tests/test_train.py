@@ -12,7 +12,7 @@ import torch
 
 import train
 from tmc.checkpoint import load_checkpoint, save_checkpoint
-from tmc.config import ModelConfig
+from tmc.config import ModelConfig, get_config
 from tmc.engine import NonFiniteGuard, NonFiniteLossError, capture_rng, restore_rng, train_one_epoch
 from tmc.train_config import (
     DATASET_DEFAULTS, TrainConfig, build_parser, explicit_overrides, resolve_model_config,
@@ -48,6 +48,9 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
     assert demo.dataset == "demo" and demo.preset == "tiny" and tiny.image_size == 64
     assert _resolve(["--dataset", "mosmed", "--lr", "5e-4"])[0].lr == 5e-4
     assert _resolve(["--dataset", "demo", "--preset", "paper"])[1].image_size == 224
+    cfg, small = _resolve(["--dataset", "qata", "--preset", "small"])
+    assert cfg.preset == "small" and small == get_config("small")
+    assert _resolve(["--preset", "small", "--image-size", "128"])[1].image_size == 128
     assert set(DATASET_DEFAULTS) == {"demo", "qata", "mosmed", "mosmedplus", "duke", "csv"}
 
 
@@ -248,6 +251,40 @@ def test_time_limit_cuts_the_epoch_and_stops(demo_dirs, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in rows] == [1]
     assert result["best_epoch"] == 1 and load_checkpoint(tmp_path / "t" / "last.pt")["epoch"] == 1
+
+
+def test_snapshot_steps_keep_the_weights_at_those_steps(demo_dirs, tmp_path):
+    train.main(_argv(demo_dirs, tmp_path / "s", 3, "--snapshot-steps", "2,5"))
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["total_steps"] for r in rows] == [2, 4, 6]
+    assert sorted(p.name for p in (tmp_path / "s").glob("step*.pt")) == ["step2.pt", "step5.pt"]
+    # step5.pt: the end of the epoch that reached step 5 (epoch 3, 6 steps)
+    assert load_checkpoint(tmp_path / "s" / "step5.pt")["metrics"]["total_steps"] == 6
+    # step2.pt holds the weights a 1-epoch run of the same seed ends with
+    train.main(_argv(demo_dirs, tmp_path / "one", 1))
+    _states_equal(load_checkpoint(tmp_path / "s" / "step2.pt")["model"],
+                  load_checkpoint(tmp_path / "one" / "last.pt")["model"])
+
+
+def test_cosine_time_decays_over_the_time_limit(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    w = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.Adam([{"params": w[:1]}, {"params": w[1:], "lr": 1e-4}], lr=1e-3)
+    cfg = TrainConfig(lr_schedule="cosine-time", time_limit=10.0, min_lr=1e-5)
+    scheduler = train.make_scheduler(optimizer, cfg, start=1000.0)
+    for elapsed_min in (0.0, 2.5, 5.0, 10.0, 12.0):
+        clock[0] = 1000.0 + 60 * elapsed_min
+        optimizer.step()  # no gradients: nothing moves
+        scheduler.step()
+        share = min(1.0, elapsed_min / 10)
+        for group, base in zip(optimizer.param_groups, (1e-3, 1e-4)):
+            want = 1e-5 + (base - 1e-5) * (1 + math.cos(math.pi * share)) / 2
+            assert group["lr"] == pytest.approx(want, rel=1e-9)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # the floor once time is up
+    with pytest.raises(ValueError, match="--time-limit"):
+        _resolve(["--dataset", "qata", "--lr-schedule", "cosine-time"])
+    assert _resolve(["--lr-schedule", "cosine-time", "--time-limit", "20"])[0].time_limit == 20
 
 
 def test_text_lr_puts_the_text_encoder_in_its_own_adam_group():

@@ -29,9 +29,9 @@ class TrainConfig:
     # --- data ---
     dataset: str = "demo"  # demo | qata | mosmed | mosmedplus | duke | csv
     root: str = ""  # dataset folder (csv: the CSV file); demo: "" = generated in the cache folder
-    preset: str = ""  # model preset paper | tiny ("" = tiny for demo, paper otherwise)
+    preset: str = ""  # model preset paper | tiny | small ("" = tiny for demo, paper otherwise)
     cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
-    split_mode: str = "auto"  # paper: patient-level 7:1:2 split; layout: the folders' own split; auto: layout for a CSV with a split column, else paper
+    split_mode: str = "auto"  # paper: patient-level 7:1:2 split; layout: the folders' own split; layout-val: the layout's held-out split as test, val carved by patient from its train split (1/8); auto: layout for a CSV with a split column, else paper
     split_seed: int = 0  # seed of the paper split; fixed across --seed so all runs share test cases
     skip_bad: bool = False  # skip unreadable files while caching instead of stopping
     reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
@@ -47,7 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0 = batch_size
     epochs: int = 200  # at most this many epochs
     patience: int = 20  # early stop after this many epochs without a validation-Dice gain
-    lr_schedule: str = "plateau"  # plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine (lr to min_lr over --epochs)
+    lr_schedule: str = "plateau"  # plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine (lr to min_lr over --epochs) | cosine-time (lr to min_lr over --time-limit, for a wall-clock budget)
     plateau_patience: int = 10  # ReduceLROnPlateau: epochs without gain before lr × plateau_factor
     plateau_factor: float = 0.1  # ReduceLROnPlateau factor
     min_lr: float = 0.0  # ReduceLROnPlateau floor
@@ -67,6 +67,10 @@ class TrainConfig:
     limit_eval_batches: int = 0  # evaluate only this many batches (0 = all)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     time_limit: float = 0.0  # minutes of training + validation; then the run stops (0 = none)
+    # Runs of different speed compared at equal steps: the weights at the end of the epoch in which
+    # the step count reaches N are kept as step<N>.pt (exactly step N when N is a multiple of
+    # --max-steps-per-epoch).
+    snapshot_steps: tuple[int, ...] = ()  # step counts whose weights are also saved as step<N>.pt
     # last.pt (weights + Adam state: 2.5 GiB for the paper preset) at most this often, and always when
     # the run stops; 0 = after every epoch. A GPU epoch of QaTa's 2000 images takes about 13 s.
     checkpoint_minutes: float = 5.0
@@ -96,9 +100,9 @@ DATASET_DEFAULTS: dict[str, dict] = {
 CHOICES = {
     "dataset": DATASET_NAMES,
     "preset": ("", *PRESETS),
-    "split_mode": ("auto", "paper", "layout"),
+    "split_mode": ("auto", "paper", "layout", "layout-val"),
     "seg_loss": ("bce", "bce+dice"),
-    "lr_schedule": ("plateau", "cosine"),
+    "lr_schedule": ("plateau", "cosine", "cosine-time"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "alignment_form": ("sigmoid", "literal"),
     "mcm_attention": ("softmax", "sigmoid"),
@@ -199,6 +203,9 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
         base = {**dataclasses.asdict(TrainConfig()), **DATASET_DEFAULTS[dataset]}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **overrides}.items() if k in known})
+    if cfg.lr_schedule == "cosine-time" and cfg.time_limit <= 0:
+        raise ValueError("--lr-schedule cosine-time decays the lr over the --time-limit budget; fix: "
+                         "give --time-limit MINUTES, or use --lr-schedule cosine (over --epochs)")
     if not cfg.preset:
         cfg.preset = "tiny" if cfg.dataset == "demo" else "paper"
     return cfg

@@ -41,7 +41,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tmc.config import get_config
+from tmc.config import PRESETS, get_config
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
 from tmc.engine import compute_loss
 from tmc.model import build_model, count_parameters
@@ -64,9 +64,11 @@ CAPTIONS = [
 
 # ---------------------------------------------------------------------------- helpers
 
-def make_model(preset: str, text_model: str | None = None):
+def make_model(preset: str, text_model: str | None = None, image_size: int | None = None):
     """(cfg, model) of a preset; the paper preset gets a random BERT-base-shaped encoder by default."""
     overrides = {"text_model": text_model} if text_model else {}
+    if image_size:
+        overrides["image_size"] = image_size
     if preset == "paper" and not text_model:
         overrides["text_model"] = "random:12x768"  # BERT-base's shape; no download needed
     cfg = get_config(preset, **overrides)
@@ -211,7 +213,7 @@ def setup(args) -> SimpleNamespace:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
-    cfg, model = make_model(args.config, args.text_model)
+    cfg, model = make_model(args.config, args.text_model, args.image_size)
     model.to(device).train()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -415,7 +417,8 @@ def suite(out_dir: str, text_model: str | None = None, rows: list[str] | None = 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="paper", choices=["paper", "tiny"], help="model preset")
+    p.add_argument("--config", default="paper", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the preset's)")
     p.add_argument("--text-model", default=None, help="default for paper: random:12x768 (BERT-base shape)")
     p.add_argument("--count", action="store_true", help="only parameters and forward FLOPs")
     p.add_argument("--json", default=None, help="also write the result here")
@@ -443,7 +446,7 @@ def parse_args(argv=None):
 
 def count(args) -> dict:
     """--count: parameters per part and forward FLOPs of one image (total and per part), printed."""
-    cfg, model = make_model(args.config, args.text_model)
+    cfg, model = make_model(args.config, args.text_model, args.image_size)
     fwd, parts = forward_flops(model, cfg.image_size, per_part=True)
     params, fwd = count_parameters(model), fwd / 1e9
     print(f"TMC preset {args.config!r} at {cfg.image_size}², text encoder {cfg.text_model}")

@@ -17,6 +17,9 @@
     python -m tmc.lab.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
     python -m tmc.lab.experiments qata --root data/qata --cpu-small --minutes 3   # reduced, CPU
 
+The CPU protocol on QaTa (held-out test patients, variants x seeds at equal minutes) is its own
+command: python -m tmc.lab.qata_protocol (tmc/lab/qata_protocol.py).
+
 Put the QaTa subset under `data/qata` (git-ignored) first. The GPU run needs torch and transformers
 only (a random BERT-base with the shipped vocabulary).
 
