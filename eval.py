@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.engine import THRESHOLD, autocast, default_workers, pick_device, predict_records, summarize
-from tmc.train_config import parse_reader_options
+from tmc.train_config import AmpMode, SplitMode, parse_reader_options
 
 METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
                "dice_per_case", "iou_per_case")
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-options", default="", help="override the run's reader options")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="which images (all = every image of the folder) [test]")
-    p.add_argument("--split-mode", default="auto", choices=("auto", "paper", "layout"),
+    p.add_argument("--split-mode", default="auto", choices=typing.get_args(SplitMode),
                    help="auto: the run's split on its own folder, the folder's own split (layout) "
                         "on another; paper: re-split 7:1:2 by patient [auto]")
     p.add_argument("--empty", default="1", choices=("1", "nan", "0"),
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1,
                    help="DataLoader workers (-1 = the CPU cores available, at most 4)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ('' = cuda when available)")
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--amp", default="off", choices=[a for a in typing.get_args(AmpMode) if a != "auto"])
     p.add_argument("--no-progress", action="store_true")
     return p
 
