@@ -13,7 +13,7 @@ more than one match, or none, is an error that says what was found and what was 
 * "guidedecoder" (Ariadne's Thread / LanGuideMedSeg):
       {Train,Test}/{Images,GTs}/ + prompt/*.csv (Image, Description); its own train/val split is
       the first 80% / last 20% of the train CSV's rows, as in that code.
-* "sgseg" (SGSeg; the layout of /work/shared/data/qata):
+* "sgseg" (SGSeg; the layout of the shared QaTa subset):
       images/<split>/{images,masks}/ + prompts/annotation.json {split: [{image_path, caption}]}
 
 Pairing. The masks drive it (the Kaggle Images folders hold extra images). An image, a mask and a
