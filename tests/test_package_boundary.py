@@ -1,5 +1,6 @@
 """The method package stands alone: tmc/ outside tmc/lab imports neither the data readers (datasets/)
-nor the research tools (tmc.lab), at module level or inside a function."""
+nor the research tools (tmc.lab), at module level or inside a function; and the repository's code
+and docs name no machine's folders."""
 import ast
 import json
 import re
