@@ -40,7 +40,7 @@ def check_choices(cfg) -> None:
     for name, allowed in literal_choices(type(cfg)).items():
         value = getattr(cfg, name)
         if value not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of "
+            raise ValueError(f"{name}={value!r} (--{name.replace('_', '-')}): choose one of "
                              f"{', '.join(repr(a) for a in allowed)}")
 
 
