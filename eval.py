@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.engine import THRESHOLD, autocast, default_workers, pick_device, predict_records, summarize
-from tmc.train_config import parse_reader_options
+from tmc.metrics import mean_std
+from tmc.train_config import AmpMode, SplitMode, parse_reader_options
 
 METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
                "dice_per_case", "iou_per_case")
@@ -179,12 +181,6 @@ def evaluate_checkpoint(path: str, args, device: torch.device) -> tuple[dict, li
         print(f"overlays: {writer.written} pictures in {writer.folder}"
               + (f", mosaic {mosaic_path}" if mosaic_path else ""))
     return summary, records
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single run) over runs."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
 def combine_runs(summaries: list[dict]) -> dict:
@@ -340,13 +336,13 @@ def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path
     return out
 
 
-def volume_intensity(volume: np.ndarray, mode: str, ct_window=(-1350.0, 150.0)) -> np.ndarray:
-    """Map a volume to [0, 1] as the training cache did: CT window (MosMed reader's lung window
-    W1500/L-600 by default) or MR percentiles (Duke reader); "minmax" for anything else."""
-    from datasets.volumes import percentile_normalise, window
+def volume_intensity(volume: np.ndarray, mode: str, ct_window=None) -> np.ndarray:
+    """Map a volume to [0, 1] as the training cache did: CT window (None = the MosMed reader's
+    LUNG_WINDOW) or MR percentiles (Duke reader); "minmax" for anything else."""
+    from datasets.volumes import LUNG_WINDOW, percentile_normalise, window
 
     if mode == "ct":
-        return window(volume, *ct_window)
+        return window(volume, *(LUNG_WINDOW if ct_window is None else ct_window))
     if mode == "mr":
         return percentile_normalise(volume)
     v = volume.astype(np.float32)
@@ -356,7 +352,7 @@ def volume_intensity(volume: np.ndarray, mode: str, ct_window=(-1350.0, 150.0)) 
 
 def predict_volume(path: str | Path, segment, size: int, out: str | Path, intensity: str = "ct",
                    batch_size: int = 8, series_uid: str | None = None,
-                   ct_window=(-1350.0, 150.0)) -> Path:
+                   ct_window=None) -> Path:
     """Segment every axial slice of a NIfTI file or DICOM series folder; write a NIfTI mask.
 
     For NIfTI input the mask has the input's shape, voxel order and affine; for DICOM, the RAS+
@@ -400,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-options", default="", help="override the run's reader options")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="which images (all = every image of the folder) [test]")
-    p.add_argument("--split-mode", default="auto", choices=("auto", "paper", "layout"),
+    p.add_argument("--split-mode", default="auto", choices=typing.get_args(SplitMode),
                    help="auto: the run's split on its own folder, the folder's own split (layout) "
                         "on another; paper: re-split 7:1:2 by patient [auto]")
     p.add_argument("--empty", default="1", choices=("1", "nan", "0"),
@@ -419,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1,
                    help="DataLoader workers (-1 = the CPU cores available, at most 4)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ('' = cuda when available)")
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--amp", default="off", choices=[a for a in typing.get_args(AmpMode) if a != "auto"])
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -518,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             tc = ckpt.get("train_config", {})
             mode = default_intensity(tc.get("dataset")) if args.intensity == "auto" else args.intensity
-            window = parse_reader_options(tc.get("reader_options", "")).get("window", (-1350.0, 150.0))
+            window = parse_reader_options(tc.get("reader_options", "")).get("window")  # None: lung
             name = Path(args.volume).name.split(".")[0]
             out = predict_volume(args.volume, segment, cfg.image_size, args.out or f"{name}_mask.nii.gz",
                                  intensity=mode, batch_size=args.batch_size, series_uid=args.series_uid,

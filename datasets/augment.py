@@ -15,16 +15,18 @@ then moved to the batch's device, so a seeded CPU generator gives the same augme
 from __future__ import annotations
 
 import math
+import re
+import typing
 
 import torch
 import torch.nn.functional as F
 
+from tmc.train_config import AugmentMode
+
 __all__ = ["rotate_batch", "augment_batch", "swap_caption_sides", "augment_training_batch", "AUGMENT_MODES"]
 
-import re
-
 # train.py --augment: the paper's set, the subset that keeps position captions true, or nothing.
-AUGMENT_MODES = ("paper", "text-consistent", "none")
+AUGMENT_MODES = typing.get_args(AugmentMode)
 _SIDES = {"left": "right", "right": "left", "upper": "lower", "lower": "upper"}
 
 

@@ -23,11 +23,10 @@ image) are yielded as DatasetErrors (see datasets/cache.py), so skip_bad can pas
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.images import map_prefetch, read_image_and_mask
+from datasets.images import load_samples, read_image_and_mask
 from datasets.records import DatasetError, Sample
 from datasets.splits import normalise_split
 
@@ -131,12 +130,6 @@ class CsvReader:
         return Sample(key=r.key, image=image, mask=mask, text=r.text or None, case=r.case,
                       split=r.split or None, stratum=r.stratum, source=str(r.image))
 
-    def _load_or_error(self, r: _Row) -> Sample | DatasetError:
-        try:
-            return self.load(r)
-        except DatasetError as e:
-            return e
-
     def __iter__(self):
         """Samples in row order; a bad row is yielded as its DatasetError (datasets/cache.py)."""
-        yield from map_prefetch(self._load_or_error, self.rows, workers=min(4, os.cpu_count() or 1))
+        yield from load_samples(self.load, self.rows)

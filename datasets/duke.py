@@ -53,7 +53,6 @@ Bad cases are yielded as DatasetError so the cache builder can stop or skip them
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 import warnings
@@ -63,6 +62,7 @@ from typing import Iterator
 import numpy as np
 
 from datasets.records import DatasetError, Sample
+from datasets.tables import header_names, read_table
 from datasets.volumes import (DicomSeries, as_range, axial_slice_to_image, list_dicom_series,
                               load_dicom_volume, percentile_normalise, read_nifti, read_nifti_pair,
                               resample_nearest, spread_indices)
@@ -96,22 +96,11 @@ def _walk(root: Path, max_depth: int = 5):
 
 
 # ---------------------------------------------------------------- spreadsheets
-def _xlsx_rows(path: Path, sheet: str | None = None) -> list[tuple]:
-    import openpyxl
-
-    try:
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        ws = wb[sheet] if sheet in wb.sheetnames else wb.worksheets[0]
-        rows = list(ws.iter_rows(values_only=True))
-        wb.close()
-    except Exception as e:
-        raise DatasetError(f"{path}: cannot read workbook ({type(e).__name__}: {e}); fix: re-download "
-                           "it from TCIA") from e
-    return rows
+_TCIA_FIX = "re-download it from TCIA"
 
 
 def _columns(header, path: Path, wanted) -> list[int]:
-    names = [str(c).strip().lower() if c is not None else "" for c in header]
+    names = header_names(header)
     missing = [w for w in wanted if w not in names]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; found {names}; fix: use the "
@@ -127,7 +116,7 @@ def parse_legend(text) -> dict[int, str]:
 
 def read_clinical(path: Path) -> tuple[dict[int, dict], dict[str, dict[int, str]]]:
     """Clinical_and_Other_Features.xlsx → ({patient: {column: value}}, {column: legend codes})."""
-    rows = _xlsx_rows(path, "Data")
+    rows = read_table(path, "Data", fix=_TCIA_FIX)
     if len(rows) < 4:
         raise DatasetError(f"{path}: expected three header rows (category, name, legend) and data")
     names = [str(c).strip() if c is not None else "" for c in rows[1]]
@@ -173,12 +162,8 @@ def clinical_caption(record: dict, legends: dict, lesion_type_column: str | None
 
 def read_text_csv(path: Path) -> dict[int, str]:
     """User CSV: a case/patient column and a text column → {patient number: text}."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read text CSV ({e})") from e
-    names = [c.strip().lower() for c in rows[0]] if rows else []
+    rows = read_table(path, fix="save the text table as UTF-8 CSV")
+    names = header_names(rows[0] if rows else ())
     key = next((names.index(c) for c in ("case", "patient", "patient id", "patient_id") if c in names), None)
     txt = next((names.index(c) for c in ("text", "description", "caption") if c in names), None)
     if key is None or txt is None:
@@ -192,7 +177,7 @@ def read_text_csv(path: Path) -> dict[int, str]:
 
 def read_boxes(path: Path) -> dict[int, tuple[int, ...]]:
     """Annotation_Boxes.xlsx → {patient: (start row, end row, start col, end col, start slice, end slice)}."""
-    rows = _xlsx_rows(path)
+    rows = read_table(path, fix=_TCIA_FIX)
     h = next((i for i, r in enumerate(rows[:5]) if any(str(c).strip().lower() == "patient id"
                                                         for c in r if c is not None)), None)
     if h is None:
@@ -204,7 +189,7 @@ def read_boxes(path: Path) -> dict[int, tuple[int, ...]]:
 
 def read_mapping(path: Path, phase: str, patients) -> dict[int, str]:
     """Mapping workbook → {patient: SeriesInstanceUID of `phase`} (UID from `classic_path`)."""
-    rows = _xlsx_rows(path)
+    rows = read_table(path, fix=_TCIA_FIX)
     orig, classic = _columns(rows[0], path, ("original_path_and_filename", "classic_path"))
     wanted, out = set(patients), {}
     for r in rows[1:]:

@@ -26,6 +26,7 @@ shrinking), masks nearest, never "bilinear then threshold" (that dilates thin le
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,12 @@ from PIL import Image
 
 from datasets.records import DatasetError
 
-__all__ = ["IMAGE_SUFFIXES", "is_dicom", "read_image", "read_mask", "read_image_and_mask", "binarise_mask",
+__all__ = ["RASTER_SUFFIXES", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "is_dicom", "read_image", "read_mask", "read_image_and_mask", "load_samples", "binarise_mask",
            "resize_image", "resize_mask", "to_uint8", "image_key"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 _LOSSY = (".jpg", ".jpeg")
 _FIX_IMAGE = "fix: re-export it as an 8-bit PNG, or skip it with skip_bad=True"
 
@@ -60,7 +63,7 @@ def image_key(name: str) -> str:
 def is_dicom(path: Path) -> bool:
     """A .dcm/.dicom suffix, or the 'DICM' marker at byte 128 (files exported without suffix)."""
     path = Path(path)
-    if path.suffix.lower() in (".dcm", ".dicom"):
+    if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return False
@@ -231,3 +234,15 @@ def map_prefetch(fn, items, workers: int = 2, window: int = 32):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def load_samples(load, items):
+    """Yield load(item) for each item in order, read ahead on up to 4 threads; a DatasetError takes
+    its sample's place, so the cache builder can stop or skip it (skip_bad) with its message."""
+    def attempt(item):
+        try:
+            return load(item)
+        except DatasetError as e:
+            return e
+
+    yield from map_prefetch(attempt, items, workers=min(4, os.cpu_count() or 1))

@@ -43,14 +43,14 @@ from typing import Iterator
 
 import numpy as np
 
-from datasets.images import image_key, read_image, read_mask
+from datasets.images import RASTER_SUFFIXES, image_key, read_image, read_mask
 from datasets.records import DatasetError, Sample
-from datasets.volumes import (as_range, axial_slice_to_image, read_nifti, read_nifti_pair,
+from datasets.tables import header_names, read_table
+from datasets.volumes import (LUNG_WINDOW, as_range, axial_slice_to_image, read_nifti, read_nifti_pair,
                               spread_indices, window)
 
 _NIFTI = re.compile(r"^(?P<id>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 _GRADE = re.compile(r"^CT-\d$", re.IGNORECASE)
-_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 _SPLIT_FOLDERS = {"train_folder": "train", "val_folder": "val", "test_folder": "test"}
 
 
@@ -79,17 +79,9 @@ def mosmedplus_family(stem: str) -> str:
 
 def read_text_workbook(path: Path) -> dict[str, str]:
     """LViT-style workbook: header row with `Image` and `Description` → {normalised key: text}."""
-    import openpyxl
-
-    try:
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        rows = list(wb.worksheets[0].iter_rows(values_only=True))
-        wb.close()
-    except Exception as e:
-        raise DatasetError(f"{path}: cannot read workbook ({type(e).__name__}: {e}); fix: re-save it "
-                           "as .xlsx") from e
+    rows = read_table(path)
     for h, row in enumerate(rows[:5]):
-        names = [str(c).strip().lower() if c is not None else "" for c in row]
+        names = header_names(row)
         if "image" in names and "description" in names:
             i, d = names.index("image"), names.index("description")
             return {image_key(str(r[i])): str(r[d]).strip() for r in rows[h + 1:]
@@ -111,7 +103,7 @@ class MosmedReader:
 
     name = "mosmed"
 
-    def __init__(self, root, window: tuple[float, float] = (-1350.0, 150.0),
+    def __init__(self, root, window: tuple[float, float] = LUNG_WINDOW,
                  include_negatives: bool = True, negative_slices: int | str = 10):
         self.root = Path(root)
         self.window = as_range(window, "window")
@@ -240,8 +232,8 @@ class MosmedPlusReader:
         self.items = items  # [(stem, image, mask, split | None, text | None)]
 
     def _pair(self, img_dir: Path, mask_dir: Path, split, texts, workbooks, notes) -> list:
-        images = {image_key(p.name): p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in _IMAGE_EXT}
-        masks = {image_key(p.name): p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in _IMAGE_EXT}
+        images = {image_key(p.name): p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in RASTER_SUFFIXES}
+        masks = {image_key(p.name): p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in RASTER_SUFFIXES}
         for key in sorted(set(masks) - set(images)):
             notes.append(f"mask without image: {masks[key]}")
         out = []

@@ -13,7 +13,7 @@ more than one match, or none, is an error that says what was found and what was 
 * "guidedecoder" (Ariadne's Thread / LanGuideMedSeg):
       {Train,Test}/{Images,GTs}/ + prompt/*.csv (Image, Description); its own train/val split is
       the first 80% / last 20% of the train CSV's rows, as in that code.
-* "sgseg" (SGSeg; the layout of /work/shared/data/qata):
+* "sgseg" (SGSeg; the layout of the shared QaTa subset):
       images/<split>/{images,masks}/ + prompts/annotation.json {split: [{image_path, caption}]}
 
 Pairing. The masks drive it (the Kaggle Images folders hold extra images). An image, a mask and a
@@ -33,7 +33,6 @@ them.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -41,8 +40,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.images import IMAGE_SUFFIXES, image_key, map_prefetch, read_image_and_mask
+from datasets.images import IMAGE_SUFFIXES, image_key, load_samples, read_image_and_mask
 from datasets.records import DatasetError, Sample
+from datasets.tables import header_names, read_table
 from datasets.splits import normalise_split
 
 __all__ = ["LAYOUTS", "patient_id", "read_text_table", "detect_layout", "QataReader"]
@@ -181,20 +181,8 @@ def read_text_table(path: Path) -> tuple[list[tuple[str, str | None]], bool]:
     Returns:
         ([(Image, Description or None), ...], has_description_column).
     """
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".xlsx":
-            import openpyxl
-            wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-            table = [list(r) for r in wb.worksheets[0].iter_rows(values_only=True)]
-            wb.close()
-        else:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                table = [list(r) for r in csv.reader(f)]
-    except Exception as e:  # openpyxl: BadZipFile, InvalidFileException, KeyError, ...
-        raise DatasetError(f"{path}: cannot read the text table ({type(e).__name__}: {e}); "
-                           f"expected an .xlsx/.csv with columns Image, Description") from e
-    header = [str(c).strip().lower() if c is not None else "" for c in (table[0] if table else [])]
+    table = read_table(path, fix="save it as an .xlsx/.csv with columns Image, Description")
+    header = header_names(table[0] if table else ())
     if "image" not in header:
         raise DatasetError(f"{path}: no 'Image' column (header {table[0] if table else []}); "
                            f"expected columns Image, Description as in LViT's workbooks")
@@ -390,12 +378,6 @@ class QataReader:
                       case=patient_id(pair.image.name), split=self.splits[pair.key],
                       source=str(pair.image))
 
-    def _load_or_error(self, pair: _Pair) -> Sample | DatasetError:
-        try:
-            return self.load(pair)
-        except DatasetError as e:
-            return e
-
     def __iter__(self):
         """Samples in mask order; a bad file is yielded as its DatasetError (datasets/cache.py)."""
-        yield from map_prefetch(self._load_or_error, self.pairs, workers=min(4, os.cpu_count() or 1))
+        yield from load_samples(self.load, self.pairs)

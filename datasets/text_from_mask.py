@@ -16,7 +16,7 @@ left first. "Unilateral"/"Bilateral" is whether one or both sides have a zone. T
 number of connected lesions (8-connectivity) on each side, summed, as in LViT's "Unilateral
 pulmonary infection, two infected areas, upper left lung": a lesion across the midline counts once
 per side, so a "Bilateral" caption never says "one infected area". The "sgseg" style reproduces the normalised captions of the QaTa
-copy in SGSeg (ShuchangYe-bib/SGSeg), which is our /work/shared/data/qata: lower case, zones always
+copy in SGSeg (ShuchangYe-bib/SGSeg), the copy the shared QaTa subset holds: lower case, zones always
 enumerated ("upper middle lower left lung"), and the count is the number of zones.
 
 Left and right. `side="image"` (default): "left lung" is the left half of the image as displayed.

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.images import DICOM_SUFFIXES
 from datasets.records import DatasetError
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -109,6 +110,9 @@ def spread_indices(n_total: int, n_pick: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- intensity
+LUNG_WINDOW = (-1350.0, 150.0)  # HU (lo, hi): the lung window W1500/L-600, MosMed's default
+
+
 def as_range(value, name: str) -> tuple[float, float]:
     """(lo, hi) from a pair or a command-line string "lo,hi" (e.g. "-1350,150")."""
     parts = value.split(",") if isinstance(value, str) else list(value)
@@ -131,7 +135,7 @@ def percentile_normalise(volume: np.ndarray, low: float = 0.1, high: float = 99.
 
 
 def window(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear window [lo, hi] → [0, 1], clipped (CT in HU, e.g. lung W1500/L-600 = (-1350, 150))."""
+    """Linear window [lo, hi] → [0, 1], clipped (CT in HU, e.g. LUNG_WINDOW)."""
     if hi <= lo:
         raise ValueError(f"window: hi ({hi}) must exceed lo ({lo})")
     v = np.asarray(volume, dtype=np.float32)
@@ -238,7 +242,7 @@ def _read_header(path: Path):
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=True)
     except InvalidDicomError:
-        if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        if path.suffix.lower() in (*DICOM_SUFFIXES, ".ima"):
             raise DatasetError(f"{path}: not a readable DICOM file; fix: re-download it") from None
         return None  # LICENSE, metadata.csv, DICOMDIR-less junk
     except Exception as e:

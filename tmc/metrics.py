@@ -46,6 +46,7 @@ __all__ = [
     "global_scores",
     "mean_scores",
     "per_case_scores",
+    "mean_std",
 ]
 
 THRESHOLD = 0.5
@@ -199,3 +200,10 @@ def per_case_scores(scores: dict[str, np.ndarray], cases: Sequence, empty_score:
     return {"cases": order, "dice": case_dice, "iou": case_iou,
             "n_slices": np.bincount(slot, minlength=len(order)).astype(np.int64),
             "mean_dice": _nanmean(case_dice), "mean_iou": _nanmean(case_iou)}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single run) of a score over runs
+    (seeds), the "mean ± std" of the paper's tables."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0

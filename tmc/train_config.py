@@ -2,7 +2,7 @@
 
 Every field of `ModelConfig` (tmc/config.py) and of `TrainConfig` below becomes a flag
 (`text_length` → `--text-length`), so the flags and the configs cannot drift apart. The help text
-of a flag is the comment on its field. Resolution order, last one wins:
+of a flag is its field's `help` metadata; the choices of a flag are its field's Literal type. Resolution order, last one wins:
 
     dataclass default → per-dataset default (DATASET_DEFAULTS, the paper's §4.2) → explicit flag
 
@@ -14,68 +14,94 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import typing
 from dataclasses import dataclass
+from typing import Literal
 
-from tmc.config import PRESETS, ModelConfig, get_config
+from tmc.config import ModelConfig, PresetName, check_choices, get_config, literal_choices, option
 
-DATASET_NAMES = ("demo", "qata", "mosmed", "mosmedplus", "duke", "csv")
+# The allowed values of each choice setting, written once (see tmc/config.py).
+DatasetName = Literal["demo", "qata", "mosmed", "mosmedplus", "duke", "csv"]
+SplitMode = Literal["auto", "paper", "layout", "layout-val"]
+AugmentMode = Literal["paper", "text-consistent", "none"]
+LrSchedule = Literal["plateau", "cosine", "cosine-time"]
+SegLoss = Literal["bce", "bce+dice"]
+AmpMode = Literal["auto", "off", "bf16", "fp16"]
 
 
 @dataclass
 class TrainConfig:
     # --- data ---
-    dataset: str = "demo"  # demo | qata | mosmed | mosmedplus | duke | csv
-    root: str = ""  # dataset folder (csv: the CSV file); demo: "" = generated in the cache folder
-    preset: str = ""  # model preset paper | tiny | small ("" = tiny for demo, paper otherwise)
-    cache_dir: str = ""  # preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or $TMC_CACHE)
-    split_mode: str = "auto"  # paper: patient-level 7:1:2 split; layout: the folders' own split; layout-val: the layout's held-out split as test, val carved by patient from its train split (1/8); auto: layout for a CSV with a split column, else paper
-    split_seed: int = 0  # seed of the paper split; fixed across --seed so all runs share test cases
-    skip_bad: bool = False  # skip unreadable files while caching instead of stopping
-    reader_options: str = ""  # extra reader settings as key=value,key=value (e.g. phase=post_1)
-    augment: str = "paper"  # paper (rotation ±20°, k·90°, flips) | text-consistent (no k·90°; flips rewrite left/right, upper/lower in the caption) | none
-    workers: int = -1  # DataLoader worker processes (-1 = the CPU cores available, at most 4)
+    dataset: DatasetName = option("demo", "the dataset reader (datasets/registry.py)")
+    root: str = option("", 'dataset folder (csv: the CSV file); demo: "" = generated in the cache '
+                           'folder')
+    preset: Literal["", PresetName] = option("", 'model preset ("" = tiny for demo, paper otherwise)')
+    cache_dir: str = option("", 'preprocessed cache ("" = <repo>/cache/<dataset>-<hash> or '
+                                '$TMC_CACHE)')
+    split_mode: SplitMode = option("auto", (
+        "paper: patient-level 7:1:2 split; layout: the folders' own split; layout-val: the layout's "
+        "held-out split as test, val carved by patient from its train split (1/8); auto: layout for "
+        "a CSV with a split column, else paper"))
+    split_seed: int = option(0, "seed of the paper split; fixed across --seed so all runs share test "
+                                "cases")
+    skip_bad: bool = option(False, "skip unreadable files while caching instead of stopping")
+    reader_options: str = option("", "extra reader settings as key=value,key=value (e.g. "
+                                     "phase=post_1)")
+    augment: AugmentMode = option("paper", (
+        "paper (rotation ±20°, k·90°, flips) | text-consistent (no k·90°; flips rewrite left/right, "
+        "upper/lower in the caption) | none"))
+    workers: int = option(-1, "DataLoader worker processes (-1 = the CPU cores available, at most 4)")
     # --- optimisation (paper §4.2) ---
-    lr: float = 3e-4  # Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)
-    # A pretrained BERT is usually fine-tuned near 1e-5..5e-5, far below the lr of a network trained
-    # from scratch; at the demo's 1e-3 the packaged MiniLM did no better than no text (README).
-    text_lr: float = 0.0  # Adam learning rate of the text encoder's weights (0 = lr)
-    weight_decay: float = 0.0  # Adam L2 weight decay (the paper states none)
-    batch_size: int = 8  # images per step (per process under torchrun)
-    eval_batch_size: int = 0  # 0 = batch_size
-    epochs: int = 200  # at most this many epochs
-    patience: int = 20  # early stop after this many epochs without a validation-Dice gain
-    lr_schedule: str = "plateau"  # plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine (lr to min_lr over --epochs) | cosine-time (lr to min_lr over --time-limit, for a wall-clock budget)
-    plateau_patience: int = 10  # ReduceLROnPlateau: epochs without gain before lr × plateau_factor
-    plateau_factor: float = 0.1  # ReduceLROnPlateau factor
-    min_lr: float = 0.0  # ReduceLROnPlateau floor
-    seg_loss: str = "bce"  # bce (paper §3.4) | bce+dice
-    alignment_weight: float = 0.1  # λ in L = L_seg + λ·L_align (paper: 0.1)
-    grad_clip: float = 0.0  # clip the gradient norm to this value (0 = off; the paper states none)
-    amp: str = "auto"  # auto (bf16 where the GPU supports it, else fp16; off on CPU) | off | bf16 | fp16 (CUDA only; fp16 uses a GradScaler)
-    # Training drops each epoch's last partial batch under compile, so every step has one shape.
-    compile: bool = False  # torch.compile the model for training (minutes to compile)
-    cuda_graphs: bool = False  # record the whole training step in a CUDA graph and replay it (one GPU; drops the last partial batch)
+    lr: float = option(3e-4, "Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)")
+    text_lr: float = option(0.0, (
+        "Adam learning rate of the text encoder's weights (0 = lr); a pretrained BERT is usually "
+        "fine-tuned near 1e-5..5e-5, far below the lr of a network trained from scratch"))
+    weight_decay: float = option(0.0, "Adam L2 weight decay (the paper states none)")
+    batch_size: int = option(8, "images per step (per process under torchrun)")
+    eval_batch_size: int = option(0, "images per evaluation step (0 = batch_size)")
+    epochs: int = option(200, "at most this many epochs")
+    patience: int = option(20, "early stop after this many epochs without a validation-Dice gain")
+    lr_schedule: LrSchedule = option("plateau", (
+        "plateau (paper: lr x plateau_factor after plateau_patience epochs without gain) | cosine "
+        "(lr to min_lr over --epochs) | cosine-time (lr to min_lr over --time-limit, for a "
+        "wall-clock budget)"))
+    plateau_patience: int = option(10, "ReduceLROnPlateau: epochs without gain before lr × "
+                                       "plateau_factor")
+    plateau_factor: float = option(0.1, "ReduceLROnPlateau factor")
+    min_lr: float = option(0.0, "ReduceLROnPlateau floor")
+    seg_loss: SegLoss = option("bce", "bce (paper §3.4) | bce+dice")
+    alignment_weight: float = option(0.1, "λ in L = L_seg + λ·L_align (paper: 0.1)")
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0 = off; the paper states "
+                                   "none)")
+    amp: AmpMode = option("auto", (
+        "auto (bf16 where the GPU supports it, else fp16; off on CPU) | off | bf16 | fp16 (CUDA "
+        "only; fp16 uses a GradScaler)"))
+    compile: bool = option(False, (
+        "torch.compile the model for training (minutes to compile); each epoch's last partial batch "
+        "is dropped, so every step has one shape"))
+    cuda_graphs: bool = option(False, (
+        "record the whole training step in a CUDA graph and replay it (one GPU; drops the last "
+        "partial batch)"))
     # --- run ---
-    device: str = ""  # "" = cuda when available, else cpu
-    seed: int = 0  # python, numpy, torch, loader workers and augmentation
-    out: str = ""  # run folder ("" = runs/<dataset>-<preset>-s<seed>)
-    resume: bool = False  # continue from <out>/last.pt
-    max_steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = full epoch)
-    limit_eval_batches: int = 0  # evaluate only this many batches (0 = all)
-    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
-    time_limit: float = 0.0  # minutes of training + validation; then the run stops (0 = none)
-    # Runs of different speed compared at equal steps: the weights at the end of the epoch in which
-    # the step count reaches N are kept as step<N>.pt (exactly step N when N is a multiple of
-    # --max-steps-per-epoch).
-    snapshot_steps: tuple[int, ...] = ()  # step counts whose weights are also saved as step<N>.pt
-    # last.pt (weights + Adam state: 2.5 GiB for the paper preset) at most this often, and always when
-    # the run stops; 0 = after every epoch. A GPU epoch of QaTa's 2000 images takes about 13 s.
-    checkpoint_minutes: float = 5.0
-    test_at_end: bool = True  # evaluate best.pt on the test split when training ends
-    progress: bool = True  # tqdm progress bar per epoch
+    device: str = option("", '"" = cuda when available, else cpu')
+    seed: int = option(0, "python, numpy, torch, loader workers and augmentation")
+    out: str = option("", 'run folder ("" = runs/<dataset>-<preset>-s<seed>)')
+    resume: bool = option(False, "continue from <out>/last.pt")
+    max_steps_per_epoch: int = option(0, "stop each epoch after this many steps (0 = full epoch)")
+    limit_eval_batches: int = option(0, "evaluate only this many batches (0 = all)")
+    max_nonfinite: int = option(20, "stop after this many non-finite losses in a row")
+    time_limit: float = option(0.0, "minutes of training + validation; then the run stops (0 = none)")
+    # A GPU epoch of QaTa's 2000 images takes about 13 s.
+    checkpoint_minutes: float = option(5.0, (
+        "write last.pt (weights + Adam state: 2.5 GiB for the paper preset) at most this often, and "
+        "always when the run stops; 0 = after every epoch"))
+    snapshot_steps: tuple[int, ...] = option((), "step counts whose weights are also saved as "
+                                                 "step<N>.pt")
+    test_at_end: bool = option(True, "evaluate best.pt on the test split when training ends")
+    progress: bool = option(True, "tqdm progress bar per epoch")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 # The paper's settings per dataset (§4.2); anything not listed keeps the dataclass default.
@@ -97,18 +123,6 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "csv": dict(lr=3e-4),
 }
 
-CHOICES = {
-    "dataset": DATASET_NAMES,
-    "preset": ("", *PRESETS),
-    "split_mode": ("auto", "paper", "layout", "layout-val"),
-    "seg_loss": ("bce", "bce+dice"),
-    "lr_schedule": ("plateau", "cosine", "cosine-time"),
-    "amp": ("auto", "off", "bf16", "fp16"),
-    "alignment_form": ("sigmoid", "literal"),
-    "mcm_attention": ("softmax", "sigmoid"),
-    "augment": ("paper", "text-consistent", "none"),
-}
-
 # Extra spellings that read like the paper's ablation tables: field → (on flag, off flag).
 BOOL_ALIASES = {
     "use_text": ("--text", "--no-text"),
@@ -117,16 +131,6 @@ BOOL_ALIASES = {
 
 
 # ---------------------------------------------------------------------------- flag generation
-
-def _field_comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each `name: type = default` line in the class source."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    pattern = re.compile(r"^\s+(\w+)\s*:[^=]+=[^#]*#\s*(.+)$")
-    return {m[1]: m[2].strip() for m in map(pattern.match, src.splitlines()) if m}
-
 
 def parse_tuple(text: str, item=int) -> tuple:
     """"2,3,4" → (2, 3, 4); "none" or "" → ()."""
@@ -144,13 +148,13 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> list[str]:
     """Add one flag per dataclass field, default None (= not given). Returns the field names."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
+    choices = literal_choices(cls)
     names = []
     for f in dataclasses.fields(cls):
         names.append(f.name)
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
-        help_text = f"{comments.get(f.name, '')} [default: {f.default!r}]".strip()
+        help_text = f"{f.metadata.get('help', '')} [default: {f.default!r}]".strip()
         if tp is bool:
             on, off = BOOL_ALIASES.get(f.name, (flag, "--no-" + flag[2:]))
             on_flags = [on] + ([flag] if flag != on else [])
@@ -163,9 +167,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str) -> list[str]:
             item = typing.get_args(tp)[0]
             group.add_argument(flag, dest=f.name, default=None, metavar="A,B,..|none",
                                type=lambda s, item=item: parse_tuple(s, item), help=help_text)
+        elif f.name in choices:
+            group.add_argument(flag, dest=f.name, default=None, choices=choices[f.name], help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=tp, default=None, choices=CHOICES.get(f.name),
-                               help=help_text)
+            group.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text)
     return names
 
 
@@ -199,7 +204,8 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
     if base is None:
         dataset = overrides.get("dataset", TrainConfig.dataset)
         if dataset not in DATASET_DEFAULTS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASET_NAMES}")
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of "
+                             f"{', '.join(typing.get_args(DatasetName))}")
         base = {**dataclasses.asdict(TrainConfig()), **DATASET_DEFAULTS[dataset]}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in {**base, **overrides}.items() if k in known})

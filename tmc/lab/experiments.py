@@ -33,13 +33,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tmc.metrics import mean_std
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,21 +99,21 @@ def run_train(out: Path, flags: list[str], threads: int | None = None, score_spl
     return metrics
 
 
-def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+def spread(values: list[float]) -> dict:
+    """Mean ± std over seeds (tmc.metrics.mean_std) with the count and the values themselves."""
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
 
 
 def summarise(folder: Path, runs: dict[str, list[dict]], command: str, note: str) -> dict:
     summary = {"command": command, "machine": machine(), "note": note, "variants": {}}
     lines = ["| variant | Dice (per image) | mIoU | Dice (global) | seeds |", "|---|---|---|---|---|"]
     for name, metrics in runs.items():
-        row = {k: mean_std([m[k] for m in metrics]) for k in ("dice", "miou", "dice_global")}
+        row = {k: spread([m[k] for m in metrics]) for k in ("dice", "miou", "dice_global")}
         row["runs"] = metrics
         summary["variants"][name] = row
-        lines.append(f"| {name} | {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f} | "
-                     f"{row['miou']['mean']:.3f} ± {row['miou']['std']:.3f} | "
-                     f"{row['dice_global']['mean']:.3f} ± {row['dice_global']['std']:.3f} | {len(metrics)} |")
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in ("dice", "miou", "dice_global")]
+        lines.append(f"| {name} | {' | '.join(cells)} | {len(metrics)} |")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = "\n".join(lines) + f"\n\nMachine: {summary['machine']}. Command: `{command}`. {note}\n"
