@@ -27,11 +27,12 @@ def test_two_cpu_processes_train_and_evaluate_like_one(tmp_path):
     cache = prepare("demo", str(data / "demo"), image_size=64, cache_dir=str(data / "cache"),
                     progress=False, n=24)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # The tiny preset's own text encoder (not the demo's MiniLM): sharding is what is tested here.
     cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
            "--dataset", "demo", "--root", str(data / "demo"), "--cache-dir", str(data / "cache"),
            "--reader-options", "n=24", "--out", str(out), "--epochs", "1", "--batch-size", "4",
            "--max-steps-per-epoch", "2", "--workers", "0", "--device", "cpu", "--no-progress",
-           "--time-limit", "0"]
+           "--time-limit", "0", "--text-model", "random:2x64", "--no-freeze-text", "--mcm-attention", "softmax"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
