@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmc.lab.experiments import REPO, machine, mean_std, run_train
+from tmc.lab.experiments import REPO, machine, run_train, spread
 
 # Every run: these train.py flags, then the --minutes budget, the seed, --train-flags, the variant.
 RECIPE = ["--dataset", "qata", "--split-mode", "layout-val", "--preset", "small",
@@ -183,7 +183,7 @@ def score_run(run: Path, flags: list[str], shuffle_seed: int = 0) -> dict:
 
 def _ms(values) -> dict:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return mean_std(values) if values else {"mean": math.nan, "std": math.nan, "n": 0, "values": []}
+    return spread(values) if values else {"mean": math.nan, "std": math.nan, "n": 0, "values": []}
 
 
 def _fmt(d: dict, digits: int = 3) -> str:
