@@ -452,7 +452,10 @@ def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_c
                               progress=cfg.progress)
     val = summarize(records)
     score = val["dice"] if math.isfinite(val["dice"]) else 0.0
-    scheduler.step(score) if cfg.lr_schedule == "plateau" else scheduler.step()
+    if cfg.lr_schedule == "plateau":
+        scheduler.step(score)  # ReduceLROnPlateau reads validation Dice
+    else:
+        scheduler.step()
     improved = score > early["best"]
     if improved:
         early.update(best=score, best_epoch=epoch, bad_epochs=0)
