@@ -174,3 +174,28 @@ def test_cuda_graph_replays_the_eager_losses():
         step = CudaGraphStep(step) if graphs else step
         losses.append(torch.stack([step(batch)["loss"].clone() for _ in range(4)]))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_a_frozen_text_encoder_runs_once_per_caption_not_per_step(amp):
+    """With freeze_text, TMC.tokenize returns the cached "text_features" and TrainStep passes them on:
+    the encoder runs once per distinct caption (when first tokenized), never inside a step, and the
+    step's loss equals the loss with the encoder run in the forward."""
+    torch.manual_seed(0)
+    cfg = tiny_config(freeze_text=True)
+    model = _no_dropout(build_model(cfg).train())
+    calls = []
+    model.text.register_forward_hook(lambda *args: calls.append(1))
+    image, mask, tokens, positives = make_batch(model, cfg.image_size, 4, torch.device("cpu"))
+    distinct = len({tuple(r.tolist()) for r in tokens["input_ids"]})
+    assert "text_features" in tokens and len(calls) == distinct  # each caption encoded alone, once
+    uncached = {k: v for k, v in tokens.items() if k != "text_features"}
+    reference = paper_loss(model, (image, mask, uncached, positives), amp, cfg.alignment_form).detach()
+    calls.clear()
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = make_train_step(model, torch.optim.Adam(params, lr=0.0, fused=True), None, amp, cfg.alignment_form)
+    out = step(step_inputs((image, mask, tokens, positives)))
+    step(step_inputs((image, mask, tokens, positives)))
+    assert calls == []
+    tol = dict(rtol=2e-2, atol=2e-3) if amp == "bf16" else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], reference, **tol)

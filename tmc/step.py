@@ -15,7 +15,7 @@ The non-finite guard is decided on the device: the loss's finiteness becomes the
 host `if` on the loss. Optimizers without that argument (not fused) fall back to the host check.
 
 Batch: {"image" (B, 1|3, H, W), "mask" (B, 1, H, W), "input_ids", "attention_mask" (B, T) (absent for
-the image-only model), "positives" (B, B) bool from `caption_positive_mask`}.
+the image-only model), "text_features" (B, T, d_l) when the text encoder is frozen, "positives" (B, B) bool from `caption_positive_mask`}.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from torch import nn
 from torch.func import functional_call
 
 PRECISIONS = ("off", "autocast-bf16", "autocast-fp16", "bf16")
-TOKEN_KEYS = ("input_ids", "attention_mask")
+# "text_features": a frozen encoder's cached output (TMC.tokenize), so the encoder does not run per step.
+TOKEN_KEYS = ("input_ids", "attention_mask", "text_features")
 
 
 class Bf16Weights:
@@ -101,6 +102,8 @@ class TrainStep:
         image = batch["image"]
         tokens = {k: batch[k] for k in TOKEN_KEYS if k in batch}
         if self.weights is not None:
+            if "text_features" in tokens:  # fp32 from the cache; the working weights are bf16
+                tokens["text_features"] = tokens["text_features"].to(torch.bfloat16)
             return self.weights(self.model, image.to(torch.bfloat16), **tokens)
         dtype = {"autocast-bf16": torch.bfloat16, "autocast-fp16": torch.float16}.get(self.precision)
         ctx = torch.autocast(image.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -171,6 +174,7 @@ class CudaGraphStep:
             raise ValueError("CUDA graphs need a fused optimizer (the skip is decided on the device); "
                              "fix: torch.optim.Adam(..., fused=True)")
         self.step, self.warmup, self.device = step, warmup, device
+        self.model = step.model
         self.graph = None
 
     def record(self, example: dict) -> None:
