@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
-import re
 import sys
 import typing
 from pathlib import Path
@@ -36,13 +34,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
-from tmc.engine import THRESHOLD, autocast, default_workers, pick_device, predict_records, summarize
-from tmc.metrics import mean_std
+from tmc.engine import default_workers, pick_device, predict_records, summarize
+from tmc.metrics import THRESHOLD, combine_runs, paired_test
+from tmc.predict import make_segmenter, segment_images
+from tmc.visualize import OverlayWriter
 from tmc.train_config import AmpMode, SplitMode, parse_reader_options
-
-METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
-               "dice_per_case", "iou_per_case")
-
 
 def fail(message: str):
     raise SystemExit(f"eval.py: {message}")
@@ -87,6 +83,7 @@ def split_loader(settings: dict, image_size: int, split: str, batch_size: int, w
                  device: torch.device, progress: bool = True) -> tuple[DataLoader, int]:
     """The loader of one split (or "all") of the folder, and how many images the folder holds."""
     from datasets.cached import SegmentationSet, load_index
+    from datasets.loaders import eval_loader
     from datasets.registry import prepare
 
     if not settings["dataset"]:
@@ -104,53 +101,7 @@ def split_loader(settings: dict, image_size: int, split: str, batch_size: int, w
              f"(train {held['train']}, val {held['val']}, test {held['test']}, without a split "
              f"{held[None]}, of {len(rows)}); fix: --split all to score every image, another "
              f"--split, or --split-mode paper|layout")
-    ds = SegmentationSet(cache, wanted)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    return loader, len(rows)
-
-
-# ---------------------------------------------------------------------------- overlays
-
-class OverlayWriter:
-    """Collects evaluation pictures (image | GT and predicted contours | text attention heatmap)."""
-
-    def __init__(self, folder: Path, model, limit: int, mosaic_size: int = 8):
-        self.folder, self.model, self.limit, self.mosaic_size = folder, model, limit, mosaic_size
-        self.panels, self.written = [], 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, batch, out, prob, pred):
-        from tmc.visualize import attention_heatmap, prediction_panel
-
-        n = prob.shape[0]
-        take = n if self.limit <= 0 else min(n, self.limit - self.written)
-        if take <= 0:
-            return
-        H, W = prob.shape[-2:]
-        heat = None
-        if out.get("attention"):
-            mask = self.model.tokenize(list(batch["text"][:take])).get("attention_mask")  # (b, T)
-            heat = attention_heatmap({k: v[:take] for k, v in out["attention"].items()}, mask, (H, W))
-        scale = max(1, 224 // H)
-        for i in range(take):
-            panel = prediction_panel(batch["image"][i, 0], batch["mask"][i, 0] > 0.5, pred[i, 0],
-                                     None if heat is None else heat[i], caption=batch["text"][i],
-                                     scale=scale)
-            name = re.sub(r"[^A-Za-z0-9_.#-]+", "_", str(batch["key"][i]))
-            panel.save(self.folder / f"{name}.png")
-            self.written += 1
-            if len(self.panels) < self.mosaic_size:
-                self.panels.append(panel)
-
-    def finish(self) -> Path | None:
-        from tmc.visualize import mosaic
-
-        if not self.panels:
-            return None
-        path = self.folder / "mosaic.png"
-        mosaic(self.panels, ncols=2).save(path)
-        return path
+    return eval_loader(SegmentationSet(cache, wanted), batch_size, workers, device), len(rows)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -181,42 +132,6 @@ def evaluate_checkpoint(path: str, args, device: torch.device) -> tuple[dict, li
         print(f"overlays: {writer.written} pictures in {writer.folder}"
               + (f", mosaic {mosaic_path}" if mosaic_path else ""))
     return summary, records
-
-
-def combine_runs(summaries: list[dict]) -> dict:
-    """Mean ± std of every metric over runs (different seeds), as in the paper's tables; per-case
-    scores averaged over the runs."""
-    out = {"n_runs": len(summaries), "checkpoints": [s["checkpoint"] for s in summaries],
-           "runs": [{k: v for k, v in s.items() if k != "cases"} for s in summaries]}
-    for k in METRIC_KEYS:
-        out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
-    first = summaries[0]
-    for k in ("protocol", "empty_rule", "n_images", "n_cases", "n_folder", "dataset", "split",
-              "split_mode"):
-        out[k] = first.get(k)
-    out["checkpoint"] = first["checkpoint"] if len(summaries) == 1 else out["checkpoints"]
-    cases = list(first["cases"])
-    out["cases"] = {c: {"dice": float(np.nanmean([s["cases"][c]["dice"] for s in summaries])),
-                        "iou": float(np.nanmean([s["cases"][c]["iou"] for s in summaries])),
-                        "n_slices": first["cases"][c]["n_slices"],
-                        "dice_runs": [s["cases"][c]["dice"] for s in summaries]}
-                    for c in cases}
-    return out
-
-
-def paired_test(a: dict, b: dict) -> dict:
-    """Paired t-test on per-case Dice (each case already averaged over its set's runs)."""
-    from scipy.stats import ttest_rel
-
-    cases = [c for c in a["cases"] if c in b["cases"]
-             and math.isfinite(a["cases"][c]["dice"]) and math.isfinite(b["cases"][c]["dice"])]
-    if len(cases) < 2:
-        fail("fewer than 2 cases scored by both sets; a paired t-test needs more")
-    x = np.array([a["cases"][c]["dice"] for c in cases])
-    y = np.array([b["cases"][c]["dice"] for c in cases])
-    res = ttest_rel(x, y)
-    return {"n_cases": len(cases), "mean_diff": float((x - y).mean()), "t": float(res.statistic),
-            "p": float(res.pvalue), "test": "scipy.stats.ttest_rel on per-case Dice (A vs B)"}
 
 
 def pct(x: float, s: float | None = None) -> str:
@@ -266,8 +181,11 @@ def evaluate_sets(args, device: torch.device) -> dict:
         print_result(name if len(sets) > 1 else "result", results[name])
     summary = dict(results["A"])
     if "B" in results:
-        summary = {"A": results["A"], "B": results["B"],
-                   "compare": paired_test(results["A"], results["B"])}
+        try:
+            compare = paired_test(results["A"], results["B"])
+        except ValueError as err:
+            fail(str(err))
+        summary = {"A": results["A"], "B": results["B"], "compare": compare}
         c = summary["compare"]
         for k in ("dataset", "split", "n_images", "n_cases", "n_folder"):
             summary[k] = results["A"].get(k)
@@ -288,66 +206,17 @@ def evaluate_sets(args, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------- prediction
 
-def _as_model_input(image: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W) float [0, 1] → (1, 1, S, S): resized and quantised exactly as the cache stores images."""
-    from datasets.images import resize_image, to_uint8
-
-    return torch.from_numpy(to_uint8(resize_image(image, size)).astype(np.float32) / 255.0)[None, None]
-
-
-def _resize_mask_back(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(S, S) bool → (H, W) bool, nearest neighbour."""
-    from PIL import Image
-
-    if mask.shape == tuple(shape):
-        return mask
-    out = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
-    return np.asarray(out) > 127
-
-
-def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
-    """A function (B, 1, S, S) images in [0, 1] → (B, 1, S, S) bool masks for one caption."""
-    if model.text is not None and not (text or "").strip():
-        what = "--text is blank" if text else "this model is text-guided"
-        fail(f"{what}; fix: pass --text \"<description of the lesion>\"")
-
-    @torch.no_grad()
-    def segment(images: torch.Tensor) -> torch.Tensor:
-        tokens = {k: v.to(device) for k, v in model.tokenize([text or ""] * images.shape[0]).items()}
-        with autocast(device, amp):
-            logits = model(images.to(device), **tokens)["logits"]
-        return (torch.sigmoid(logits.float()) > THRESHOLD).cpu()
-
-    return segment
-
-
 def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path:
     """Segment one 2D image file; writes a 0/255 PNG at the input's own size."""
     from PIL import Image
 
     from datasets.images import read_image
 
-    image = read_image(Path(path))  # (H, W)
-    mask = segment(_as_model_input(image, size))[0, 0].numpy()  # (S, S)
-    mask = _resize_mask_back(mask, image.shape)  # (H, W)
+    mask = segment_images(segment, [read_image(Path(path))], size)[0]  # (H, W)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask.astype(np.uint8) * 255).save(out)
     return out
-
-
-def volume_intensity(volume: np.ndarray, mode: str, ct_window=None) -> np.ndarray:
-    """Map a volume to [0, 1] as the training cache did: CT window (None = the MosMed reader's
-    LUNG_WINDOW) or MR percentiles (Duke reader); "minmax" for anything else."""
-    from datasets.volumes import LUNG_WINDOW, percentile_normalise, window
-
-    if mode == "ct":
-        return window(volume, *(LUNG_WINDOW if ct_window is None else ct_window))
-    if mode == "mr":
-        return percentile_normalise(volume)
-    v = volume.astype(np.float32)
-    lo, hi = float(v.min()), float(v.max())
-    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
 
 
 def predict_volume(path: str | Path, segment, size: int, out: str | Path, intensity: str = "ct",
@@ -359,25 +228,16 @@ def predict_volume(path: str | Path, segment, size: int, out: str | Path, intens
     grid of `read_dicom_series` (the same voxels as the series).
     """
     from datasets.volumes import (axial_slice_to_image, image_to_axial_slice, read_dicom_series,
-                                  read_nifti, write_nifti_like)
+                                  read_nifti, volume_intensity, write_nifti_like)
 
     path = Path(path)
     is_nifti = path.is_file()
     volume, affine = read_nifti(path) if is_nifti else read_dicom_series(path, series_uid)  # (X, Y, Z)
     unit = volume_intensity(np.asarray(volume), intensity, ct_window)  # (X, Y, Z) in [0, 1]
-    mask = np.zeros(unit.shape, dtype=bool)  # (X, Y, Z)
-    Z = unit.shape[2]
-    for z0 in range(0, Z, batch_size):
-        views = [axial_slice_to_image(unit[:, :, z]) for z in range(z0, min(Z, z0 + batch_size))]
-        batch = torch.cat([_as_model_input(v, size) for v in views])  # (b, 1, S, S)
-        pred = segment(batch)[:, 0].numpy()  # (b, S, S)
-        for k, (view, m) in enumerate(zip(views, pred)):
-            mask[:, :, z0 + k] = image_to_axial_slice(_resize_mask_back(m, view.shape))  # (X, Y)
+    views = [axial_slice_to_image(unit[:, :, z]) for z in range(unit.shape[2])]  # (H, W) each
+    masks = segment_images(segment, views, size, batch_size)
+    mask = np.stack([image_to_axial_slice(m) for m in masks], axis=2)  # (X, Y, Z)
     return write_nifti_like(mask, affine, out, like=path if is_nifti else None)
-
-
-def default_intensity(dataset: str | None) -> str:
-    return {"mosmed": "ct", "mosmedplus": "ct", "duke": "mr"}.get(dataset or "", "minmax")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -507,12 +367,17 @@ def main(argv: list[str] | None = None) -> dict:
         if len(args.ckpt_list) != 1:
             fail("--image / --volume take exactly one --ckpt")
         model, cfg, ckpt = load_model(args.ckpt_list[0], device)
-        segment = make_segmenter(model, args.text, device, args.amp)
+        try:
+            segment = make_segmenter(model, args.text, device, args.amp)
+        except ValueError as e:
+            fail(str(e))
         if args.image:
             out = predict_image(args.image, segment, cfg.image_size,
                                 args.out or Path(args.image).stem + "_mask.png")
         else:
             tc = ckpt.get("train_config", {})
+            from datasets.volumes import default_intensity
+
             mode = default_intensity(tc.get("dataset")) if args.intensity == "auto" else args.intensity
             window = parse_reader_options(tc.get("reader_options", "")).get("window")  # None: lung
             name = Path(args.volume).name.split(".")[0]

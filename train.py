@@ -14,7 +14,6 @@ test_metrics.json and, with --snapshot-steps, step<N>.pt. A fresh run needs an e
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -23,18 +22,20 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
-from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, remove_orphan_temporaries,
-                            save_checkpoint)
+from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, save_checkpoint,
+                            training_checkpoint, weights_checkpoint)
 from tmc.config import ModelConfig
 from tmc.engine import (
-    Dist, NonFiniteGuard, NonFiniteLossError, ShardSampler, barrier, capture_rng,
+    Dist, NonFiniteGuard, NonFiniteLossError, barrier, capture_rng,
     cleanup_distributed, default_workers, gather_lists, init_distributed, make_generator, make_scaler,
-    make_train_step, predict_records, resolve_amp, restore_rng, seed_everything, seed_worker,
+    make_train_step, predict_records, resolve_amp, restore_rng, seed_everything,
     summarize, train_one_epoch,
 )
 from tmc.model import build_model
+from tmc.optim import make_optimizer, make_scheduler, step_scheduler
+from tmc.run_folder import (check_resume, default_out, drop_metrics_after, held_files, occupied_message,
+                            write_config)
 from tmc.train_config import (
     TrainConfig, build_parser, check_train_config, explicit_overrides, parse_reader_options,
     resolve_model_config, resolve_train_config,
@@ -74,38 +75,6 @@ def _broadcast(obj, dist: Dist):
 
 # ---------------------------------------------------------------------------- configuration
 
-# The settings that make a run what it is: --resume refuses to change them, and a last.pt whose
-# values differ from its folder's config.json belongs to another run.
-RUN_IDENTITY = ("dataset", "root", "preset", "split_mode", "split_seed", "reader_options", "seed")
-
-
-def check_resume(ckpt: dict, train_over: dict, out: Path) -> None:
-    """Refuse a resume that would train another run: flags that change the run's identity, or a
-    last.pt that does not belong to the folder's config.json."""
-    saved = ckpt["train_config"]
-    changed = {k: (saved.get(k), v) for k, v in train_over.items()
-               if k in RUN_IDENTITY and saved.get(k) != v}
-    if changed:
-        shown = ", ".join(f"--{k.replace('_', '-')} {new!r} (the run has {old!r})"
-                          for k, (old, new) in changed.items())
-        raise RunError(f"--resume continues the run in {out} as it was set up; these flags would "
-                       f"change it: {shown}; fix: drop them, or start a new run with another --out")
-    config = out / "config.json"
-    if config.is_file():
-        try:
-            run = json.loads(config.read_text())
-        except ValueError:
-            return
-        folder = {**run.get("train", {}), **{f"model.{k}": v for k, v in run.get("model", {}).items()}}
-        mine = {**saved, **{f"model.{k}": v for k, v in ckpt["model_config"].items()}}
-        keys = [k for k in RUN_IDENTITY] + [k for k in folder if k.startswith("model.")]
-        diff = {k: (folder.get(k), mine.get(k)) for k in keys
-                if k in folder and json.dumps(folder[k]) != json.dumps(mine.get(k))}
-        if diff:
-            shown = ", ".join(f"{k}: config.json {a!r}, last.pt {b!r}" for k, (a, b) in diff.items())
-            raise RunError(f"{out / 'last.pt'} does not belong to the run in {out} ({shown}); fix: "
-                           f"resume the folder that last.pt came from, or put that run's last.pt back")
-
 def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, ModelConfig, dict | None]:
     """Configs of this run, and the checkpoint to resume from (or None)."""
     if not train_over.get("resume"):
@@ -120,7 +89,10 @@ def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, Mo
         ckpt = load_checkpoint(path, require=(*MODEL_KEYS, "train_config", "optimizer", "rng"))
     except CheckpointError as e:
         raise RunError(f"--resume: {e}") from None
-    check_resume(ckpt, train_over, path.parent)
+    try:
+        check_resume(ckpt, train_over, path.parent)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     model_cfg = ModelConfig.from_dict(ckpt["model_config"])
     changed = {k: v for k, v in model_over.items() if getattr(model_cfg, k) != v}
     if changed:
@@ -130,34 +102,12 @@ def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, Mo
     return cfg, model_cfg, ckpt
 
 
-def drop_metrics_after(path: Path, epoch: int) -> None:
-    """Keep metrics.jsonl's lines up to `epoch` (the resumed last.pt's): the epochs after it are
-    trained again, and would otherwise appear twice."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["epoch"] <= epoch:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a kill: dropped as well
-    if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(path)
-
-
-def default_out(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{cfg.preset}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 # ---------------------------------------------------------------------------- data
 
 def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: torch.device):
     """Build or reuse the cache (rank 0 first), then one loader per split."""
     from datasets.cached import SegmentationSet
+    from datasets.loaders import eval_loader, train_loader
     from datasets.records import DatasetError
     from datasets.registry import prepare
 
@@ -177,94 +127,14 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
             if split != "test":
                 raise RunError(str(e)) from None
             sets[split] = []  # some layouts ship no test split: train and validate only
-    loader_gen = make_generator(cfg.seed)
-    common = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                  worker_init_fn=seed_worker, persistent_workers=cfg.workers > 0)
-    # The shuffle is a function of (seed, epoch) via set_epoch, also in a single process, so a
-    # resumed run sees the same order without replaying the loader's RNG.
-    sampler = DistributedSampler(sets["train"], dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
-    train = DataLoader(sets["train"], batch_size=cfg.batch_size, sampler=sampler,
-                       generator=loader_gen, drop_last=cfg.compile or cfg.cuda_graphs, **common)
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    train, loader_gen = train_loader(sets["train"], cfg.batch_size, cfg.workers, device, cfg.seed,
+                                     dist.rank, dist.world_size, drop_last=cfg.compile or cfg.cuda_graphs)
 
-    def eval_loader(ds):
-        sampler = ShardSampler(len(ds), dist.rank, dist.world_size) if dist.enabled else None
-        return DataLoader(ds, batch_size=eval_bs, shuffle=False, sampler=sampler, **common)
+    def evaluation(ds):
+        return eval_loader(ds, cfg.eval_batch_size or cfg.batch_size, cfg.workers, device, dist.rank,
+                           dist.world_size)
 
-    return cache, train, eval_loader(sets["val"]), eval_loader(sets["test"]), loader_gen
-
-
-def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
-    """Adam's parameter groups: everything at cfg.lr, the text encoder at cfg.text_lr when set.
-
-    The main group comes first, so `param_groups[0]["lr"]` is the lr that the log reports.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not cfg.text_lr or model.text is None:
-        return [{"params": trainable}]
-    text_ids = {id(p) for p in model.text.parameters()}
-    text = [p for p in trainable if id(p) in text_ids]  # empty when the encoder is frozen
-    groups = [{"params": [p for p in trainable if id(p) not in text_ids]}]
-    return groups + [{"params": text, "lr": cfg.text_lr}] if text else groups
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, start: float | None = None):
-    """The paper's ReduceLROnPlateau on validation Dice, or a cosine decay from lr to min_lr over
-    cfg.epochs, stepped once per epoch (a known budget: the lr reaches its floor as the run ends).
-    "cosine-time" decays over the share of cfg.time_limit used since `start` (time.time()), for a
-    wall-clock budget, where the number of epochs that fit is not known in advance."""
-    if cfg.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-            min_lr=cfg.min_lr)
-    if cfg.lr_schedule == "cosine-time":
-        start = time.time() if start is None else start
-
-        def factor(base_lr: float):  # LambdaLR multiplies each group's own lr by it
-            floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
-            return lambda _: floor + (1 - floor) * 0.5 * (1 + math.cos(
-                math.pi * min(1.0, (time.time() - start) / (60 * cfg.time_limit))))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                 [factor(g["lr"]) for g in optimizer.param_groups])
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-def text_config_of(model) -> dict | None:
-    """The text encoder's architecture as plain JSON values (so a checkpoint rebuilds offline)."""
-    if model.text is None:
-        return None
-    return json.loads(model.text.encoder.config.to_json_string())
-
-
-def weights_checkpoint(model, model_cfg, cfg, epoch, early, metrics) -> dict:
-    """best.pt: what eval.py and inference need (weights and configs), without the optimizer state,
-    which is twice the weights under Adam and only resuming needs (from last.pt)."""
-    return {
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(model_cfg),
-        "text_config": text_config_of(model),
-        "train_config": dataclasses.asdict(cfg),
-        "epoch": epoch,
-        "best_metric": early["best"],
-        "metrics": metrics,
-    }
-
-
-def make_checkpoint(model, model_cfg, cfg, epoch, optimizer, scheduler, scaler, early, rng, metrics,
-                    interrupted=False) -> dict:
-    """last.pt, the contract's plain dict (weights_only-loadable); `rng` has one state per rank."""
-    return {
-        **weights_checkpoint(model, model_cfg, cfg, epoch, early, metrics),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "early_stop": dict(early),
-        "rng": rng,
-        "interrupted": interrupted,
-    }
+    return cache, train, evaluation(sets["val"]), evaluation(sets["test"]), loader_gen
 
 
 # ---------------------------------------------------------------------------- the run
@@ -280,26 +150,15 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     if cfg.workers < 0:
         cfg.workers = default_workers()
         log(dist, f"workers: {cfg.workers} (the CPU cores available, at most 4; --workers N to choose)")
-    held = []
-    if dist.is_main and out.is_dir():
-        removed = remove_orphan_temporaries(out)  # of a save killed mid-write (kill -9)
-        if removed:
-            print(f"removed {len(removed)} unfinished checkpoint file(s) left by a killed run: "
-                  f"{', '.join(p.name for p in removed)}", flush=True)
-        held = sorted(p.name for p in out.iterdir()) if ckpt is None else []
-    held = _broadcast(held, dist)  # rank 0 looks before it writes; every rank stops together
+    held = held_files(out) if dist.is_main else []  # also removes a killed save's temporaries
+    held = _broadcast(held if ckpt is None else [], dist)  # every rank stops together
     if held:
-        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
-        raise RunError(f"{out} already holds files ({shown}); a fresh run would overwrite its "
-                       f"best.pt and append to its metrics.jsonl; fix: --resume to continue that "
-                       f"run, or another --out (an empty or new folder)")
+        raise RunError(occupied_message(out, held))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
             drop_metrics_after(out / "metrics.jsonl", ckpt["epoch"])
-        resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
-                    "world_size": dist.world_size, "device": str(device), "torch": torch.__version__}
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        resolved = write_config(out, cfg, model_cfg, dist.world_size, device, torch.__version__)
         print("resolved configuration:\n" + json.dumps(resolved, indent=2), flush=True)
 
     cache, train_loader, val_loader, test_loader, loader_gen = make_loaders(cfg, model_cfg, dist, device)
@@ -316,8 +175,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             find_unused_parameters=True)
     if cfg.compile:  # training steps only: evaluation and checkpoints use `raw`
         model = torch.compile(model)
-    optimizer = torch.optim.Adam(parameter_groups(raw, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=device.type in ("cuda", "cpu"))  # one kernel, not one per tensor
+    optimizer = make_optimizer(raw, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, start=t_start)
     scaler = make_scaler(device, cfg.amp)
     # Different augmentations per rank; the same stream on every run with this seed.
@@ -344,9 +202,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         log(dist, f"resumed from {out / 'last.pt'} at epoch {ckpt['epoch']} (best val Dice "
                   f"{early['best']:.4f} at epoch {early['best_epoch']})")
 
-    step = make_train_step(model, optimizer, scaler, device=device, amp=cfg.amp, seg_loss_kind=cfg.seg_loss,
-                           alignment_weight=cfg.alignment_weight, alignment_form=model_cfg.alignment_form,
-                           grad_clip=cfg.grad_clip, dist=dist, compiled=cfg.compile)  # after resuming: bf16 copies
+    step = make_train_step(model, optimizer, scaler, cfg, device=device,  # after resuming: bf16 copies
+                           alignment_form=model_cfg.alignment_form, dist=dist)
     if cfg.cuda_graphs:
         why = ("it needs a CUDA device" if device.type != "cuda" else
                "it does not combine with torchrun" if dist.enabled else
@@ -368,23 +225,36 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     def save_last(epoch: int) -> None:  # every rank calls it: the RNG states are gathered
         rng = gather_lists([capture_rng(generators)], dist)  # one state per rank
         if dist.is_main:
-            save_checkpoint(out / "last.pt", make_checkpoint(raw, epoch=epoch, metrics=metrics, rng=rng,
-                                                             **state))
+            save_checkpoint(out / "last.pt",
+                            training_checkpoint(raw, epoch=epoch, metrics=metrics, rng=rng, **state))
         saved.update(epoch=epoch, time=time.time())
 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             if early["bad_epochs"] >= cfg.patience:
                 break
-            metrics = train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg,
-                                         optimizer, scheduler, scaler, early, guard, augment_fn,
-                                         aug_gen, dist, device, deadline, step)
+            train_loader.sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch)
+            t0 = time.time()
+            stats = train_one_epoch(step, train_loader, device=device, tokenize=raw.tokenize, guard=guard,
+                                    augment_fn=augment_fn, aug_generator=aug_gen,
+                                    max_steps=cfg.max_steps_per_epoch, dist=dist,
+                                    desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+                                    deadline=deadline)
+            t1 = time.time()
+            val = summarize(predict_records(raw, val_loader, device=device, tokenize=raw.tokenize,
+                                            amp=cfg.amp, max_batches=cfg.limit_eval_batches, dist=dist,
+                                            desc="val", progress=cfg.progress))
+            score = val["dice"] if math.isfinite(val["dice"]) else 0.0
+            step_scheduler(scheduler, cfg, score)
+            improved = update_early_stop(early, score, epoch)
+            metrics = epoch_record(epoch, stats, val, float(optimizer.param_groups[0]["lr"]), improved,
+                                   early, (t0, t1, time.time()))
             total_steps += metrics["steps"]
             metrics["total_steps"] = total_steps
             if dist.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                if metrics["improved"]:
+                if improved:
                     save_checkpoint(out / "best.pt", weights_checkpoint(
                         raw, model_cfg, cfg, epoch=epoch, early=early, metrics=metrics))
                 for n in cfg.snapshot_steps:  # reached during this epoch
@@ -413,7 +283,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         if dist.is_main:
             # Mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact).
-            save_checkpoint(out / "last.pt", make_checkpoint(
+            save_checkpoint(out / "last.pt", training_checkpoint(
                 raw, epoch=completed, metrics=metrics, rng=[capture_rng(generators)], interrupted=True,
                 **state))
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
@@ -434,40 +304,25 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     return result
 
 
-def train_and_validate(epoch, model, raw, train_loader, val_loader, cfg, model_cfg, optimizer,
-                       scheduler, scaler, early, guard, augment_fn, aug_gen, dist, device,
-                       deadline=None, step=None) -> dict:
-    """One epoch of training, then validation; updates the scheduler and early-stop state."""
-    train_loader.sampler.set_epoch(epoch)
-    t0 = time.time()
-    stats = train_one_epoch(
-        model, train_loader, optimizer, device=device, tokenize=raw.tokenize, scaler=scaler,
-        guard=guard, amp=cfg.amp, seg_loss_kind=cfg.seg_loss, alignment_weight=cfg.alignment_weight,
-        alignment_form=model_cfg.alignment_form, augment_fn=augment_fn, aug_generator=aug_gen,
-        max_steps=cfg.max_steps_per_epoch, grad_clip=cfg.grad_clip, dist=dist,
-        desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress, deadline=deadline, step=step)
-    t1 = time.time()
-    records = predict_records(raw, val_loader, device=device, tokenize=raw.tokenize, amp=cfg.amp,
-                              max_batches=cfg.limit_eval_batches, dist=dist, desc="val",
-                              progress=cfg.progress)
-    val = summarize(records)
-    score = val["dice"] if math.isfinite(val["dice"]) else 0.0
-    if cfg.lr_schedule == "plateau":
-        scheduler.step(score)  # ReduceLROnPlateau reads validation Dice
-    else:
-        scheduler.step()
-    improved = score > early["best"]
-    if improved:
+def update_early_stop(early: dict, score: float, epoch: int) -> bool:
+    """Record this epoch's validation score; True when it is the best so far (best.pt is written)."""
+    if score > early["best"]:
         early.update(best=score, best_epoch=epoch, bad_epochs=0)
-    else:
-        early["bad_epochs"] += 1
+        return True
+    early["bad_epochs"] += 1
+    return False
+
+
+def epoch_record(epoch: int, stats: dict, val: dict, lr: float, improved: bool, early: dict,
+                 times: tuple[float, float, float]) -> dict:
+    """One line of metrics.jsonl; `times` = (start, end of training, end of validation)."""
+    t0, t1, t2 = times
     return {
         "epoch": epoch, "train_loss": stats["loss"], "train_seg": stats["seg"],
         "train_align": stats["align"], "steps": stats["steps"], "skipped_nonfinite": stats["skipped"],
         "val_dice": val["dice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
-        "val_protocol": val["protocol"], "lr": float(optimizer.param_groups[0]["lr"]),
-        "improved": improved, "best_val_dice": early["best"], "time_s": round(time.time() - t0, 2),
-        "train_time_s": round(t1 - t0, 2), "val_time_s": round(time.time() - t1, 2),
+        "val_protocol": val["protocol"], "lr": lr, "improved": improved, "best_val_dice": early["best"],
+        "time_s": round(t2 - t0, 2), "train_time_s": round(t1 - t0, 2), "val_time_s": round(t2 - t1, 2),
     }
 
 

@@ -21,7 +21,7 @@ Masks become (H, W) bool. The rule (`binarise_mask`):
   pixels must lie within 64 of 0 or of 255, and the mask is thresholded at 127.
 Anything else raises DatasetError naming the file.
 
-Resizing: images bilinear with antialiasing (PIL's convolution resampler widens the filter when
+Resizing (tmc.predict, the model's input grid, shared with inference): images bilinear with antialiasing (PIL's convolution resampler widens the filter when
 shrinking), masks nearest, never "bilinear then threshold" (that dilates thin lesions).
 """
 from __future__ import annotations
@@ -189,29 +189,7 @@ def read_image_and_mask(image_path: Path, mask_path: Path, where: str = "") -> t
     return image, mask
 
 
-# ---------------------------------------------------------------------------- resizing
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) float32 [0, 1] → (S, S) float32 [0, 1], bilinear with antialiasing."""
-    if image.shape == (size, size):
-        return image.astype(np.float32, copy=False)
-    out = Image.fromarray(image.astype(np.float32, copy=False)).resize(
-        (size, size), Image.BILINEAR)
-    return np.clip(np.asarray(out), 0.0, 1.0)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) bool → (S, S) bool, nearest neighbour."""
-    if mask.shape == (size, size):
-        return mask.astype(bool, copy=False)
-    out = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-    return np.asarray(out) > 127
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """(H, W) float [0, 1] → (H, W) uint8 0..255, rounded."""
-    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-
+# ---------------------------------------------------------------------------- reading many
 
 def map_prefetch(fn, items, workers: int = 2, window: int = 32):
     """Yield fn(item) in order, computing up to `window` items ahead on `workers` threads.

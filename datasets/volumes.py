@@ -143,6 +143,23 @@ def window(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- NIfTI
+def volume_intensity(volume: np.ndarray, mode: str, ct_window=None) -> np.ndarray:
+    """Map a volume to [0, 1] as the training cache did: CT window (None = the MosMed reader's
+    LUNG_WINDOW) or MR percentiles (Duke reader); "minmax" for anything else."""
+    if mode == "ct":
+        return window(volume, *(LUNG_WINDOW if ct_window is None else ct_window))
+    if mode == "mr":
+        return percentile_normalise(volume)
+    v = volume.astype(np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+
+
+def default_intensity(dataset: str | None) -> str:
+    """The intensity mode of a dataset's volumes (volume_intensity): MosMed CT, Duke MR."""
+    return {"mosmed": "ct", "mosmedplus": "ct", "duke": "mr"}.get(dataset or "", "minmax")
+
+
 def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI as (array (X, Y, Z), affine (4, 4)) in RAS+ (`nib.as_closest_canonical`).
 

@@ -1,23 +1,17 @@
 """Multi-head cross-attention (paper §3.1): MHCA(Q, K, V) = Softmax(QKᵀ / √d_k) V, per head.
 
-Optionally sigmoid-weighted instead (`weighting="sigmoid"`): σ(QKᵀ / √d_k − log N_k) V, each key
-weighted on its own (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid
-Self-Attention"; the −log N_k bias starts the weights near the softmax's 1/N_k). A softmax makes
-every query spend exactly one unit of attention over the keys: an image token cannot attend fully to
-both "upper" and "left", and a token whose zone the caption does not name must still attend to
-something. TMC uses it only where image tokens query the text (README: it is what lets demo runs
-learn both words of a zone).
+`weighting="sigmoid"` uses σ(QKᵀ / √d_k − log N_k) V instead (Ramapuram et al. 2024, "Theory,
+Analysis, and Best Practices for Sigmoid Self-Attention"; −log N_k starts the weights near the
+softmax's 1/N_k): each key is weighted on its own, so one query can attend fully to several keys
+(e.g. both "upper" and "left"). TMC uses it only where image tokens query the text.
 
-Queries come from one modality and keys/values from the other, so the query and key/value inputs
-have their own widths (`q_dim`, `kv_dim`); both are projected to a shared `embed_dim`, split into
-heads, attended with `F.scaled_dot_product_attention`, and projected back to `q_dim`.
+Query and key/value inputs have their own widths (`q_dim`, `kv_dim`), projected to a shared
+`embed_dim`, attended with `F.scaled_dot_product_attention`, and projected back to `q_dim`.
 
 Shape key: B batch, Nq query tokens, Nk key/value tokens, nH heads, Dh head dim (embed_dim / nH).
-In the TMC model Nq/Nk are N (image tokens) or L (text tokens), depending on the direction.
 
-Padding convention: `kv_padding_mask` is (B, Nk) bool with True = padding, the same convention as
-`torch.nn.MultiheadAttention(key_padding_mask=...)`. A HuggingFace `attention_mask` (1 = real token)
-converts as `kv_padding_mask = attention_mask == 0`.
+`kv_padding_mask` is (B, Nk) bool with True = padding, as in `nn.MultiheadAttention(key_padding_mask=)`;
+from a HuggingFace `attention_mask` (1 = real token) pass `attention_mask == 0`.
 """
 from __future__ import annotations
 
@@ -36,22 +30,16 @@ WEIGHTINGS = typing.get_args(MCMAttention)
 
 
 class MultiHeadCrossAttention(nn.Module):
-    """Multi-head scaled dot-product cross-attention with separate q / k / v projections.
+    """Multi-head scaled dot-product cross-attention with separate q / k / v projections (with bias).
 
-    Parameters: `q_proj` (q_dim → embed_dim), `k_proj` and `v_proj` (kv_dim → embed_dim),
-    `out_proj` (embed_dim → q_dim), all with bias (as nn.MultiheadAttention).
-
-    A sample whose keys are *all* padding has nothing to attend to. Instead of the NaN a plain
-    softmax over an all -inf row gives (and which some fused SDPA kernels return), its attention
-    output is defined as zero: such query rows return `out_proj.bias`, their weights are all zero,
-    and no NaN reaches the gradients. With a residual around this layer those tokens pass unchanged.
+    A sample whose keys are *all* padding gets a zero attention output (rows return `out_proj.bias`)
+    and zero weights instead of NaN, so no NaN reaches the gradients.
 
     Args:
         q_dim: width of the query input (and of the output).
         kv_dim: width of the key/value input.
         num_heads: nH; must divide embed_dim.
         embed_dim: inner width nH * Dh; defaults to q_dim.
-        dropout: dropout on the attention weights (training only).
         weighting: "softmax" (the paper) or "sigmoid" (see the module docstring).
     """
 
@@ -86,19 +74,15 @@ class MultiHeadCrossAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_padding_mask: torch.Tensor | None = None,
                 return_weights: bool = False, k_pos: torch.Tensor | None = None):
-        """Attend from `q` to `kv`.
-
+        """
         Args:
             q: (B, Nq, q_dim) queries.
-            kv: (B, Nk, kv_dim) keys and values (the same tokens, projected twice).
+            kv: (B, Nk, kv_dim) keys and values.
             kv_padding_mask: optional (B, Nk) bool, True = padding (never attended to).
-            return_weights: also return the attention weights averaged over heads.
-            k_pos: optional position code added to `kv` for the keys only (values stay free of it).
-
+            k_pos: optional position code added to `kv` for the keys only.
         Returns:
-            out (B, Nq, q_dim), and with `return_weights` also weights (B, Nq, Nk): the attention
-            weights before dropout, averaged over heads (softmax: rows sum to 1; sigmoid: each in
-            (0, 1)); 0 on padded keys, and everywhere for a sample whose keys are all padding.
+            out (B, Nq, q_dim), and with `return_weights` the head-averaged weights (B, Nq, Nk) before
+            dropout (softmax: rows sum to 1; sigmoid: each in (0, 1)); 0 on padded keys.
         """
         B, Nq, _ = q.shape
         Nk = kv.shape[1]

@@ -1,13 +1,15 @@
 """Checkpoints as plain dicts that hold their own config, written so a crash never corrupts one.
 
-Keys written by train.py in best.pt: "model" (state_dict), "model_config" (dataclasses.asdict),
+Keys of best.pt (`weights_checkpoint`, below): "model" (state_dict), "model_config" (dataclasses.asdict),
 "text_config" (the BERT architecture, so a checkpoint rebuilds without its hub model), "train_config",
-"epoch", "best_metric", "metrics"; last.pt adds what --resume needs: "optimizer", "scheduler", "scaler",
-"early_stop", "rng" (and "interrupted" after Ctrl-C).
+"epoch", "best_metric", "metrics". last.pt (`training_checkpoint`) adds what --resume needs:
+"optimizer", "scheduler", "scaler", "early_stop", "rng" (and "interrupted" after Ctrl-C).
 Everything is tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` reads it.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pickle
 import re
@@ -146,3 +148,40 @@ def model_from_checkpoint(checkpoint: dict | str | Path, map_location="cpu"):
     model = build_model(cfg, load_pretrained=False, text_config=checkpoint.get("text_config"))
     model.load_state_dict(clean_state_dict(checkpoint["model"]), strict=True)
     return model.eval(), cfg
+
+
+# ---------------------------------------------------------------------------- building
+
+def text_config_of(model) -> dict | None:
+    """The text encoder's architecture as plain JSON values (so a checkpoint rebuilds offline)."""
+    if model.text is None:
+        return None
+    return json.loads(model.text.encoder.config.to_json_string())
+
+
+def weights_checkpoint(model, model_cfg, cfg, epoch: int, early: dict, metrics: dict) -> dict:
+    """best.pt: what eval.py and inference need (weights and configs), without the optimizer state,
+    which is twice the weights under Adam and only resuming needs (from last.pt)."""
+    return {
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model_cfg),
+        "text_config": text_config_of(model),
+        "train_config": dataclasses.asdict(cfg),
+        "epoch": epoch,
+        "best_metric": early["best"],
+        "metrics": metrics,
+    }
+
+
+def training_checkpoint(model, model_cfg, cfg, epoch, optimizer, scheduler, scaler, early, rng, metrics,
+                        interrupted=False) -> dict:
+    """last.pt, the contract's plain dict (weights_only-loadable); `rng` has one state per rank."""
+    return {
+        **weights_checkpoint(model, model_cfg, cfg, epoch, early, metrics),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "early_stop": dict(early),
+        "rng": rng,
+        "interrupted": interrupted,
+    }

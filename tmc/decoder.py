@@ -1,6 +1,4 @@
-"""Dual CNN/ViT U-decoder (paper §3.3, "Segmentation Part").
-
-Turns the image and the multi-stage cross-modal features F_V^i of MCM into mask logits:
+"""Dual CNN/ViT U-decoder (paper §3.3): the image and MCM's features F_V^i → mask logits.
 
     image ─ stem: full-res ConvBlock S_0 ─ half-res ConvBlock S_½ ─ ConvBlock/2 ─ X_1      (CNN branch)
     image ─ patch embedding (conv k=4, s=4) ─ Y_1                                          (ViT branch)
@@ -12,12 +10,9 @@ Turns the image and the multi-stage cross-modal features F_V^i of MCM into mask 
     i = n..1:          Z_{i-1} = UpCNN_i(cat(Z_i, F_V^i, skip_i))     (ConvBlock, then ×2 up-conv)
     then               Z at H/2 = UpBlock(cat(Z_0, S_½)),  Z at H = ConvBlock(cat(·, S_0)),  1×1 conv → logit
 
-Stage i (1-based, as in the paper) lives at H/2**(i+1) × W/2**(i+1) with C_i channels, the Swin
-resolutions, so H and W must be divisible by 2**(n+1) (32 for the four Swin-T stages).
-
-Layout: CNN parts are NCHW convolutions with BatchNorm; ViT parts work on (B, H, W, C) tokens. The
-two meet through `permute` views, which cost nothing when the maps are in channels_last memory
-(`model.to(memory_format=torch.channels_last)`), the layout to use on GPU.
+Stage i (1-based) is at Swin's H/2**(i+1) × W/2**(i+1) with C_i channels, so H, W must divide by
+2**(n+1). CNN parts are NCHW with BatchNorm, ViT parts (B, H, W, C); the permutes between them are
+free in channels_last memory (`model.to(memory_format=torch.channels_last)`, the GPU layout).
 
 Shape key: B batch, C channels, H, W spatial (of the map at hand), N image tokens, nH heads,
 Dh head dim, nW windows, ws window size (wh × ww when clipped to a small map), T = wh*ww tokens
@@ -59,31 +54,19 @@ def window_shape(H: int, W: int, window: int) -> tuple[int, int]:
 
 
 class ConvBlock(nn.Sequential):
-    """Two conv3x3-BN-ReLU; the first may have stride 2 (the U-Net 'double conv').
-
-    Args:
-        in_ch, out_ch: channels in and out.
-        stride: 1, or 2 to halve H and W in the first convolution (DownCNN and the stem).
-    Shapes: (B, in_ch, H, W) → (B, out_ch, H/stride, W/stride).
-    """
+    """U-Net double conv: two conv3x3-BN-ReLU, the first with `stride` (2 halves H, W).
+    (B, in_ch, H, W) → (B, out_ch, H/stride, W/stride)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
         super().__init__(conv_norm_act(in_ch, out_ch, 3, stride), conv_norm_act(out_ch, out_ch, 3, 1))
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside non-overlapping windows, on F.scaled_dot_product_attention.
+    """Multi-head self-attention in non-overlapping windows, all windows in one SDPA call.
 
-    The map is padded right/bottom to whole windows; padded tokens are masked out as keys, so the
-    result equals attention inside the border windows clipped to the map. A map no larger than the
-    window (and window=0) gets global attention. No mask is built when no padding is needed (224²
-    input, window 7), which keeps SDPA on its fastest kernels. All windows go through one batched
-    SDPA call (no Python loop over windows).
-
-    Args:
-        dim: C, the token width.
-        num_heads: nH; must divide dim.
-        window: ws, the window side; 0 = global attention.
+    The map is padded right/bottom to whole windows and padded keys are masked (= attention in border
+    windows clipped to the map); without padding no mask is built, keeping SDPA's fastest kernels.
+    `window` is ws; a map no larger than it, or window=0, gets global attention.
     """
 
     def __init__(self, dim: int, num_heads: int, window: int):
@@ -96,12 +79,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: (B, H, W, C) tokens.
-        Returns:
-            (B, H, W, C).
-        """
+        """(B, H, W, C) → (B, H, W, C)."""
         B, H, W, C = x.shape
         nH, Dh = self.num_heads, self.head_dim
         wh, ww = window_shape(H, W, self.window)
@@ -133,14 +111,7 @@ class WindowAttention(nn.Module):
 
 class ViTBlock(nn.Module):
     """Pre-LN transformer block: x + WindowAttention(LN(x)), then x + MLP(LN(x)).
-
-    Args:
-        dim: C.
-        num_heads: nH.
-        window: attention window (0 = global).
-        mlp_ratio: hidden width of the MLP over C.
-    Shapes: (B, H, W, C) → (B, H, W, C).
-    """
+    (B, H, W, C) → (B, H, W, C); window 0 = global attention."""
 
     def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -158,16 +129,9 @@ class ViTBlock(nn.Module):
 class ViTStage(nn.Module):
     """The ViT branch at one stage: Ŷ_i = LN(blocks(Linear(cat(Y_i, F_V^i)))).
 
-    The linear layer projects the concatenation Ỹ_i back to C_i (paper: Ỹ_i = CONCAT(Y_i, F_V^i));
-    the final LayerNorm closes the pre-LN residual stream before the skip fusion and the merge.
-    DownViT_i of the paper is this stage followed by its 2×2 stride-2 merge conv (in DualUDecoder).
-
-    Args:
-        dim: C_i.
-        num_heads: nH at this stage.
-        depth: number of ViTBlocks (0 keeps only the projection and the norm).
-        window: attention window (0 = global).
-        mlp_ratio: MLP width over C_i.
+    The Linear projects Ỹ_i = CONCAT(Y_i, F_V^i) back to C_i; the LN closes the pre-LN residual
+    stream. The paper's DownViT_i is this stage plus its 2×2 stride-2 merge conv (in DualUDecoder).
+    `depth` 0 keeps only the projection and the norm.
     """
 
     def __init__(self, dim: int, num_heads: int, depth: int, window: int, mlp_ratio: float = 4.0):
@@ -177,13 +141,8 @@ class ViTStage(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            y: Y_i (B, C, H, W), the ViT branch entering stage i.
-            f: F_V^i (B, C, H, W), the cross-modal feature of stage i.
-        Returns:
-            Ŷ_i (B, C, H, W); a permuted view with channels_last strides (no copy).
-        """
+        """y: Y_i (B, C, H, W), f: F_V^i (B, C, H, W) → Ŷ_i (B, C, H, W), a permuted view with
+        channels_last strides (no copy)."""
         B, C, H, W = y.shape
         t = torch.cat([y, f], dim=1).permute(0, 2, 3, 1)  # (B, H, W, 2C); a view if channels_last
         t = self.proj(t)  # (B, H, W, C)
@@ -193,14 +152,8 @@ class ViTStage(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """UpCNN: ConvBlock on the concatenated inputs, then a 2×2 stride-2 transposed conv (×2 size).
-
-    Args:
-        in_ch: channels of the concatenation.
-        mid_ch: channels of the ConvBlock (the decoder width at this scale).
-        out_ch: channels at the next, twice larger, scale.
-    Shapes: (B, in_ch, H, W) → (B, out_ch, 2H, 2W).
-    """
+    """UpCNN: ConvBlock(in_ch → mid_ch) on the concatenation, then a 2×2 stride-2 transposed conv.
+    (B, in_ch, H, W) → (B, out_ch, 2H, 2W)."""
 
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int):
         super().__init__()
@@ -217,21 +170,16 @@ class UpBlock(nn.Module):
 class DualUDecoder(nn.Module):
     """The segmentation part of TMC (§3.3): a dual CNN/ViT down path and a U-shaped CNN up path.
 
-    Both branches run at the Swin resolutions with the Swin channels C_i ("the corresponding decoder
-    channels are symmetrically configured", §3.1), and take F_V^i at every stage by concatenation.
-    The ViT branch enters the CNN path through the skips (as in LViT): skip_i = 1×1 conv-BN-ReLU of
-    cat(X_i, Ŷ_i) for i < n; at stage n the ViT branch enters through the bottleneck instead.
-    Beyond stage 1 the up path continues through the half- and full-resolution stem features, so the
-    logits come out at the input size with sharp boundaries.
+    Both branches use Swin's resolutions and channels C_i (§3.1) and take F_V^i at every stage by
+    concatenation. The ViT branch enters the CNN path through the skips (1×1 conv-BN-ReLU, as in
+    LViT), at stage n through the bottleneck. The up path ends on the stem features, so the logits
+    come out at the input size.
 
     Args:
         stage_channels: (C_1, ..., C_n), the Swin stage widths; n >= 2.
-        in_chans: channels of the (normalised) image.
         stem_channels: s; the stem has s channels at H × W and 2s at H/2 × W/2.
-        vit_depth: ViTBlocks per ViT stage.
         vit_heads: attention heads per stage; each must divide C_i.
         vit_window: attention window of the ViT branch (0 = global attention everywhere).
-        mlp_ratio: MLP width of the ViT blocks over C_i.
     """
 
     def __init__(self, stage_channels: Sequence[int] = (96, 192, 384, 768), in_chans: int = 3,

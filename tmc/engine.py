@@ -1,20 +1,11 @@
 """The training and evaluation loops, and what they need: seeding and RNG state, AMP, DDP helpers,
-and the evaluation protocols (per image, global, per case).
+and the evaluation protocols (per image, global, per case; defined in tmc.metrics).
 
-train.py and eval.py are thin command lines around these functions, so the same code runs a
-demo on a laptop CPU, one GPU, or `torchrun --nproc_per_node N`.
+train.py and eval.py are thin command lines around these functions, so the same code runs on a
+CPU, one GPU, or `torchrun --nproc_per_node N`. Evaluation thresholds sigmoid probabilities at 0.5
+at the model's input size; empty-vs-empty scores 1.0 by default (`empty=nan`: nnU-Net's rule).
 
 Shape key: B batch, H, W spatial, T text tokens.
-
-Evaluation protocols (all at threshold 0.5 on sigmoid probabilities, at the model's input size):
-  per image  Dice/IoU of every image, averaged over images (LViT's test protocol);
-  global     one Dice/IoU from tp/fp/fn summed over every pixel of the split (GuideDecoder's);
-  per case   slices → per-case mean → mean over cases (the paper's §4.3, for CT/MRI volumes).
-Empty-vs-empty rule (tmc.metrics): an image or slice whose ground truth and prediction are both
-empty scores 1.0 (a correct "nothing here"), the only rule under which the paper's "mean over the
-slices of a case, then over all test cases" includes normal CT scans; a false positive on an empty
-image, or a miss, scores 0. `empty=nan` gives nnU-Net's rule instead (such images are left out of
-the means; a case with no scorable slice is left out of the mean over cases).
 """
 from __future__ import annotations
 
@@ -33,9 +24,8 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
-from tmc.metrics import confusion, global_scores, mean_scores, per_case_scores
-
-THRESHOLD = 0.5
+from tmc.metrics import THRESHOLD, confusion, global_scores, mean_scores, per_case_scores
+from tmc.train_config import TrainConfig
 
 
 # ---------------------------------------------------------------------------- seeding and RNG state
@@ -286,34 +276,31 @@ def step_precision(amp: str, device: torch.device, distributed: bool) -> str:
     return "autocast-fp16"
 
 
-def make_train_step(model, optimizer, scaler, *, device: torch.device, amp: str = "off",
-                    seg_loss_kind: str = "bce", alignment_weight: float = 0.1, alignment_form: str = "sigmoid",
-                    grad_clip: float = 0.0, dist: Dist | None = None, compiled: bool = False):
-    """The tmc.step.TrainStep of train.py's objective (built once, reused by every epoch)."""
+def make_train_step(model, optimizer, scaler, cfg: TrainConfig, *, device: torch.device,
+                    alignment_form: str = "sigmoid", dist: Dist | None = None):
+    """The tmc.step.TrainStep of train.py's objective with cfg's amp, seg_loss, alignment_weight and
+    grad_clip (built once, reused by every epoch)."""
     from tmc.step import TrainStep
 
     dist = dist or Dist()
 
     def loss_fn(out, batch):
-        return compute_loss(out, batch["mask"], batch["positives"], seg_loss_kind, alignment_weight,
+        return compute_loss(out, batch["mask"], batch["positives"], cfg.seg_loss, cfg.alignment_weight,
                             alignment_form)
 
-    precision = step_precision(amp, device, dist.enabled or compiled)
-    return TrainStep(model, optimizer, loss_fn, precision=precision, scaler=scaler, grad_clip=grad_clip,
+    precision = step_precision(cfg.amp, device, dist.enabled or cfg.compile)
+    return TrainStep(model, optimizer, loss_fn, precision=precision, scaler=scaler, grad_clip=cfg.grad_clip,
                      world_size=dist.world_size)
 
 
-def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize, scaler,
-                    guard: NonFiniteGuard, amp: str = "off", seg_loss_kind: str = "bce",
-                    alignment_weight: float = 0.1, alignment_form: str = "sigmoid", augment_fn=None,
-                    aug_generator: torch.Generator | None = None, max_steps: int = 0,
-                    grad_clip: float = 0.0, dist: Dist | None = None, desc: str = "",
-                    progress: bool = True, deadline: float | None = None, step=None,
-                    read_every: int = 10) -> dict:
+def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonFiniteGuard,
+                    augment_fn=None, aug_generator: torch.Generator | None = None, max_steps: int = 0,
+                    dist: Dist | None = None, desc: str = "", progress: bool = True,
+                    deadline: float | None = None, read_every: int = 10) -> dict:
     """One pass over `loader` (or `max_steps` batches, or until the `deadline`).
 
     Args:
-        model: TMC, possibly wrapped in DistributedDataParallel.
+        step: a tmc.step.TrainStep (`make_train_step`) or CudaGraphStep, reused across epochs.
         loader: yields dicts with "image" (B, 1, H, W), "mask" (B, 1, H, W), "text" list[str].
         tokenize: captions → {"input_ids", "attention_mask"} (the unwrapped model's `tokenize`).
         augment_fn: `(image, mask, captions, generator) -> (image, mask, captions)` applied on
@@ -321,8 +308,6 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         guard: counts non-finite losses; a step with one is skipped on every rank.
         deadline: time.time() after which no further step starts (after at least one step); every
             rank stops at the same step.
-        step: a tmc.step.TrainStep (or CudaGraphStep) to reuse across epochs; when None, one is built
-            from the other arguments (`make_train_step`).
         read_every: the host reads the running sums (progress bar, guard) every this many steps;
             the steps in between issue device work only.
 
@@ -331,11 +316,7 @@ def train_one_epoch(model, loader, optimizer, *, device: torch.device, tokenize,
         "skipped" (non-finite steps), "images" (over all ranks).
     """
     dist = dist or Dist()
-    model.train()
-    if step is None:
-        step = make_train_step(model, optimizer, scaler, device=device, amp=amp, seg_loss_kind=seg_loss_kind,
-                               alignment_weight=alignment_weight, alignment_form=alignment_form,
-                               grad_clip=grad_clip, dist=dist)
+    step.model.train()
     total = len(loader) if not max_steps else min(max_steps, len(loader))
     # On the device: loss·B, seg·B, align·B, images, skipped, current and longest run of skips.
     sums = torch.zeros(7, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
@@ -436,12 +417,11 @@ def predict_records(model, loader, *, device: torch.device, tokenize, amp: str =
 
 
 def summarize(records: list[dict], empty: float = 1.0) -> dict:
-    """Dice and IoU of a split under the three protocols (see the module docstring).
+    """Dice and IoU of a split under the three protocols of tmc.metrics.
 
     Args:
         records: per-image dicts with case, slice (-1 for 2D images), tp, fp, fn.
-        empty: score of an empty-vs-empty image or slice (tmc.metrics: 1.0 is the rule consistent
-            with the paper's per-case averaging; NaN leaves such images out, nnU-Net style).
+        empty: score of an empty-vs-empty image or slice (1.0, or NaN to leave such images out).
 
     Returns:
         dice/miou (the paper's protocol: per case for volumes, per image for 2D sets), protocol,

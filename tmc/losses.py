@@ -1,11 +1,9 @@
-"""Training losses of TMC as pure functions (paper §3.2, §3.4).
-
-Learnable quantities (the per-stage log-temperature `logit_scale` and bias `logit_bias` of the
-alignment loss) live in the model and are passed in; nothing here holds state.
-
-Shape key: B batch, H, W spatial, D alignment embedding width.
+"""Training losses of TMC as pure functions (paper §3.2, §3.4); each returns a 0-d tensor.
 
 Total objective (§3.4): L = segmentation_loss(...) + λ · multistage_alignment_loss(...), λ = 0.1.
+The per-stage `logit_scale` (log-temperature) and `logit_bias` live in the model and are passed in.
+
+Shape key: B batch, H, W spatial, D alignment embedding width.
 """
 from __future__ import annotations
 
@@ -39,18 +37,10 @@ def _check_seg(logits: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss on sigmoid probabilities, computed per image then averaged over the batch.
+    """Soft Dice loss on sigmoid probabilities, per image then batch-averaged.
 
-    loss_b = 1 - (2 Σ p·t + eps) / (Σ p + Σ t + eps), sums over all non-batch dims. `eps` keeps an
-    empty mask with an empty prediction at loss 0 instead of 0/0.
-
-    Args:
-        logits: (B, 1, H, W) raw scores.
-        target: (B, 1, H, W) in {0, 1} (float).
-        eps: additive smoothing.
-
-    Returns:
-        0-d tensor.
+    logits: (B, 1, H, W) raw scores; target: (B, 1, H, W) in {0, 1} (float).
+    loss_b = 1 - (2 Σ p·t + eps) / (Σ p + Σ t + eps); `eps` scores empty-vs-empty 0, not 0/0.
     """
     _check_seg(logits, target)
     p = torch.sigmoid(logits).flatten(1)  # (B, H*W)
@@ -61,19 +51,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: SegLoss = "bce") -> torch.Tensor:
-    """Segmentation objective.
+    """Segmentation loss on raw logits (B, 1, H, W) and a (B, 1, H, W) target in {0, 1}.
 
-    "bce": the paper's pixel-wise binary cross-entropy (§3.4), -1/N Σ_j [y log p + (1-y) log(1-p)],
-    computed from logits (numerically stable) and averaged over all B·H·W pixels.
-    "bce+dice": that BCE plus `soft_dice_loss` (the LViT-family recipe; our option, not the paper's).
-
-    Args:
-        logits: (B, 1, H, W) raw scores (the model never applies the sigmoid in training).
-        target: (B, 1, H, W) in {0, 1}.
-        kind: "bce" or "bce+dice".
-
-    Returns:
-        0-d tensor.
+    kind: "bce", the paper's pixel-wise BCE (§3.4), stable from logits, mean over B·H·W pixels;
+    "bce+dice", that BCE plus `soft_dice_loss` (LViT-family recipe, not the paper's).
     """
     if kind not in SEGMENTATION_KINDS:
         raise ValueError(f"kind must be one of {SEGMENTATION_KINDS}, not {kind!r}")
@@ -96,24 +77,16 @@ def _cosine_matrix(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor
 def sigmoid_alignment_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor,
                            logit_bias: torch.Tensor, positive_mask: torch.Tensor | None = None
                            ) -> torch.Tensor:
-    """SigLIP-style pairwise logistic alignment loss (our default reading of §3.2).
+    """SigLIP-style pairwise logistic alignment loss (the default reading of §3.2).
 
-    Every image of the batch is scored against every caption:
-    logits_ij = cos(img_i, txt_j) · exp(logit_scale) + logit_bias, label_ij = +1 for a positive
-    pair and -1 otherwise, loss = -Σ_ij logsigmoid(label_ij · logits_ij) / B (sum over the B²
-    pairs, normalised by B as SigLIP does).
+    logits_ij = cos(img_i, txt_j) · exp(logit_scale) + logit_bias, label_ij = ±1 (positive or not),
+    loss = -Σ_ij logsigmoid(label_ij · logits_ij) / B (sum over the B² pairs, over B as SigLIP).
 
     Args:
-        img_emb: (B, D) pooled image embeddings (normalised here).
-        txt_emb: (B, D) text embeddings (normalised here).
-        logit_scale: 0-d tensor, log of the inverse temperature (τ = exp(-logit_scale)).
-        logit_bias: 0-d tensor.
-        positive_mask: optional (B, B) bool, True = positive pair. Default: the diagonal. Pass
-            `caption_positive_mask(captions)` so that two images with the same caption are not
-            pushed apart (common in QaTa's templated texts).
-
-    Returns:
-        0-d tensor.
+        img_emb, txt_emb: (B, D) pooled image and text embeddings (normalised here).
+        logit_scale: 0-d, log of the inverse temperature (τ = exp(-logit_scale)).
+        positive_mask: optional (B, B) bool, True = positive pair; default the diagonal. Pass
+            `caption_positive_mask(captions)` so images with the same caption are not pushed apart.
     """
     B = img_emb.shape[0]
     cos = _cosine_matrix(img_emb, txt_emb)  # (B, B)
@@ -131,22 +104,11 @@ def sigmoid_alignment_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_s
 
 def literal_alignment_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor,
                            logit_scale: torch.Tensor) -> torch.Tensor:
-    """The alignment loss exactly as printed in §3.2, on matched pairs only.
+    """The alignment loss exactly as printed in §3.2, on matched pairs img_emb, txt_emb (B, D).
 
-    z_b = cos(img_b, txt_b) / τ with τ = exp(-logit_scale);
-    loss = mean_b [-log σ(z_b) - log(1 - σ(z_b))] = mean_b [softplus(-z_b) + softplus(z_b)].
-
-    Note: this is an even, convex function of z with its minimum (2 log 2) at z = 0, i.e. at
-    cosine similarity 0. As printed, it drives matched image/text embeddings to be *orthogonal*
-    (and τ to grow), not to align. Kept for reproducing the printed equation; the SigLIP form is
-    the default.
-
-    Args:
-        img_emb: (B, D); txt_emb: (B, D) (normalised here).
-        logit_scale: 0-d tensor, log of 1/τ.
-
-    Returns:
-        0-d tensor.
+    z_b = cos(img_b, txt_b) / τ, τ = exp(-logit_scale);
+    loss = mean_b [-log σ(z_b) - log(1 - σ(z_b))], smallest at cosine 0: it drives matched
+    embeddings to be *orthogonal*, not to align.
     """
     cos = _cosine_matrix(img_emb, txt_emb).diagonal()  # (B,) matched pairs
     z = cos * torch.as_tensor(logit_scale, dtype=cos.dtype, device=cos.device).exp()  # (B,)
@@ -160,16 +122,11 @@ def multistage_alignment_loss(stage_outputs: list[dict], form: AlignmentForm = "
     """Average of the per-stage alignment losses (§3.2: L_align = 1/n Σ_i L_align^i).
 
     Args:
-        stage_outputs: list of dicts, one per aligned stage, each {"img": (B, D), "txt": (B, D),
-            "logit_scale": 0-d tensor, "logit_bias": 0-d tensor} (the model's output["alignment"]).
-        form: "sigmoid" (`sigmoid_alignment_loss`) or "literal" (`literal_alignment_loss`, which
-            ignores logit_bias and positive_mask).
-        positive_mask: optional (B, B) bool for the sigmoid form.
-        device: where the zero goes when `stage_outputs` is empty (default: CPU).
-
-    Returns:
-        0-d tensor. For an empty list (alignment off): a zero that requires grad, so
-        `seg + λ·align` and even `align.backward()` work unchanged.
+        stage_outputs: the model's output["alignment"], per stage {"img": (B, D), "txt": (B, D),
+            "logit_scale": 0-d, "logit_bias": 0-d}.
+        form: "sigmoid" or "literal" (ignores logit_bias and positive_mask).
+        device: of the zero returned for an empty list (alignment off; default CPU). That zero
+            requires grad, so `seg + λ·align` and `align.backward()` work unchanged.
     """
     if form not in ALIGNMENT_FORMS:
         raise ValueError(f"form must be one of {ALIGNMENT_FORMS}, not {form!r}")
@@ -195,10 +152,8 @@ def _normalise_caption(text: str) -> str:
 
 def caption_positive_mask(captions: list[str], device: torch.device | str | None = None
                           ) -> torch.Tensor:
-    """(B, B) bool: True where two captions are equal after lower-casing and collapsing whitespace.
-
-    The diagonal is always True. Use as `positive_mask` of the sigmoid alignment loss.
-    """
+    """(B, B) bool `positive_mask`: True where two captions are equal after lower-casing and
+    collapsing whitespace (so always on the diagonal)."""
     for i, c in enumerate(captions):
         if not isinstance(c, str):
             raise ValueError(f"caption {i} is {type(c).__name__}, expected str; fix: generate a "

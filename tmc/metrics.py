@@ -1,25 +1,15 @@
 """Binary segmentation metrics as pure NumPy functions (paper §4.3; nnU-Net conventions).
 
-Everything is built from per-image confusion counts (tp, fp, fn):
+Everything comes from per-image confusion counts (tp, fp, fn), with no smoothing constant:
     dice = 2 tp / (2 tp + fp + fn),   iou = tp / (tp + fp + fn).
-No smoothing constant: a prediction is scored exactly, and the one undefined case, an empty target
-with an empty prediction (0/0), is decided by an explicit `empty` value.
 
-The empty-vs-empty rule
------------------------
-* nnU-Net: NaN, excluded from means (np.nanmean). `dice_from_counts`/`iou_from_counts`/
-  `per_image_scores`/`global_scores` default to it.
-* LViT's per-image protocol adds 1e-5 to the denominator, so it scores such images 0.
-* The paper's volume protocol (§4.3) averages slice scores over *all* slices of a case, then over
-  *all* test cases, and runs a paired t-test on per-case Dice. MosMedData's test split holds normal
-  scans (every slice empty, ~half of the cases after the stratified split) and abnormal scans are
-  mostly lesion-free slices. Scoring empty-vs-empty as 0 would cap a perfect model near 50% on
-  MosMed (the paper reports 78.39%); NaN would leave every correctly-empty normal case without a
-  score, so they could not enter "the average over all test cases" nor the paired test. The only
-  rule consistent with §4.3 is **1.0: a correct "nothing here" is a perfect slice**.
-  `per_case_scores(..., empty_score=1.0)` is therefore the default of the volume protocol;
-  `empty_score=nan` gives nnU-Net's exclusion (a case with no scorable slice then gets NaN and is
-  left out of the mean over cases), `empty_score=0.0` reproduces LViT.
+Empty-vs-empty rule (empty target and empty prediction, 0/0), set by `empty` / `empty_score`:
+* 1.0 (default of `mean_scores`, `per_case_scores`): a correct "nothing here" is a perfect slice. It
+  is the only rule under which normal scans (every slice empty) enter §4.3's mean over the slices of
+  a case, then over *all* test cases, and its paired t-test on per-case Dice.
+* NaN (nnU-Net; default of `dice_from_counts`, `iou_from_counts`, `per_image_scores`,
+  `global_scores`): excluded from means; a case with no scorable slice gets NaN and is left out.
+* 0.0 reproduces LViT's per-image protocol (it adds 1e-5 to the denominator).
 An empty target with a non-empty prediction, or the reverse, is always 0.
 
 Protocols (report which one a number uses):
@@ -47,6 +37,9 @@ __all__ = [
     "mean_scores",
     "per_case_scores",
     "mean_std",
+    "METRIC_KEYS",
+    "combine_runs",
+    "paired_test",
 ]
 
 THRESHOLD = 0.5
@@ -171,15 +164,12 @@ def per_case_scores(scores: dict[str, np.ndarray], cases: Sequence, empty_score:
                     ) -> dict:
     """The paper's volume protocol (§4.3): mean over the slices of each case, then over cases.
 
-    Slice scores are recomputed from the counts with `empty_score` for empty-vs-empty slices
-    (default 1.0, see the module docstring; NaN = excluded as in nnU-Net), so the rule is the same
-    whatever `empty` built `scores`.
+    Slice scores are recomputed from the counts with `empty_score`, whatever built `scores`.
 
     Args:
         scores: output of `per_image_scores` (uses "tp", "fp", "fn", each (N,)).
         cases: (N,) case id of each slice (any hashable: str, int).
-        empty_score: score of an empty-vs-empty slice.
-
+        empty_score: score of an empty-vs-empty slice (NaN = excluded, nnU-Net).
     Returns:
         {"cases": list of case ids in first-seen order, "dice", "iou": (n_cases,) float64 per-case
         means (NaN for a case without any scorable slice), "n_slices": (n_cases,) int64,
@@ -203,7 +193,47 @@ def per_case_scores(scores: dict[str, np.ndarray], cases: Sequence, empty_score:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single run) of a score over runs
-    (seeds), the "mean ± std" of the paper's tables."""
+    """Mean and sample std (ddof=1; 0 for a single run) of a score over runs (seeds)."""
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------- over runs
+
+METRIC_KEYS = ("dice", "miou", "dice_global", "iou_global", "dice_per_image", "iou_per_image",
+               "dice_per_case", "iou_per_case")
+
+
+def combine_runs(summaries: list[dict]) -> dict:
+    """Mean ± std of every metric over runs (seeds); per-case scores averaged over the runs."""
+    out = {"n_runs": len(summaries), "checkpoints": [s["checkpoint"] for s in summaries],
+           "runs": [{k: v for k, v in s.items() if k != "cases"} for s in summaries]}
+    for k in METRIC_KEYS:
+        out[k], out[k + "_std"] = mean_std([s[k] for s in summaries])
+    first = summaries[0]
+    for k in ("protocol", "empty_rule", "n_images", "n_cases", "n_folder", "dataset", "split",
+              "split_mode"):
+        out[k] = first.get(k)
+    out["checkpoint"] = first["checkpoint"] if len(summaries) == 1 else out["checkpoints"]
+    cases = list(first["cases"])
+    out["cases"] = {c: {"dice": float(np.nanmean([s["cases"][c]["dice"] for s in summaries])),
+                        "iou": float(np.nanmean([s["cases"][c]["iou"] for s in summaries])),
+                        "n_slices": first["cases"][c]["n_slices"],
+                        "dice_runs": [s["cases"][c]["dice"] for s in summaries]}
+                    for c in cases}
+    return out
+
+
+def paired_test(a: dict, b: dict) -> dict:
+    """Paired t-test on per-case Dice (each case already averaged over its set's runs)."""
+    from scipy.stats import ttest_rel
+
+    cases = [c for c in a["cases"] if c in b["cases"]
+             and math.isfinite(a["cases"][c]["dice"]) and math.isfinite(b["cases"][c]["dice"])]
+    if len(cases) < 2:
+        raise ValueError("fewer than 2 cases scored by both sets; a paired t-test needs more")
+    x = np.array([a["cases"][c]["dice"] for c in cases])
+    y = np.array([b["cases"][c]["dice"] for c in cases])
+    res = ttest_rel(x, y)
+    return {"n_cases": len(cases), "mean_diff": float((x - y).mean()), "t": float(res.statistic),
+            "p": float(res.pvalue), "test": "scipy.stats.ttest_rel on per-case Dice (A vs B)"}

@@ -11,10 +11,9 @@ Data flow for one image-text pair (stages i = 1..4, MCM and alignment at S = cfg
                   └────────────────────────┘                                         ▼
     text ─ BERT ─ L ─ Linear_i ─ L_i ─ MCM_i ─ F_L^i ─ Linear_{i+1} ─ L_{i+1} …   U-decoder ─ logits
 
-Our reading of "F_L^i is passed to the next stages of the language encoder": BERT runs once; the
-language stream of MCM is the chain L_i = Linear_i(previous language features), where the previous
-features are BERT's output before the first MCM stage and F_L^{i-1} after it. CLS_i is the first
-token of L_i, so alignment at stage i sees the text as refined by the earlier stages.
+BERT runs once; L_i = Linear_i(previous language features): BERT's output up to the first MCM
+stage, F_L^{i-1} after it. CLS_i = L_i[:, 0], so alignment at stage i sees the text as refined by
+the earlier stages.
 
 Shapes: B batch, C_i channels of stage i, H_i × W_i its map, N_i = H_i·W_i image tokens,
 T text tokens, d_l BERT width, D alignment width.
@@ -40,11 +39,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class AlignmentHead(nn.Module):
     """Projects V_i and CLS_i into a common space of size D, with a learnable temperature and bias.
 
-    logit_scale is log(1/τ_i) and starts at log 10, as in SigLIP. The bias starts at the log prior
-    odds of a positive pair: SigLIP's −10 is that value for its 32k-image batches (log 1/32768), but
-    at the paper's batch of 8 a pair is positive with odds 1:7, so −log 7. Starting at −10 here makes
-    every matched pair look wrong for thousands of steps (Adam moves a scalar about lr per step) and
-    its large gradient reshapes the encoder's features against the segmentation loss.
+    logit_scale = log(1/τ_i) starts at log 10 (SigLIP). logit_bias starts at the log prior odds of a
+    positive pair at the paper's batch of 8, −log 7 (SigLIP's −10 is that for 32k batches; here it
+    would make matched pairs look wrong for many steps and fight the segmentation loss).
     """
 
     INIT_BIAS = -math.log(7.0)  # log prior odds of a positive pair at batch size 8
@@ -210,7 +207,6 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
     )
     # Built last, so that switching the alignment loss on or off leaves every other module's
     # initial weights unchanged (same seed): an alignment ablation then differs in that loss alone.
-    # (Built interleaved, no-alignment runs started from other weights than the full model's.)
     for i in cfg.active_alignment_stages:
         c = channels[i - 1]
         align[str(i)] = AlignmentHead(c, c, cfg.alignment_dim)
@@ -219,7 +215,7 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
 
 
 def count_parameters(model: TMC) -> dict[str, int]:
-    """Parameters per part, as the README's comparison with the paper's 242.8 M reports them."""
+    """Number of parameters per part and in total."""
     def n(m):
         return sum(p.numel() for p in m.parameters()) if m is not None else 0
 

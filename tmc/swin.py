@@ -1,19 +1,12 @@
 """Swin-Tiny image encoder (Liu et al., 2021), written by hand with the official parameter names.
 
-TMC's decoder and MCM read the four per-stage maps, taken *before* patch merging, through
-`forward_stage(i, x)` (one stage at a time, so the model can swap in a cross-modal feature between
-stages) or `forward(x)` (all four). The final `norm` exists only so official checkpoints load with
-strict semantics; only `forward_features` applies it, never the maps the decoder sees.
+TMC reads the stage maps *before* patch merging via `forward_stage(i, x)` (one stage at a time, so
+a cross-modal feature can replace a map between stages) or `forward(x)`. `layers.I.downsample`
+ends stage I, as in microsoft/Swin-Transformer; the derived `relative_position_index` and
+`attn_mask` are non-persistent buffers. Only `forward_features` applies the final `norm`.
 
-Names match microsoft/Swin-Transformer (`patch_embed.{proj,norm}`, `layers.I.blocks.J.{norm1,
-attn.qkv, attn.proj, attn.relative_position_bias_table, norm2, mlp.fc1, mlp.fc2}`,
-`layers.I.downsample.{norm,reduction}` at the END of stage I, `norm`); the derived
-`relative_position_index` and `attn_mask` are non-persistent buffers.
-
-Sizes: image sides must be multiples of patch_size * 2**(n_stages-1) (32 for Swin-T: 224, 256, 64),
-so stage i is exactly H / 2**(i+1). A stage grid that is not a multiple of the window is zero-padded
-right/bottom after norm1 and cropped after attention; a grid no larger than the window is one
-unshifted window (both as HF/timm do).
+Image sides must be multiples of patch_size * 2**(n_stages-1) (32 for Swin-T); grids that are not a
+multiple of the window are padded right/bottom and cropped around attention, as in HF/timm.
 
 Shape key: B batch, C channels, H, W token grid of a stage, N tokens per window (ws*ws), nH heads,
 Dh head dim, nW windows per image, ws window size, s shift. Tokens are (B, H, W, C) inside the
@@ -67,9 +60,8 @@ def shift_attention_mask(H: int, W: int, ws: int, shift: int, device=None) -> to
 
 
 def merge_2x2(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) -> (B, H/2, W/2, 4C): each 2x2 neighbourhood on channels in the official order
-    x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (row offset fastest). Another order keeps
-    every shape but silently breaks pretrained weights."""
+    """(B, H, W, C) -> (B, H/2, W/2, 4C) in the official order (row offset fastest); another order
+    keeps every shape but silently breaks pretrained weights."""
     return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
 
 
@@ -77,12 +69,8 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, with a learned relative-position bias.
-
-    The bias (and the shift mask) enter `F.scaled_dot_product_attention` as an additive float mask.
-    The table is sized for `window_size`; a smaller window (a stage grid smaller than the window)
-    reads the entries of its own offsets from the same table.
-    """
+    """Window self-attention with a learned relative-position bias, passed with the shift mask as
+    SDPA's additive mask. A smaller window (a small stage grid) reads its offsets from the same table."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
         super().__init__()
@@ -106,14 +94,8 @@ class WindowAttention(nn.Module):
         return bias.permute(2, 0, 1)  # (nH, N, N)
 
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """
-        Args:
-            x: (B, nW, N, C) window tokens, N = window**2.
-            window: side of the windows.
-            mask: (nW, N, N) additive shift mask, or None.
-        Returns:
-            (B, nW, N, C).
-        """
+        """x: (B, nW, N, C) window tokens, N = window**2; mask: (nW, N, N) additive shift mask or
+        None. Returns (B, nW, N, C)."""
         B, nW, N, C = x.shape
         nH = self.num_heads
         Dh = C // nH
@@ -133,11 +115,8 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
     """Pre-norm (shifted-)window attention + MLP, both residual with stochastic depth.
-
-    `window_size`/`shift_size` hold the values for `input_resolution` (the size the model was built
-    for, as in the official code); forward re-derives them from the actual grid, so other image
-    sizes behave like HF/timm.
-    """
+    `window_size`/`shift_size` are for `input_resolution` (as in the official code); forward
+    re-derives them from the actual grid, so other image sizes behave like HF/timm."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: bool = False,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
@@ -158,8 +137,7 @@ class SwinBlock(nn.Module):
         self._mask_key = (Hp, Wp, self.window_size, self.shift_size)
 
     def window_and_shift(self, H: int, W: int) -> tuple[int, int]:
-        """Window side and shift for an H x W grid: a grid no larger than the window is one
-        unshifted window (shifting it would only wrap tokens around)."""
+        """(window, shift) for an H x W grid: a grid no larger than the window is one unshifted window."""
         if min(H, W) <= self.nominal_window:
             return min(H, W), 0
         return self.nominal_window, self.nominal_shift
@@ -226,11 +204,8 @@ class PatchEmbed(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """Official `BasicLayer`: the blocks of one stage, plus the merging that *follows* it.
-
-    forward runs the blocks only; `SwinTransformer.forward_stage(i+1)` calls `downsample`, so the
-    map before merging is what the stage returns.
-    """
+    """Official `BasicLayer`: one stage's blocks plus the merging that *follows* it; forward runs the
+    blocks only (`SwinTransformer.forward_stage(i+1)` calls `downsample`)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
                  qkv_bias: bool, drop_paths: list[float], input_resolution: tuple[int, int], downsample: bool):
@@ -253,14 +228,12 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin Transformer backbone returning per-stage maps (defaults: Swin-T, official weights).
+    """Swin Transformer backbone returning per-stage maps (defaults: Swin-T); other args as official.
 
     Args:
-        img_size: image side (int or (H, W)) the derived buffers are built for; other sizes that are
-            multiples of patch_size * 2**(len(depths)-1) also work.
-        patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias: as in
-            the official code.
-        drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over all blocks.
+        img_size: side (int or (H, W)) the derived buffers are built for; other multiples of
+            patch_size * 2**(len(depths)-1) also work.
+        drop_path_rate: stochastic depth of the last block, linear from 0 over all blocks.
     """
 
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
@@ -311,16 +284,10 @@ class SwinTransformer(nn.Module):
                              + " or ".join(map(str, near)))
 
     def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Run stage i (1-based) alone.
-
-        Args:
-            i: 1..num_stages.
-            x: i == 1: the image (B, in_chans, H, W); i > 1: the (B, C_{i-1}, H_{i-1}, W_{i-1}) output
-                of stage i-1 (or a feature of that shape that replaces it), merged by
-                `layers[i-2].downsample` before the stage-i blocks.
-        Returns:
-            (B, C_i, H_i, W_i), H_i = H / 2**(i+1) (a channels-last view, no copy).
-        """
+        """Run stage i (1-based) alone on x: the image (B, in_chans, H, W) for i == 1, else stage
+        i-1's (B, C_{i-1}, H_{i-1}, W_{i-1}) output (or a feature replacing it), merged by
+        `layers[i-2].downsample` first. Returns (B, C_i, H_i, W_i), H_i = H / 2**(i+1), a
+        channels-last view (no copy)."""
         n = self.num_stages
         if not 1 <= i <= n:
             raise ValueError(f"stage {i} is outside 1..{n}")
@@ -342,13 +309,8 @@ class SwinTransformer(nn.Module):
         return x.permute(0, 3, 1, 2)  # (B, C_i, H_i, W_i)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The per-stage maps TMC's decoder uses.
-
-        Args:
-            x: (B, in_chans, H, W), H and W multiples of `size_multiple`.
-        Returns:
-            list of num_stages maps (B, C_i, H / 2**(i+1), W / 2**(i+1)), before patch merging.
-        """
+        """(B, in_chans, H, W), sides multiples of `size_multiple` -> list of num_stages maps
+        (B, C_i, H / 2**(i+1), W / 2**(i+1)), before patch merging."""
         if x.ndim == 4:
             self._check_image_size(x.shape[-2], x.shape[-1])
         maps = []
@@ -358,11 +320,7 @@ class SwinTransformer(nn.Module):
         return maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-stage tokens after the final norm, like HF's last_hidden_state; mean over N gives
-        the pooled vector the classification head uses. Not used by TMC's decoder.
-
-        Returns:
-            (B, N, C_last), N = H_last * W_last.
-        """
+        """Last-stage tokens after the final norm (HF's last_hidden_state): (B, N, C_last),
+        N = H_last * W_last. Not used by TMC's decoder."""
         x = self.forward(x)[-1]  # (B, C, H, W)
         return self.norm(x.flatten(2).transpose(1, 2))  # (B, N, C)

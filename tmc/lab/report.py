@@ -214,6 +214,14 @@ def summary(results: Path) -> str:
     return _table(["run", "test Dice (per image)", "seeds", "files"], rows)
 
 
+def qata_protocol(results: Path, name: str) -> str:
+    """The QaTa protocol's tables (tmc.lab.qata_protocol.tables) from its summary.json."""
+    from tmc.lab.qata_protocol import tables
+
+    summary = _load(results, f"{name}/summary.json")
+    return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{summary['command']}`.\n"
+
+
 TABLES = {
     "summary": summary,
     "model-size": model_size,
@@ -233,6 +241,7 @@ TABLES = {
     "qata-gpu": lambda r: qata(r, "qata_gpu"),
     "qata-cpu-small": lambda r: qata(r, "qata_cpu_small"),
     "bench-gpu": bench_gpu,
+    "qata-protocol": lambda r: qata_protocol(r, "qata_cpu/protocol"),
 }
 
 

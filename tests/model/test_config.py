@@ -12,7 +12,7 @@ import pytest
 from tmc.config import PRESETS, ModelConfig, PresetName
 from tmc.train_config import TrainConfig, build_parser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Written out here, apart from the code, so a value dropped from a Literal fails a test.
 EXPECTED_CHOICES = {

@@ -11,7 +11,7 @@ import pytest
 
 from datasets.records import DatasetError
 from datasets import duke as D
-from tests.test_volumes import oblique_iop, write_dicom_series
+from tests.data.test_volumes import oblique_iop, write_dicom_series
 
 nib = pytest.importorskip("nibabel")
 openpyxl = pytest.importorskip("openpyxl")

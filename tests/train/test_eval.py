@@ -12,9 +12,11 @@ import torch
 
 import eval as evaluate
 from tmc.engine import predict_records, summarize
+from tmc.metrics import METRIC_KEYS
+from tmc.predict import make_segmenter
 from tmc.visualize import GT_COLOR, PRED_COLOR, attention_heatmap, outline, overlay_contours
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------- metric wiring
@@ -93,7 +95,7 @@ def test_runs_combine_to_mean_std_and_paired_t_test_matches_formula():
     def run(dice_by_case, name):
         return {"checkpoint": name, "cases": {c: {"dice": d, "iou": d / 2, "n_slices": 1}
                                               for c, d in dice_by_case.items()},
-                **{k: dice_by_case["a"] for k in evaluate.METRIC_KEYS},
+                **{k: dice_by_case["a"] for k in METRIC_KEYS},
                 "protocol": "per-case", "empty_rule": "1", "n_images": 4, "n_cases": 4,
                 "dataset": "demo", "split": "test"}
 
@@ -190,7 +192,7 @@ def test_dicom_series_prediction_is_on_the_series_ras_grid(tmp_path):
     nib = pytest.importorskip("nibabel")
     pytest.importorskip("pydicom")
     from datasets.volumes import read_dicom_series
-    from tests.test_volumes import write_dicom_series
+    from tests.data.test_volumes import write_dicom_series
 
     stored = np.zeros((12, 12, 4), dtype=np.uint16)  # (Co, R, S)
     for s in range(4):
@@ -298,7 +300,7 @@ def test_another_folder_is_scored_on_its_own_split_with_n_of_m(demo_run, tmp_pat
     import shutil
     import warnings
 
-    from tests.test_qata import NAMES, make_lvit, make_sgseg
+    from tests.data.test_qata import NAMES, make_lvit, make_sgseg
 
     _, out, _ = demo_run
     lvit = make_lvit(tmp_path / "lvit")
@@ -363,5 +365,5 @@ def test_blank_text_is_refused():
     from tmc.model import build_model
 
     model = build_model(tiny_config(image_size=32))
-    with pytest.raises(SystemExit, match="--text is blank"):
-        evaluate.make_segmenter(model, "   \t", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--text is blank"):
+        make_segmenter(model, "   \t", torch.device("cpu"))

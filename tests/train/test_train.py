@@ -13,7 +13,9 @@ import torch
 import train
 from tmc.checkpoint import load_checkpoint, save_checkpoint
 from tmc.config import ModelConfig, get_config
-from tmc.engine import NonFiniteGuard, NonFiniteLossError, capture_rng, restore_rng, train_one_epoch
+from tmc.engine import (NonFiniteGuard, NonFiniteLossError, capture_rng, make_train_step, restore_rng,
+                        train_one_epoch)
+from tmc.optim import make_scheduler, parameter_groups
 from tmc.train_config import (
     DATASET_DEFAULTS, TrainConfig, build_parser, explicit_overrides, resolve_model_config,
     resolve_train_config,
@@ -54,6 +56,18 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
     assert set(DATASET_DEFAULTS) == {"demo", "qata", "mosmed", "mosmedplus", "duke", "csv"}
 
 
+def test_the_small_preset_on_qata_brings_its_whole_recipe():
+    """`--dataset qata --preset small` alone gives the recipe of the QaTa protocol; the paper preset on
+    QaTa keeps the paper's settings, and an explicit flag still wins."""
+    cfg, _ = _resolve(["--dataset", "qata", "--preset", "small"])
+    assert (cfg.augment, cfg.seg_loss, cfg.lr, cfg.max_steps_per_epoch, cfg.lr_schedule, cfg.epochs,
+            cfg.workers) == ("text-consistent", "bce+dice", 1e-3, 50, "cosine", 72, 0)
+    paper, _ = _resolve(["--dataset", "qata"])
+    assert (paper.augment, paper.seg_loss, paper.lr, paper.lr_schedule) == ("paper", "bce", 3e-4, "plateau")
+    assert _resolve(["--dataset", "qata", "--preset", "small", "--augment", "paper"])[0].augment == "paper"
+    assert _resolve(["--dataset", "mosmed", "--preset", "small"])[0].augment == "paper"  # not measured there
+
+
 def test_ablation_flags():
     _, m = _resolve(["--dataset", "qata", "--mcm-stages", "none", "--no-alignment",
                      "--alignment-form", "literal", "--text-length", "10", "--freeze-text",
@@ -85,15 +99,16 @@ def _batches(values):
 def test_nonfinite_losses_are_skipped_then_stop_the_run():
     model = Scale()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    common = dict(device=torch.device("cpu"), tokenize=lambda c: {}, progress=False,
-                  scaler=torch.amp.GradScaler("cpu", enabled=False))
+    common = dict(device=torch.device("cpu"), tokenize=lambda c: {}, progress=False)
+    step = make_train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), TrainConfig(amp="off"),
+                           device=torch.device("cpu"))
     guard = NonFiniteGuard(limit=3)
     batches = _batches([float("nan"), float("inf"), 1.0])
-    stats = train_one_epoch(model, batches, opt, guard=guard, **common)
+    stats = train_one_epoch(step, batches, guard=guard, **common)
     assert (stats["steps"], stats["skipped"], guard.total, guard.in_a_row) == (1, 2, 2, 0)
     w = model.w.detach().clone()
     with pytest.raises(NonFiniteLossError, match="non-finite losses in a row.*--lr"):
-        train_one_epoch(model, _batches([float("nan")] * 5), opt, guard=guard, **common)
+        train_one_epoch(step, _batches([float("nan")] * 5), guard=guard, **common)
     assert torch.equal(model.w.detach(), w)  # skipped steps never touch the weights
 
 
@@ -272,7 +287,7 @@ def test_cosine_time_decays_over_the_time_limit(monkeypatch):
     w = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.Adam([{"params": w[:1]}, {"params": w[1:], "lr": 1e-4}], lr=1e-3)
     cfg = TrainConfig(lr_schedule="cosine-time", time_limit=10.0, min_lr=1e-5)
-    scheduler = train.make_scheduler(optimizer, cfg, start=1000.0)
+    scheduler = make_scheduler(optimizer, cfg, start=1000.0)
     for elapsed_min in (0.0, 2.5, 5.0, 10.0, 12.0):
         clock[0] = 1000.0 + 60 * elapsed_min
         optimizer.step()  # no gradients: nothing moves
@@ -294,8 +309,8 @@ def test_text_lr_puts_the_text_encoder_in_its_own_adam_group():
     torch.manual_seed(0)
     model = build_model(tiny_config(image_size=32))
     text = {id(p) for p in model.text.parameters()}
-    assert len(train.parameter_groups(model, TrainConfig(lr=1e-3))) == 1  # text_lr 0: one lr for all
-    groups = train.parameter_groups(model, TrainConfig(lr=0.0, text_lr=0.5))
+    assert len(parameter_groups(model, TrainConfig(lr=1e-3))) == 1  # text_lr 0: one lr for all
+    groups = parameter_groups(model, TrainConfig(lr=0.0, text_lr=0.5))
     assert {id(p) for p in groups[0]["params"]}.isdisjoint(text)
     assert {id(p) for p in groups[1]["params"]} == text and groups[1]["lr"] == 0.5
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
@@ -312,7 +327,7 @@ def test_text_lr_puts_the_text_encoder_in_its_own_adam_group():
     assert _resolve(["--text-lr", "3e-5"])[0].text_lr == 3e-5
     # A frozen encoder has nothing to put in the group.
     frozen = build_model(tiny_config(image_size=32, freeze_text=True))
-    assert len(train.parameter_groups(frozen, TrainConfig(text_lr=0.5))) == 1
+    assert len(parameter_groups(frozen, TrainConfig(text_lr=0.5))) == 1
 
 
 def test_every_experiment_variant_is_valid_train_flags():
@@ -343,7 +358,7 @@ def test_cosine_schedule_decays_to_min_lr_over_the_epochs():
     params = [torch.nn.Parameter(torch.zeros(1))]
     cfg = TrainConfig(lr=1e-3, min_lr=1e-5, epochs=4, lr_schedule="cosine")
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    scheduler = train.make_scheduler(optimizer, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
     seen = []
     for _ in range(cfg.epochs):
         optimizer.step()
@@ -351,7 +366,7 @@ def test_cosine_schedule_decays_to_min_lr_over_the_epochs():
         seen.append(optimizer.param_groups[0]["lr"])
     expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(1, 5)]
     assert seen == pytest.approx(expected) and seen[-1] == pytest.approx(1e-5)
-    plateau = train.make_scheduler(torch.optim.Adam(params, lr=1e-3), TrainConfig())
+    plateau = make_scheduler(torch.optim.Adam(params, lr=1e-3), TrainConfig())
     assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 # ---------------------------------------------------------------------------- runs that keep their work

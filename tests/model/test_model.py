@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests import param_counts
+from tests.model import param_counts
 from tmc.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tmc.config import ModelConfig, get_config, tiny_config
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
@@ -161,7 +161,7 @@ def test_paper_config_forward_at_224_with_random_bert_base():
     model = build_model(cfg).eval()
     counts = count_parameters(model)
     assert 0.85 * 242.8e6 <= counts["total"] <= 1.15 * 242.8e6, counts
-    # Exact per part, from the architecture written out layer by layer (tests/param_counts.py):
+    # Exact per part, from the architecture written out layer by layer (tests/model/param_counts.py):
     # BERT-base without pooler; Swin-T without head; the stage-2/3/4 text projections (768→192,
     # 192→384, 384→768), both MCM directions at stages 2-3 and the image direction at stage 4;
     # two Linear(C, 256) plus temperature and bias per aligned stage.

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tests import param_counts
+from tests.model import param_counts
 from tmc.decoder import DualUDecoder, WindowAttention
 
 PAPER = dict(stage_channels=(96, 192, 384, 768), stem_channels=32, vit_heads=(3, 6, 12, 24), vit_window=7)
@@ -173,7 +173,7 @@ def test_parameter_count_at_paper_widths():
         dec = DualUDecoder(**PAPER)
     n = sum(p.numel() for p in dec.parameters())
     assert 70e6 <= n <= 95e6, n
-    # Exact, from the architecture written out layer by layer (tests/param_counts.py).
+    # Exact, from the architecture written out layer by layer (tests/model/param_counts.py).
     assert n == param_counts.decoder(PAPER["stage_channels"], PAPER["stem_channels"]) == 78_241_121
     with torch.device("meta"):
         tiny = DualUDecoder(**TINY)

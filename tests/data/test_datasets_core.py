@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from datasets.augment import augment_batch, rotate_batch
-from datasets.images import image_key, read_image, read_image_and_mask, read_mask, resize_image, resize_mask
+from datasets.images import image_key, read_image, read_image_and_mask, read_mask
+from tmc.predict import resize_image, resize_mask
 from datasets.records import DatasetError
 from datasets.splits import apportion, assign_splits, check_no_leak
 from datasets.text_from_mask import caption_from_mask, mask_zones

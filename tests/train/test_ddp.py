@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tmc.checkpoint import load_checkpoint, model_from_checkpoint
 from tmc.engine import predict_records, summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_two_cpu_processes_train_and_evaluate_like_one(tmp_path):
