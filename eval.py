@@ -16,9 +16,8 @@ Which images: the run's own folder is split as in training (--split test: its te
 other --root/--dataset keeps that folder's own split (--split-mode layout; a folder holding only a
 test split is fine); --split-mode paper re-splits it 7:1:2; --split all scores every image. Each
 result says "N of M images of the folder".
-Empty-vs-empty rule (tmc.metrics): an image with empty ground truth and empty prediction scores
-1.0 (a correct "nothing here"), so normal CT scans enter the per-case mean and the paired t-test as
-the paper's protocol requires; --empty nan leaves such images out (nnU-Net), --empty 0 is LViT's.
+Empty-vs-empty (tmc.metrics): 1.0 by default, so normal CT scans enter the per-case mean and the
+paired t-test (paper §4.3); --empty nan leaves such images out (nnU-Net), --empty 0 is LViT's.
 """
 from __future__ import annotations
 
@@ -34,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
-from tmc.engine import default_workers, pick_device, predict_records, summarize
+from tmc.distributed import pick_device
+from tmc.engine import default_workers, predict_records, summarize
 from tmc.metrics import THRESHOLD, combine_runs, paired_test
 from tmc.predict import make_segmenter, segment_images
 from tmc.visualize import OverlayWriter

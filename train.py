@@ -26,11 +26,11 @@ import torch
 from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, save_checkpoint,
                             training_checkpoint, weights_checkpoint)
 from tmc.config import ModelConfig
+from tmc.distributed import Dist, barrier, cleanup_distributed, gather_lists, init_distributed
 from tmc.engine import (
-    Dist, NonFiniteGuard, NonFiniteLossError, barrier, capture_rng,
-    cleanup_distributed, default_workers, gather_lists, init_distributed, make_generator, make_scaler,
-    make_train_step, predict_records, resolve_amp, restore_rng, seed_everything,
-    summarize, train_one_epoch,
+    NonFiniteGuard, NonFiniteLossError, capture_rng, default_workers, make_generator, make_scaler,
+    make_train_step, predict_records, resolve_amp, restore_rng, seed_everything, summarize,
+    train_one_epoch,
 )
 from tmc.model import build_model
 from tmc.optim import make_optimizer, make_scheduler, step_scheduler

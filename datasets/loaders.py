@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tmc.engine import ShardSampler, make_generator, seed_worker
+from tmc.distributed import ShardSampler
+from tmc.engine import make_generator, seed_worker
 
 
 def _common(workers: int, device: torch.device) -> dict:

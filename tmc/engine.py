@@ -1,5 +1,5 @@
-"""The training and evaluation loops, and what they need: seeding and RNG state, AMP, DDP helpers,
-and the evaluation protocols (per image, global, per case; defined in tmc.metrics).
+"""The training and evaluation loops, and what they need: seeding and RNG state, AMP, and the
+evaluation protocols (per image, global, per case; defined in tmc.metrics).
 
 train.py and eval.py are thin command lines around these functions, so the same code runs on a
 CPU, one GPU, or `torchrun --nproc_per_node N`. Evaluation thresholds sigmoid probabilities at 0.5
@@ -9,7 +9,6 @@ Shape key: B batch, H, W spatial, T text tokens.
 """
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import random
@@ -19,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from tmc.distributed import Dist, all_reduce_sum, gather_lists
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
 from tmc.metrics import THRESHOLD, confusion, global_scores, mean_scores, per_case_scores
 from tmc.train_config import TrainConfig
@@ -129,94 +127,6 @@ def autocast(device: torch.device, amp: str):
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 on CUDA (bf16 needs none)."""
     return torch.amp.GradScaler(device.type, enabled=amp_dtype(amp, device) == torch.float16)
-
-
-# ---------------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def pick_device(name: str = "", dist: Dist | None = None) -> torch.device:
-    """`name` ("cpu", "cuda", "cuda:1", "mps") or the best available; one GPU per rank under torchrun."""
-    dist = dist or Dist()
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here; fix: --device cpu")
-        if dist.enabled:
-            name = f"cuda:{dist.local_rank}"
-        if torch.device(name).index is not None:
-            torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
-def init_distributed(device_name: str = "") -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_name, dist)
-    if dist.enabled and not torch_dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # The other ranks wait while rank 0 builds the dataset cache (minutes for CT volumes).
-        torch_dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None,
-                                      timeout=datetime.timedelta(minutes=60))
-    return dist, device
-
-
-def cleanup_distributed(dist: Dist) -> None:
-    if dist.enabled and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def barrier(dist: Dist) -> None:
-    if dist.enabled:
-        torch_dist.barrier()
-
-
-def all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks."""
-    if not dist.enabled:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_lists(items: list, dist: Dist) -> list:
-    """Concatenate a picklable list from every rank (every rank gets the result)."""
-    if not dist.enabled:
-        return list(items)
-    parts = [None] * dist.world_size
-    torch_dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world, ... without padding, so evaluation sees every image exactly once
-    (DistributedSampler would repeat images to even out the shards)."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 # ---------------------------------------------------------------------------- training

@@ -207,6 +207,10 @@ def summary(results: Path) -> str:
                             "minilm-sigmoid")):
         d = variant(name, v)
         rows.append([label, _ms(d["dice"]["values"]), str(d["dice"]["n"]), f"`results/{name}`"])
+    for v, label in (("best", "`--preset small` (frozen MiniLM)"), ("no-text", "the same with `--no-text`")):
+        d = variant("qata_cpu/protocol", v)["dice"]
+        rows.append([f"QaTa-COV19, held-out test patients, {label}, 20 min on one CPU thread",
+                     f"{d['mean']:.3f} ± {d['std']:.3f}", str(len(d["values"])), "`results/qata_cpu/protocol`"])
     for v in ("full", "no-text"):
         d = variant("qata_gpu", v)
         rows.append([f"QaTa subset, {v} (paper preset, 2.5 min on one GPU)", f"{d['dice']['mean']:.3f}",
@@ -226,6 +230,7 @@ TABLES = {
     "summary": summary,
     "model-size": model_size,
     "demo-default": lambda r: grid(r, "demo_default", shuffled=True, wall=True),
+    "demo-default-plateau10": lambda r: grid(r, "demo_default_plateau10", shuffled=True, wall=True),
     "demo-ablation": lambda r: grid(r, "demo_ablation", binding=True, shuffled=True),
     "demo96": lambda r: grid(r, "demo96", binding=True),
     "demo-long": lambda r: grid(r, "demo_long", binding=True),
