@@ -218,8 +218,7 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
         if dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of "
                              f"{', '.join(typing.get_args(DatasetName))}")
-        preset = overrides.get("preset") or DATASET_DEFAULTS[dataset].get("preset") or \
-            ("tiny" if dataset == "demo" else "paper")
+        preset = overrides.get("preset") or default_preset(dataset)
         base = {**dataclasses.asdict(TrainConfig()), **DATASET_DEFAULTS[dataset],
                 **PRESET_DEFAULTS.get((dataset, preset), {})}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -228,8 +227,13 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
         raise ValueError("--lr-schedule cosine-time decays the lr over the --time-limit budget; fix: "
                          "give --time-limit MINUTES, or use --lr-schedule cosine (over --epochs)")
     if not cfg.preset:
-        cfg.preset = "tiny" if cfg.dataset == "demo" else "paper"
+        cfg.preset = default_preset(cfg.dataset)
     return cfg
+
+
+def default_preset(dataset: str) -> str:
+    """The model preset of a run that names none: the dataset's own (the demo's tiny), else paper."""
+    return DATASET_DEFAULTS.get(dataset, {}).get("preset", "paper")
 
 
 def resolve_model_config(preset: str, overrides: dict, dataset: str = "") -> ModelConfig:
