@@ -56,6 +56,15 @@ def _emb(B=4, D=6, seed=0):
 
 # ---------------------------------------------------------------- alignment
 
+def _assert_same_values_and_grads(loss, slow, leaves, slow_leaves):
+    """The loss equals the slow reference, and so do the gradients of every input leaf."""
+    torch.testing.assert_close(loss, slow, rtol=1e-10, atol=1e-12)
+    loss.backward()
+    slow.backward()
+    for x, y in zip(leaves, slow_leaves):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_sigmoid_loss_matches_slow_values_and_grads(with_mask):
     img, txt = _emb()
@@ -68,13 +77,8 @@ def test_sigmoid_loss_matches_slow_values_and_grads(with_mask):
     a = _leaves(img, txt, scale, bias)
     b = _leaves(img, txt, scale, bias)
     loss = sigmoid_alignment_loss(*a, positive_mask=mask)
-    slow = _slow_sigmoid_loss(*b, positive.tolist())
     assert loss.ndim == 0
-    torch.testing.assert_close(loss, slow, rtol=1e-10, atol=1e-12)
-    loss.backward()
-    slow.backward()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+    _assert_same_values_and_grads(loss, _slow_sigmoid_loss(*b, positive.tolist()), a, b)
 
 
 def test_identical_captions_are_positives():
@@ -107,12 +111,7 @@ def test_literal_loss_matches_slow_values_and_grads():
     img, txt = _emb(B=5, seed=4)
     scale = torch.tensor(1.5, dtype=DT)
     a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
-    loss, slow = literal_alignment_loss(*a), _slow_literal_loss(*b)
-    torch.testing.assert_close(loss, slow, rtol=1e-10, atol=1e-12)
-    loss.backward()
-    slow.backward()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+    _assert_same_values_and_grads(literal_alignment_loss(*a), _slow_literal_loss(*b), a, b)
 
 
 def test_literal_loss_is_minimal_at_orthogonal_pairs():
