@@ -315,9 +315,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     folder = Path(args.out).resolve()
     jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed by seed: variants side by side
+    # Waves are formed from the runs still to train, so a rerun that adds seeds or variants to a
+    # folder keeps its runs in pairs (a run alone would get a whole CPU and more steps).
+    todo = [(v, s) for v, s in jobs if not (folder / f"{v}-s{s}" / "test_metrics.json").is_file()]
     prepare_cache(run_flags(args, *jobs[0]))
-    for i in range(0, len(jobs), args.parallel):  # a wave ends before the next starts
-        wave = jobs[i:i + args.parallel]
+    for i in range(0, len(todo), args.parallel):  # a wave ends before the next starts
+        wave = todo[i:i + args.parallel]
         with ThreadPoolExecutor(max_workers=len(wave)) as pool:
             futures = [pool.submit(run_train, folder / f"{v}-s{s}", run_flags(args, v, s), args.threads)
                        for v, s in wave]
