@@ -60,10 +60,12 @@ def test_the_small_preset_on_qata_brings_its_whole_recipe():
     """`--dataset qata --preset small` alone gives the recipe of the QaTa protocol; the paper preset on
     QaTa keeps the paper's settings, and an explicit flag still wins."""
     cfg, _ = _resolve(["--dataset", "qata", "--preset", "small"])
-    assert (cfg.augment, cfg.seg_loss, cfg.lr, cfg.max_steps_per_epoch, cfg.lr_schedule, cfg.epochs,
-            cfg.workers) == ("text-consistent", "bce+dice", 1e-3, 50, "cosine", 72, 0)
+    assert (cfg.split_mode, cfg.augment, cfg.seg_loss, cfg.lr, cfg.max_steps_per_epoch, cfg.lr_schedule,
+            cfg.epochs, cfg.workers) == ("layout-val", "text-consistent", "bce+dice", 1e-3, 50, "cosine",
+                                         72, 0)
     paper, _ = _resolve(["--dataset", "qata"])
-    assert (paper.augment, paper.seg_loss, paper.lr, paper.lr_schedule) == ("paper", "bce", 3e-4, "plateau")
+    assert (paper.split_mode, paper.augment, paper.seg_loss, paper.lr, paper.lr_schedule) == (
+        "auto", "paper", "bce", 3e-4, "plateau")
     assert _resolve(["--dataset", "qata", "--preset", "small", "--augment", "paper"])[0].augment == "paper"
     assert _resolve(["--dataset", "mosmed", "--preset", "small"])[0].augment == "paper"  # not measured there
 

@@ -39,10 +39,10 @@ import numpy as np
 from tmc.lab.runs import REPO, machine, run_train, spread
 
 # Every run: these train.py flags, then the --minutes budget, the seed, --train-flags, the variant.
-# The rest of the recipe (augmentation, loss, lr, 50-step epochs) is what `--dataset qata --preset
-# small` sets by itself (tmc.train_config.PRESET_DEFAULTS); only the budget differs: wall-clock
-# minutes with the cosine over that time, no early stop.
-RECIPE = ["--dataset", "qata", "--split-mode", "layout-val", "--preset", "small",
+# The rest of the recipe (split, augmentation, loss, lr, 50-step epochs) is what `--dataset qata
+# --preset small` sets by itself (tmc.train_config.PRESET_DEFAULTS); only the budget differs:
+# wall-clock minutes with the cosine over that time, no early stop.
+RECIPE = ["--dataset", "qata", "--preset", "small",
           "--lr-schedule", "cosine-time", "--epochs", "1000000", "--patience", "1000000"]
 # name → train.py flags on top of the recipe; each line is one question about the recipe.
 VARIANTS = {
@@ -253,6 +253,30 @@ def tables(summary: dict) -> str:
             equal.append(f"| {name} | {_fmt(e['val_dice'])} | {_fmt(e['dice'])} | "
                          f"{_fmt(e['dice_global'])} |")
     return "\n\n".join("\n".join(t) for t in [main, size] + ([equal] if at is not None else [])) + "\n"
+
+
+def _seed(run: dict) -> int:
+    return int(run["run"].rsplit("-s", 1)[1])
+
+
+def ablation_table(*summaries: dict, reference: str = "best") -> str:
+    """Every variant of `summaries` (summary.json dicts of the same protocol) against `reference`,
+    seed by seed: mean ± std of the variant and of its difference from the reference run of the
+    same seed (a negative difference: the variant loses)."""
+    variants = {name: row for s in summaries for name, row in s["variants"].items()}
+    ref = {_seed(r): r for r in variants[reference]["runs"]}
+    lines = [f"| variant | seeds | steps | Dice (per image) | minus {reference} | Dice (global) | "
+             f"minus {reference} | shuffled captions: Dice (per image) |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in variants.items():
+        runs = row["runs"]
+        cells = []
+        for key in ("dice", "dice_global"):
+            delta = _ms([r["test"][key] - ref[_seed(r)]["test"][key] for r in runs if _seed(r) in ref])
+            cells += [_fmt(row[key]), "—" if name == reference else _fmt(delta)]
+        shuffled = _fmt(row["shuffled_dice"]) if "shuffled_dice" in row else "—"
+        lines.append(f"| {name} | {len(runs)} | {row['steps']['mean']:.0f} | {' | '.join(cells)} | "
+                     f"{shuffled} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- the command
