@@ -42,6 +42,28 @@ def test_recipe_and_every_variant_are_valid_train_flags():
         protocol.parse_args(["--root", "x", "--variants", "no-such-variant"])
 
 
+def _summary(variants: dict[str, dict[int, tuple[float, float]]]) -> dict:
+    """A summary.json of {variant: {seed: (dice, dice_global)}}, as summarise_protocol writes it."""
+    out = {}
+    for name, seeds in variants.items():
+        runs = [{"run": f"results/x/{name}-s{s}", "steps": 100, "test": {"dice": d, "dice_global": g}}
+                for s, (d, g) in seeds.items()]
+        out[name] = {k: protocol._ms([r["test"][k] for r in runs]) for k in ("dice", "dice_global")}
+        out[name].update(steps=protocol._ms([100] * len(runs)), runs=runs)
+    return {"variants": out}
+
+
+def test_ablation_table_subtracts_the_reference_run_of_the_same_seed():
+    base = _summary({"best": {0: (0.70, 0.80), 1: (0.60, 0.90)}})
+    other = _summary({"no-alignment": {1: (0.50, 0.85), 0: (0.72, 0.70)}})  # seeds in another order
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in protocol.ablation_table(base, other).splitlines()[2:]}
+    # seed 0: +0.02 / -0.10, seed 1: -0.10 / -0.05 → means -0.04 and -0.075, sample std over 2 seeds
+    assert rows["no-alignment"][4] == f"-0.040 ± {math.sqrt(2 * 0.06 ** 2):.3f}"
+    assert rows["no-alignment"][6] == f"-0.075 ± {math.sqrt(2 * 0.025 ** 2):.3f}"
+    assert rows["best"][4] == "—" and rows["best"][1] == "2"
+
+
 def test_size_quartiles_by_hand():
     # true areas (tp + fn): a 0, b 3, c 3, d 10, e 40 → groups {a, b}, {c}, {d}, {e}
     records = [{"key": "e", "tp": 20, "fp": 0, "fn": 20}, {"key": "c", "tp": 3, "fp": 3, "fn": 0},

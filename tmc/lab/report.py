@@ -226,6 +226,16 @@ def qata_protocol(results: Path, name: str) -> str:
     return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{summary['command']}`.\n"
 
 
+def qata_ablations(results: Path) -> str:
+    """Each variant of the QaTa protocol against the recipe, seed by seed."""
+    from tmc.lab.qata_protocol import ablation_table
+
+    base = _load(results, "qata_cpu/protocol/summary.json")
+    variants = _load(results, "qata_cpu/protocol_variants/summary.json")
+    return (ablation_table(base, variants) + f"\nMachine: {variants['machine']}. Commands: "
+            f"`{base['command']}` and `{variants['command']}`.\n")
+
+
 TABLES = {
     "summary": summary,
     "model-size": model_size,
@@ -247,6 +257,7 @@ TABLES = {
     "qata-cpu-small": lambda r: qata(r, "qata_cpu_small"),
     "bench-gpu": bench_gpu,
     "qata-protocol": lambda r: qata_protocol(r, "qata_cpu/protocol"),
+    "qata-ablations": qata_ablations,
 }
 
 
