@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.distributed import pick_device
-from tmc.engine import default_workers, predict_records, summarize
+from tmc.engine import default_workers, predict_records, resolve_amp, summarize
 from tmc.metrics import THRESHOLD, combine_runs, paired_test
 from tmc.predict import make_segmenter, segment_images
 from tmc.visualize import OverlayWriter
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1,
                    help="DataLoader workers (-1 = the CPU cores available, at most 4)")
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ('' = cuda when available)")
-    p.add_argument("--amp", default="off", choices=[a for a in typing.get_args(AmpMode) if a != "auto"])
+    p.add_argument("--amp", default="auto", choices=typing.get_args(AmpMode),
+                   help="as train.py's: auto = bf16 where the GPU supports it, else fp16; off on CPU")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         device = pick_device(args.device)
     except ValueError as e:
         fail(str(e))
+    args.amp, amp_note = resolve_amp(args.amp, device)  # as the training run validated
+    print(amp_note)
 
     if args.image or args.volume:
         if len(args.ckpt_list) != 1:

@@ -320,6 +320,8 @@ def test_another_folder_is_scored_on_its_own_split_with_n_of_m(demo_run, tmp_pat
     res, text = score(lvit)
     assert (res["n_images"], res["n_folder"], res["split_mode"]) == (2, 2, "layout")
     assert "qata test (layout split) | 2 of 2 images of the folder" in text
+    if not torch.cuda.is_available():  # --amp auto, as train.py resolves it: fp32 on a CPU
+        assert "amp: off (fp32) (auto: no CUDA device)" in text
     res, text = score(sgseg, "--split", "all")
     assert (res["n_images"], res["n_folder"]) == (len(NAMES), len(NAMES))
     assert f"{len(NAMES)} of {len(NAMES)} images of the folder" in text
