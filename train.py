@@ -26,7 +26,8 @@ import torch
 from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, save_checkpoint,
                             training_checkpoint, weights_checkpoint)
 from tmc.config import ModelConfig
-from tmc.distributed import Dist, barrier, cleanup_distributed, gather_lists, init_distributed
+from tmc.distributed import (Dist, barrier, broadcast_buffers, cleanup_distributed, gather_lists,
+                             init_distributed)
 from tmc.engine import (
     NonFiniteGuard, NonFiniteLossError, capture_rng, default_workers, make_generator, make_scaler,
     make_train_step, predict_records, resolve_amp, restore_rng, seed_everything, summarize,
@@ -241,6 +242,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
                                     desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
                                     deadline=deadline)
             t1 = time.time()
+            broadcast_buffers(raw, dist)
             val = summarize(predict_records(raw, val_loader, device=device, tokenize=raw.tokenize,
                                             amp=cfg.amp, max_batches=cfg.limit_eval_batches, dist=dist,
                                             desc="val", progress=cfg.progress))

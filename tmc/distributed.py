@@ -74,6 +74,15 @@ def all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> lis
     return t.tolist()
 
 
+def broadcast_buffers(module: torch.nn.Module, dist: Dist) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. Each rank's last training
+    forward updated its own; rank 0's are those saved in the checkpoint, so a sharded evaluation
+    scores the model the checkpoint holds."""
+    if dist.enabled:
+        for b in module.buffers():
+            torch_dist.broadcast(b, src=0)
+
+
 def gather_lists(items: list, dist: Dist) -> list:
     """Concatenate a picklable list from every rank (every rank gets the result)."""
     if not dist.enabled:

@@ -27,12 +27,14 @@ def test_two_cpu_processes_train_and_evaluate_like_one(tmp_path):
     cache = prepare("demo", str(data / "demo"), image_size=64, cache_dir=str(data / "cache"),
                     progress=False, n=24)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    # The tiny preset's own text encoder (not the demo's MiniLM): sharding is what is tested here.
+    # The demo's own recipe (frozen MiniLM): after 2 steps its masks already overlap the lesions, so
+    # the comparison below is between Dice values above 0 (a model that predicts nothing scores 0
+    # on every rank whatever the sharding).
     cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
            "--dataset", "demo", "--root", str(data / "demo"), "--cache-dir", str(data / "cache"),
            "--reader-options", "n=24", "--out", str(out), "--epochs", "1", "--batch-size", "4",
            "--max-steps-per-epoch", "2", "--workers", "0", "--device", "cpu", "--no-progress",
-           "--time-limit", "0", "--text-model", "random:2x64", "--no-freeze-text", "--mcm-attention", "softmax"]
+           "--time-limit", "0"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -46,6 +48,7 @@ def test_two_cpu_processes_train_and_evaluate_like_one(tmp_path):
     assert not any(k.startswith("module.") for k in ck["model"])  # unwrapped weights
 
     # evaluation was sharded over the ranks and gathered: same numbers as one process on last.pt
+    # (validation with rank 0's BatchNorm statistics, those the checkpoint holds)
     model, _ = model_from_checkpoint(ck)
     for split, reported in (("val", rows[0]["val_dice"]),
                             ("test", json.loads((out / "test_metrics.json").read_text())["dice"])):
@@ -55,4 +58,4 @@ def test_two_cpu_processes_train_and_evaluate_like_one(tmp_path):
         records = predict_records(model, DataLoader(ds, batch_size=3), device=torch.device("cpu"),
                                   tokenize=model.tokenize, progress=False)
         assert len(records) == len(ds)
-        assert summarize(records)["dice"] == pytest.approx(reported, abs=1e-6)
+        assert reported > 0.05 and summarize(records)["dice"] == pytest.approx(reported, abs=1e-6)
