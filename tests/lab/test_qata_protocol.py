@@ -64,6 +64,22 @@ def test_ablation_table_subtracts_the_reference_run_of_the_same_seed():
     assert rows["best"][4] == "—" and rows["best"][1] == "2"
 
 
+def test_shuffled_captions_move_only_the_captions():
+    class Split:
+        texts = ["a", "b", "c"]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"image": i, "mask": -i, "text": self.texts[i]}
+
+    shuffled = protocol.ShuffledCaptions(Split(), [2, 0, 1])
+    assert [shuffled[i] for i in range(3)] == [{"image": 0, "mask": 0, "text": "c"},
+                                               {"image": 1, "mask": -1, "text": "a"},
+                                               {"image": 2, "mask": -2, "text": "b"}]
+
+
 def test_size_quartiles_by_hand():
     # true areas (tp + fn): a 0, b 3, c 3, d 10, e 40 → groups {a, b}, {c}, {d}, {e}
     records = [{"key": "e", "tp": 20, "fp": 0, "fn": 20}, {"key": "c", "tp": 3, "fp": 3, "fn": 0},
@@ -131,8 +147,9 @@ def test_protocol_command_end_to_end_on_a_fake_qata(tmp_path):
 
     root = _fake_qata(tmp_path / "qata")
     out = tmp_path / "exp"
+    # lr 1e-2: after 4 steps the model paints some pixels, so the sums below are not all zeros
     small = (f"--preset tiny --image-size {SIDE} --epochs 2 --max-steps-per-epoch 2 --batch-size 4 "
-             f"--cache-dir {tmp_path / 'cache'}")
+             f"--lr 1e-2 --cache-dir {tmp_path / 'cache'}")
     summary = protocol.main(["--root", str(root), "--minutes", "1", "--seeds", "0", "--variants",
                              "best", "no-text", "--equal-steps", "2", "--train-flags", small,
                              "--out", str(out)])
@@ -158,6 +175,7 @@ def test_protocol_command_end_to_end_on_a_fake_qata(tmp_path):
     perm = np.random.default_rng(0).permutation(len(items))
     shuffled = _slow_scores(model, items, [true[j] for j in perm])
     assert [true[j] for j in perm] != true  # the captions did move
+    assert sum(r["pred_area"] for r in rows) > 0 and best["test"]["dice"] > 0.05
     assert best["shuffled"]["dice"] == pytest.approx(np.mean([r["dice"] for r in shuffled]), abs=1e-9)
     assert best["shuffled"]["gap"] == pytest.approx(best["test"]["dice"] - best["shuffled"]["dice"])
     by_size = sorted(rows, key=lambda r: (r["area"], r["key"]))

@@ -77,13 +77,17 @@ def test_mcm_stage_sets(stages):
     cfg = tiny_config(mcm_stages=stages, alignment_stages=stages or (2,))
     model = build_model(cfg)
     image, mask = _batch(cfg)
-    out = model(image, **model.tokenize(CAPTIONS), return_attention=True)
+    tokens = model.tokenize(CAPTIONS)
+    out = model(image, **tokens, return_attention=True)
     assert sorted(out["attention"]) == sorted(stages)
+    pad = tokens["attention_mask"] == 0  # (2, T)
+    assert pad.any(dim=1).all()  # both captions are shorter than T
     for i, attn in out["attention"].items():
         side = cfg.image_size // 2 ** (i + 1)
         assert attn.shape == (2, side * side, cfg.text_length)
-        # rows are distributions over text tokens; padding gets no weight
+        # rows are distributions over the words; padding gets no weight
         torch.testing.assert_close(attn.sum(-1), torch.ones(2, side * side))
+        assert (attn.transpose(1, 2)[pad] == 0).all() and (attn.transpose(1, 2)[~pad] > 0).all()
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
@@ -97,10 +101,15 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     ckpt = load_checkpoint(path)  # weights_only=True inside
     rebuilt, cfg2 = model_from_checkpoint(ckpt)
     assert cfg2 == cfg
+    saved, loaded = model.state_dict(), rebuilt.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)  # every weight, text side included
     image, _ = _batch(cfg, b=1)
     tokens = model.tokenize(CAPTIONS[:1])
-    torch.testing.assert_close(rebuilt(image, **tokens)["logits"], model(image, **tokens)["logits"],
-                               rtol=0, atol=0)
+    a, b = rebuilt(image, **tokens), model(image, **tokens)
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
+    for x, y in zip(a["alignment"], b["alignment"]):
+        torch.testing.assert_close(x["txt"], y["txt"], rtol=0, atol=0)
     # derived buffers (relative-position index, shift masks, pixel statistics) are not stored
     assert not any("relative_position_index" in k or "attn_mask" in k or "pixel_" in k
                    for k in ckpt["model"])

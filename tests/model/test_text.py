@@ -39,10 +39,22 @@ def test_cached_features_equal_the_encoder_and_each_caption_is_encoded_once():
     other = _frozen()
     other.tokenize(CAPTIONS[1:2] + ["another caption", "and a third one"])
     assert torch.equal(other.tokenize(CAPTIONS)["text_features"], tokens["text_features"])
+    # The model reads the cache as it reads the encoder. MCM's image-path output layers start at
+    # zero, so they are given weights first; the alignment embeddings read the text at every stage
+    # (the logits of a fresh model in eval mode hardly move: BatchNorm's fresh running statistics).
+    with torch.no_grad():
+        for block in model.mcm.values():
+            block.v_attn.out_proj.weight.normal_(std=0.5)
+            block.v_mlp.fc2.weight.normal_(std=0.5)
     image = torch.rand(3, 1, 32, 32)
-    cached = model(image, **tokens)["logits"]
-    plain = model(image, tokens["input_ids"], tokens["attention_mask"])["logits"]
-    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    cached = model(image, **tokens)
+    plain = model(image, tokens["input_ids"], tokens["attention_mask"])
+    wrong = model(image, **{**tokens, "text_features": tokens["text_features"].roll(-1, 0)})  # row 0: caption 1
+    torch.testing.assert_close(cached["logits"], plain["logits"], atol=1e-5, rtol=1e-5)
+    for c, p, w in zip(cached["alignment"], plain["alignment"], wrong["alignment"]):
+        for key in ("img", "txt"):
+            torch.testing.assert_close(c[key], p[key], atol=1e-5, rtol=1e-5)
+        assert (w["txt"][0] - p["txt"][0]).abs().max() > 1e-3  # other features, other embedding
 
 
 def test_loading_other_weights_drops_the_cache():
