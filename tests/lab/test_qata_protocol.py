@@ -32,7 +32,7 @@ def test_recipe_and_every_variant_are_valid_train_flags():
         "text-consistent", "bce+dice", 1e-3, 0, 50)
     assert cfg.snapshot_steps == protocol.EQUAL_STEPS
     assert (model.image_size, model.text_model, model.freeze_text, model.mcm_attention) == (
-        96, "minilm", True, "sigmoid")
+        96, "minilm", True, "softmax")
     _, no_text = _resolve(protocol.run_flags(args, "no-text", 0))
     assert not no_text.use_text and no_text.embed_dim == model.embed_dim  # same encoder and decoder
     cfg, tuned = _resolve(protocol.run_flags(args, "fine-tuned", 0))

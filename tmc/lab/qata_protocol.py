@@ -52,7 +52,7 @@ VARIANTS = {
     "no-alignment": ["--no-alignment"],
     "bottleneck-only": ["--mcm-stages", "4", "--alignment-stages", "4"],
     "paper-augment": ["--augment", "paper"],  # vs text-consistent
-    "softmax": ["--mcm-attention", "softmax"],  # vs sigmoid word weights
+    "sigmoid": ["--mcm-attention", "sigmoid"],  # vs softmax word weights
     "T10": ["--text-length", "10"],  # vs T = 24
     "fine-tuned": ["--no-freeze-text", "--text-lr", "3e-5"],  # vs the frozen encoder
 }
