@@ -218,7 +218,7 @@ def test_small_preset_builds_frozen_minilm_and_trains_everything_else():
     torch.manual_seed(0)
     cfg = get_config("small")
     assert (cfg.image_size, cfg.embed_dim, cfg.text_model) == (96, tiny_config().embed_dim, "minilm")
-    assert cfg.freeze_text and cfg.mcm_attention == "sigmoid"
+    assert cfg.freeze_text and cfg.mcm_attention == "softmax"  # the paper's, which won on QaTa
     assert get_config("paper") == ModelConfig()  # the paper preset is untouched
     model = build_model(cfg)
     image, mask = _batch(cfg)
