@@ -49,7 +49,8 @@ def test_cached_features_equal_the_encoder_and_each_caption_is_encoded_once():
     image = torch.rand(3, 1, 32, 32)
     cached = model(image, **tokens)
     plain = model(image, tokens["input_ids"], tokens["attention_mask"])
-    wrong = model(image, **{**tokens, "text_features": tokens["text_features"].roll(-1, 0)})  # row 0: caption 1
+    rolled = tokens["text_features"].roll(-1, 0)  # row 0 gets caption 1's features
+    wrong = model(image, **{**tokens, "text_features": rolled})
     torch.testing.assert_close(cached["logits"], plain["logits"], atol=1e-5, rtol=1e-5)
     for c, p, w in zip(cached["alignment"], plain["alignment"], wrong["alignment"]):
         for key in ("img", "txt"):

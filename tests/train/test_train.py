@@ -58,7 +58,7 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
 
 def test_the_small_preset_on_qata_brings_its_whole_recipe():
     """`--dataset qata --preset small` alone gives the recipe of the QaTa protocol; the paper preset on
-    QaTa keeps the paper's settings, and an explicit flag still wins."""
+    QaTa keeps the paper's settings but for the augmentation, and an explicit flag still wins."""
     cfg, _ = _resolve(["--dataset", "qata", "--preset", "small"])
     assert (cfg.split_mode, cfg.augment, cfg.seg_loss, cfg.lr, cfg.max_steps_per_epoch, cfg.lr_schedule,
             cfg.epochs, cfg.workers) == ("layout-val", "text-consistent", "bce+dice", 1e-3, 50, "cosine",

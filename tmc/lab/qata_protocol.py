@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmc.lab.runs import REPO, machine, run_train, spread
+from tmc.lab.runs import REPO, machine, result_file, run_train, spread
 
 # Every run: these train.py flags, then the --minutes budget, the seed, --train-flags, the variant.
 # The rest of the recipe (augmentation, loss, lr, 50-step epochs) is what `--dataset qata --preset
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
     jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed by seed: variants side by side
     # Waves are formed from the runs still to train, so a rerun that adds seeds or variants to a
     # folder keeps its runs in pairs (a run alone would get a whole CPU and more steps).
-    todo = [(v, s) for v, s in jobs if not (folder / f"{v}-s{s}" / "test_metrics.json").is_file()]
+    todo = [(v, s) for v, s in jobs if not result_file(folder / f"{v}-s{s}").is_file()]
     prepare_cache(run_flags(args, *jobs[0]))
     for i in range(0, len(todo), args.parallel):  # a wave ends before the next starts
         wave = todo[i:i + args.parallel]

@@ -23,10 +23,15 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def result_file(out: Path, score_split: str = "test") -> Path:
+    """Where a finished run_train(out, ...) keeps its metrics: its presence means the run is done."""
+    return out / ("test_metrics.json" if score_split == "test" else f"{score_split}_metrics.json")
+
+
 def run_train(out: Path, flags: list[str], threads: int | None = None, score_split: str = "test") -> dict:
     """Run train.py once (unless `out` already holds its result) and return the metrics of best.pt
     on `score_split` (train.py scores "test" itself; another split is scored by eval.py)."""
-    result = out / ("test_metrics.json" if score_split == "test" else f"{score_split}_metrics.json")
+    result = result_file(out, score_split)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
