@@ -41,10 +41,13 @@ from datasets.records import DatasetError
 from datasets.splits import assign_splits
 from datasets.text_from_mask import caption_from_mask, count_regions, mask_zones
 
-__all__ = ["DEFAULT_ROOT", "DEMO_VERSION", "render_demo_image", "ensure_demo", "DemoReader"]
+__all__ = ["DEFAULT_ROOT", "DEMO_VERSION", "LESION_RADIUS", "render_demo_image", "ensure_demo", "DemoReader"]
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo"
-DEMO_VERSION = 1
+# 2: lesions of mean radius 0.1125 of the side (about 2 × 2 stage-2 tokens at 64², where MCM reads
+# the text) instead of 0.075 (1.4 tokens), a setting kept in the manifest (`lesion`).
+DEMO_VERSION = 2
+LESION_RADIUS = 0.1125
 _FOLDER = {"train": "train", "val": "valid", "test": "test"}
 
 
@@ -77,13 +80,15 @@ def _blob(rng, size: int, cy: float, cx: float, radius: float, inside: np.ndarra
     return region
 
 
-def render_demo_image(seed: int, index: int, size: int = 64):
+def render_demo_image(seed: int, index: int, size: int = 64, lesion: float = LESION_RADIUS):
     """One synthetic image, its mask and its caption.
 
     Args:
         seed: dataset seed.
         index: image number (its own random stream: (seed, index)).
         size: H = W.
+        lesion: mean blob radius as a fraction of the side (drawn within ±2/15 of it); 0.075 gives
+            the first version's blobs.
 
     Returns:
         (image (H, W) uint8, mask (H, W) bool, caption str, info dict: "targets" and "blobs",
@@ -116,7 +121,7 @@ def render_demo_image(seed: int, index: int, size: int = 64):
     mask = np.zeros((size, size), bool)
     blobs = np.zeros((2, 3), bool)
     targets = np.zeros((2, 3), bool)
-    lesion = np.zeros((size, size), np.float32)
+    brightness = np.zeros((size, size), np.float32)  # of the blobs
     union = np.zeros((size, size), bool)
     inner_lung = ndimage.binary_erosion(lung) & ~heart  # blobs over the heart would look brighter
     for j, z in enumerate(zones):
@@ -133,17 +138,17 @@ def render_demo_image(seed: int, index: int, size: int = 64):
         for _ in range(20):  # redraw the rare blob that the lung outline cuts to a sliver
             cy = rows.mean() + rng.uniform(-0.25, 0.25) * (rows.max() - rows.min())
             cx = cols.mean() + rng.uniform(-0.25, 0.25) * (cols.max() - cols.min())
-            region = _blob(rng, size, cy, cx, rng.uniform(0.065, 0.085) * size, allowed)
+            region = _blob(rng, size, cy, cx, rng.uniform(13 / 15, 17 / 15) * lesion * size, allowed)
             if region.sum() >= 0.006 * size * size:
                 break
         blobs[side, level] = True
         union |= region
-        lesion = np.maximum(lesion, region * rng.uniform(0.28, 0.36))
+        brightness = np.maximum(brightness, region * rng.uniform(0.28, 0.36))
         if j < n_target:
             mask |= region
             targets[side, level] = True
     texture = 1 + 0.25 * _smooth_noise(rng, size, max(4, size // 6))
-    img += ndimage.uniform_filter(lesion, 2) * texture
+    img += ndimage.uniform_filter(brightness, 2) * texture
     img += 0.05 * _smooth_noise(rng, size, 6) + rng.normal(0, 0.025, (size, size))
     image = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
@@ -155,8 +160,9 @@ def render_demo_image(seed: int, index: int, size: int = 64):
 
 # ---------------------------------------------------------------------------- the folder
 
-def _manifest_settings(n: int, size: int, seed: int) -> dict:
-    return {"generator": "tmc-demo", "version": DEMO_VERSION, "n": n, "size": size, "seed": seed}
+def _manifest_settings(n: int, size: int, seed: int, lesion: float) -> dict:
+    return {"generator": "tmc-demo", "version": DEMO_VERSION, "n": n, "size": size, "seed": seed,
+            "lesion": lesion}
 
 
 def _holds_demo(root: Path, settings: dict) -> tuple[bool, dict | None]:
@@ -175,13 +181,13 @@ def _holds_demo(root: Path, settings: dict) -> tuple[bool, dict | None]:
     return ok, manifest
 
 
-def _write(root: Path, n: int, size: int, seed: int) -> dict:
+def _write(root: Path, n: int, size: int, seed: int, lesion: float) -> dict:
     """Render every image into root (a fresh folder); returns {relative path: size in bytes}."""
     names = [f"demo_{i:04d}" for i in range(n)]
     split_of = assign_splits(names, seed=seed)
     annotation = {folder: [] for folder in _FOLDER.values()}
     for i, name in enumerate(names):
-        image, mask, caption, info = render_demo_image(seed, i, size)
+        image, mask, caption, info = render_demo_image(seed, i, size, lesion)
         folder = root / "images" / _FOLDER[split_of[name]]
         (folder / "images").mkdir(parents=True, exist_ok=True)
         (folder / "masks").mkdir(parents=True, exist_ok=True)
@@ -201,7 +207,8 @@ def _write(root: Path, n: int, size: int, seed: int) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def ensure_demo(root=None, n: int = 600, size: int = 64, seed: int = 0) -> Path:
+def ensure_demo(root=None, n: int = 600, size: int = 64, seed: int = 0,
+                lesion: float = LESION_RADIUS) -> Path:
     """Generate the demo set into `root` unless it already holds it; returns the folder.
 
     Args:
@@ -209,11 +216,13 @@ def ensure_demo(root=None, n: int = 600, size: int = 64, seed: int = 0) -> Path:
         n: number of images.
         size: image side in pixels.
         seed: generator and split seed.
+        lesion: mean blob radius / side (see `render_demo_image`).
     """
     root = Path(root).resolve() if root else DEFAULT_ROOT
-    if n < 10 or size < 24:
-        raise ValueError(f"the demo needs n >= 10 images of size >= 24, got n={n}, size={size}")
-    settings = _manifest_settings(n, size, seed)
+    if n < 10 or size < 24 or not 0.02 <= lesion <= 0.15:
+        raise ValueError(f"the demo needs n >= 10 images of size >= 24 and a lesion radius in "
+                         f"[0.02, 0.15] of the side, got n={n}, size={size}, lesion={lesion}")
+    settings = _manifest_settings(n, size, seed, lesion)
     ok, manifest = _holds_demo(root, settings)
     if ok:
         return root
@@ -225,7 +234,7 @@ def ensure_demo(root=None, n: int = 600, size: int = 64, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files = _write(tmp, n, size, seed)
+        files = _write(tmp, n, size, seed, lesion)
         (tmp / "demo_manifest.json").write_text(
             json.dumps({"settings": settings, "files": files}, indent=1, sort_keys=True))
         if root.exists():
@@ -245,14 +254,15 @@ class DemoReader(QataReader):
 
     Args:
         root: folder (default <repo>/data/demo).
-        n, size, seed: generator settings (see `ensure_demo`).
+        n, size, seed, lesion: generator settings (see `ensure_demo`).
     """
 
     name = "demo"
 
-    def __init__(self, root=None, n: int = 600, size: int = 64, seed: int = 0) -> None:
-        self.demo_settings = _manifest_settings(int(n), int(size), int(seed))
-        super().__init__(ensure_demo(root, int(n), int(size), int(seed)), layout="sgseg")
+    def __init__(self, root=None, n: int = 600, size: int = 64, seed: int = 0,
+                 lesion: float = LESION_RADIUS) -> None:
+        self.demo_settings = _manifest_settings(int(n), int(size), int(seed), float(lesion))
+        super().__init__(ensure_demo(root, int(n), int(size), int(seed), float(lesion)), layout="sgseg")
 
     def options(self) -> dict:
         return {**super().options(), **self.demo_settings}

@@ -94,3 +94,24 @@ def test_text_is_decisive_and_distractors_look_alike():
     t, d = np.concatenate(target_px), np.concatenate(distractor_px)
     # same generator: an image-only model sees no difference in brightness or spread
     assert abs(t.mean() - d.mean()) < 0.05 * 255 and abs(t.std() - d.std()) < 0.05 * 255
+
+
+def test_lesion_radius_sets_blob_size_and_is_part_of_the_settings(demo_root, tmp_path):
+    """Blob area grows with the lesion setting (about as its square, less where a zone clips it), and
+    another setting is another demo: the folder is regenerated, not reused."""
+    def mean_blob_px(lesion):
+        from scipy import ndimage
+        areas = []
+        for i in range(N):
+            labels, n = ndimage.label(render_demo_image(3, i, 64, lesion)[3]["union"])
+            areas += [(labels == k).sum() for k in range(1, n + 1)]
+        return np.mean(areas)
+
+    small, large = mean_blob_px(0.075), mean_blob_px(0.1125)
+    assert 1.3 < large / small < 1.5 ** 2
+    settings = json.loads((demo_root / "demo_manifest.json").read_text())["settings"]
+    assert settings["lesion"] == 0.1125
+    other = ensure_demo(tmp_path / "v1", n=N, size=SIZE, seed=3, lesion=0.075)
+    assert _digest(other) != _digest(demo_root)
+    with pytest.raises(ValueError, match="lesion radius"):
+        ensure_demo(tmp_path / "bad", n=N, size=SIZE, lesion=0.5)

@@ -155,8 +155,9 @@ def _states_equal(a, b):
 
 
 def test_resume_continues_exactly(demo_dirs, tmp_path):
-    train.main(_argv(demo_dirs, tmp_path / "straight", 2))
-    train.main(_argv(demo_dirs, tmp_path / "split", 1))
+    # plateau: a cosine's horizon is --epochs, so a cosine run extended on resume is another schedule
+    train.main(_argv(demo_dirs, tmp_path / "straight", 2, "--lr-schedule", "plateau"))
+    train.main(_argv(demo_dirs, tmp_path / "split", 1, "--lr-schedule", "plateau"))
     result = train.main(["--out", str(tmp_path / "split"), "--resume", "--epochs", "2", "--no-progress"])
     assert result["last"] == str(tmp_path / "split" / "last.pt")
 
@@ -350,7 +351,8 @@ def test_the_demo_defaults_set_model_fields_and_explicit_flags_win():
     cfg, model = _resolve(["--dataset", "demo"])
     assert cfg.preset == "tiny" and model.image_size == 64  # the tiny preset's widths
     assert (model.text_model, model.freeze_text, model.mcm_attention) == ("minilm", True, "sigmoid")
-    assert (cfg.epochs, cfg.max_steps_per_epoch, cfg.time_limit) == (80, 50, 0.0)
+    assert (cfg.batch_size, cfg.epochs, cfg.lr_schedule, cfg.max_steps_per_epoch, cfg.time_limit) == (
+        16, 40, "cosine", 0, 0.0)
     _, model = _resolve(["--dataset", "demo", "--text-model", "random:2x64", "--no-freeze-text",
                          "--mcm-attention", "softmax"])
     assert (model.text_model, model.freeze_text, model.mcm_attention) == ("random:2x64", False, "softmax")

@@ -29,23 +29,27 @@ def demo_test_split(demo: dict | None = None):
 
     size = demo["image_size"] if demo else 64
     root = str(demo["root"]) if demo else ""
-    test = SegmentationSet(prepare("demo", root, image_size=size, progress=False, **(demo or {}).get("options", {})),
-                           "test")
+    options = (demo or {}).get("options", {})
+    test = SegmentationSet(prepare("demo", root, image_size=size, progress=False, **options), "test")
     items = [test[i] for i in range(len(test))]
     images = torch.stack([it["image"] for it in items])  # (N, 1, S, S)
-    unions = np.stack([render_demo_image(0, int(it["key"].split("_")[-1]), size)[3]["union"] for it in items])
+    lesion = {"lesion": options["lesion"]} if "lesion" in options else {}
+    unions = np.stack([render_demo_image(0, int(it["key"].split("_")[-1]), size, **lesion)[3]["union"]
+                       for it in items])
     return items, images, unions
 
 
-def caption_swap(folder: Path, seed: int = 0, command: str = "python -m tmc.lab.experiments caption-swap") -> dict:
+def caption_swap(folder: Path, seed: int = 0, command: str = "python -m tmc.lab.experiments caption-swap",
+                 demo: dict | None = None) -> dict:
     """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
-    among the test images (a fixed permutation). The gap is how much the text steers the masks."""
+    among the test images (a fixed permutation), on the default demo or on `demo`'s settings. The gap
+    is how much the text steers the masks."""
     import torch
 
     from tmc.checkpoint import model_from_checkpoint
     from tmc.metrics import confusion, dice_from_counts
 
-    items, images, union = demo_test_split()  # union: (N, S, S) every blob
+    items, images, union = demo_test_split(demo)  # union: (N, S, S) every blob
     masks = torch.stack([it["mask"] for it in items]) > 0.5  # (N, 1, S, S)
     true = [it["text"] for it in items]
     perm = np.random.default_rng(seed).permutation(len(true))
@@ -187,7 +191,7 @@ def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | Non
              for f in folders]
     # The command that rewrites this very file: the default grids have no --runs.
     runs_flag = " --runs " + " ".join(shown) if summary else ""
-    out = {"command": "python -m tmc.lab.experiments zone-probe" + runs_flag + " --demo96" * bool(demo),
+    out = {"command": "python -m tmc.lab.experiments zone-probe" + runs_flag + (demo or {}).get("cli", ""),
            "machine": machine(),
            "zones": ZONE_NAMES, "note": "rows: the blob's zone; columns: the zone the one-zone caption names; "
            f"values: fraction of those blobs segmented (> half their pixels); demo test split, {size}²",

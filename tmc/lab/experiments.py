@@ -48,10 +48,12 @@ DEMO_VARIANTS = {
     "alignment-through-mcm": ["--alignment-through-mcm"],
 }
 # The demo recipe these grids were run with (the tiny preset's random 2x64 BERT fine-tuned, softmax
-# word weights, 40 epochs of 25 steps, early stop after 10), pinned so that they still reproduce now
-# that the demo's defaults are the frozen MiniLM recipe; no wall-clock limit, so a busy machine
+# word weights, batches of 8, 40 epochs of 25 steps, the plateau schedule, early stop after 10),
+# pinned so that they still reproduce now that the demo's defaults are the frozen MiniLM recipe in
+# batches of 16; they run on the first demo (DEMO_V1). No wall-clock limit, so a busy machine
 # changes only the time a run takes, never its result.
 DEMO_BUDGET = ["--text-model", "random:2x64", "--no-freeze-text", "--mcm-attention", "softmax",
+               "--batch-size", "8", "--lr-schedule", "plateau",
                "--epochs", "40", "--patience", "10", "--plateau-patience", "5",
                "--max-steps-per-epoch", "25", "--time-limit", "0"]
 # Four times that budget (160 epochs of 25 steps), early stop and lr cuts scaled alike: the grounding
@@ -62,7 +64,11 @@ DEMO_LONG_BUDGET = [*DEMO_BUDGET, "--epochs", "160", "--patience", "40", "--plat
 
 # A larger demo: at 96² a lesion covers about 3 stage-2 tokens instead of 1.4,
 # and 3000 images instead of 600 leave less to memorise. Own folder, so it never replaces data/demo.
-DEMO96 = {"root": REPO / "data" / "demo96", "image_size": 96, "options": {"n": 3000, "size": 96}}
+DEMO96 = {"root": REPO / "data" / "demo96", "image_size": 96, "options": {"n": 3000, "size": 96, "lesion": 0.075},
+          "cli": " --demo96"}
+# The first demo (lesion radius 0.075 of the side, 1.4 stage-2 tokens), on which every grid here
+# but demo-default was run; its own folder, so it never replaces data/demo.
+DEMO_V1 = {"root": REPO / "data" / "demo-v1", "image_size": 64, "options": {"lesion": 0.075}, "cli": ""}
 DEMO96_VARIANTS = {"full": [], "no-text": ["--no-text"], "no-alignment": ["--no-alignment"]}
 DEMO_LONG_VARIANTS = {"full": [], "no-text": ["--no-text"]}
 # Full TMC with a pretrained text encoder instead of the tiny preset's random BERT: the packaged
@@ -113,7 +119,8 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
     data = (f"Demo test split ({n_test} synthetic images, 64²)" if demo is None else
-            f"Demo at {demo['image_size']}² with {demo['options']['n']} images (test split: {n_test})")
+            f"Demo at {demo['image_size']}² with {demo['options'].get('n', 600)} images, lesion radius "
+            f"{demo['options'].get('lesion')} of the side (test split: {n_test})")
     note = (f"{data}, tiny preset, demo defaults" + (f" with {' '.join(budget)}" if budget else "") + "; "
             "mean ± std over seeds of the test metrics of best.pt (selected on validation Dice).")
     return summarise(folder, runs, command, note)
@@ -220,7 +227,7 @@ def main(argv=None) -> None:
                   args.parallel, budget=[], seeds_of={"no-text": args.seeds[:1]})
         caption_swap(REPO / "results" / "demo_default", command="python -m tmc.lab.experiments demo-default")
     elif args.experiment == "demo-ablation":
-        demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads, args.parallel)
+        demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO_V1)
     elif args.experiment == "token-length":
         # The tiny preset's T is 24, so the T24 runs are exactly the ablation's "full" and
         # "no-alignment" runs: read, not repeated. Without alignment the text steers the masks far
@@ -230,26 +237,30 @@ def main(argv=None) -> None:
                    "T10-no-alignment": ["--text-length", "10", "--no-alignment"],
                    "T24-no-alignment": ["--no-alignment"]},
                   args.seeds, args.threads, args.parallel,
-                  reuse={"T24": "demo_ablation/full", "T24-no-alignment": "demo_ablation/no-alignment"})
+                  reuse={"T24": "demo_ablation/full", "T24-no-alignment": "demo_ablation/no-alignment"},
+                  demo=DEMO_V1)
     elif args.experiment == "caption-swap":
-        caption_swap(REPO / "results" / "demo_ablation")
+        caption_swap(REPO / "results" / "demo_ablation", demo=DEMO_V1)
     elif args.experiment == "zone-probe":
         default = ("demo96",) if args.demo96 else ("demo_ablation", "demo_long", "demo_heads4", "demo_text_encoder",
                                                    "demo_mcm_attention")
         # Other folders (--runs) get their own file beside them, so the default summary stays whole.
         summary = Path(args.runs[0]) / "zone_probe.json" if args.runs else None
-        zone_probe(args.runs or [str(REPO / "results" / d) for d in default], DEMO96 if args.demo96 else None,
-                   summary)
+        # The default grids ran on the first demo; --runs reads runs of today's default demo.
+        zone_probe(args.runs or [str(REPO / "results" / d) for d in default],
+                   DEMO96 if args.demo96 else None if args.runs else DEMO_V1, summary)
     elif args.experiment == "demo-long":
-        demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET)
+        demo_grid("demo_long", DEMO_LONG_VARIANTS, args.seeds, args.threads, args.parallel, budget=DEMO_LONG_BUDGET,
+                  demo=DEMO_V1)
     elif args.experiment == "text-encoder":
-        demo_grid("demo_text_encoder", DEMO_TEXT_ENCODER_VARIANTS, args.seeds, args.threads, args.parallel)
+        demo_grid("demo_text_encoder", DEMO_TEXT_ENCODER_VARIANTS, args.seeds, args.threads, args.parallel,
+                  demo=DEMO_V1)
     elif args.experiment == "mcm-attention":
         demo_grid("demo_mcm_attention", DEMO_MCM_ATTENTION_VARIANTS, args.seeds, args.threads, args.parallel,
-                  reuse=DEMO_MCM_ATTENTION_REUSE)
+                  reuse=DEMO_MCM_ATTENTION_REUSE, demo=DEMO_V1)
     elif args.experiment == "mcm-attention-long":
         demo_grid("demo_mcm_attention_long", DEMO_MCM_ATTENTION_LONG_VARIANTS, args.seeds, args.threads,
-                  args.parallel, budget=DEMO_LONG_BUDGET)
+                  args.parallel, budget=DEMO_LONG_BUDGET, demo=DEMO_V1)
     elif args.experiment == "demo96":
         demo_grid("demo96", DEMO96_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO96)
     elif args.experiment == "grounding-probe":
