@@ -198,12 +198,12 @@ def summary(results: Path) -> str:
         return _load(results, f"{name}/summary.json")["variants"][v]
 
     rows = []
-    for label, name, v in (("demo, `python train.py --dataset demo` (frozen MiniLM, sigmoid word weights, 4000 steps)",
+    for label, name, v in (("demo, `python train.py --dataset demo` (frozen MiniLM, sigmoid word weights, 1,080 steps of 16)",
                             "demo_default", "default"),
                            ("demo, the same with `--no-text`", "demo_default", "no-text"),
-                           ("demo, earlier default (random 2x64 BERT fine-tuned, softmax, 1000 steps)",
+                           ("first demo, earlier default (random 2x64 BERT fine-tuned, softmax, 1000 steps)",
                             "demo_ablation", "full"),
-                           ("demo, sigmoid word weights + MiniLM, 4000 steps", "demo_mcm_attention_long",
+                           ("first demo, sigmoid word weights + MiniLM, 4000 steps", "demo_mcm_attention_long",
                             "minilm-sigmoid")):
         d = variant(name, v)
         rows.append([label, _ms(d["dice"]["values"]), str(d["dice"]["n"]), f"`results/{name}`"])
@@ -243,6 +243,8 @@ TABLES = {
     "summary": summary,
     "model-size": model_size,
     "demo-default": lambda r: grid(r, "demo_default", shuffled=True, wall=True),
+    "demo-recipe": lambda r: grid(r, "demo_recipe", wall=True),
+    "demo-default-batch8": lambda r: grid(r, "demo_default_batch8", shuffled=True, wall=True),
     "demo-default-plateau10": lambda r: grid(r, "demo_default_plateau10", shuffled=True, wall=True),
     "demo-ablation": lambda r: grid(r, "demo_ablation", binding=True, shuffled=True),
     "demo96": lambda r: grid(r, "demo96", binding=True),
