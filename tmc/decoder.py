@@ -14,7 +14,7 @@ Stage i (1-based) is at Swin's H/2**(i+1) × W/2**(i+1) with C_i channels, so H,
 2**(n+1). CNN parts are NCHW with BatchNorm, ViT parts (B, H, W, C); the permutes between them are
 free in channels_last memory. The convolutions at H and H/2 (the stem and the last two up blocks)
 run channels_last whatever the model's layout: on their few channels oneDNN's NHWC kernels train
-about twice as fast as NCHW ones on CPU, where the deep maps are faster left NCHW.
+faster than NCHW ones on CPU, where the deep maps are faster left NCHW.
 
 Shape key: B batch, C channels, H, W spatial (of the map at hand), N image tokens, nH heads,
 Dh head dim, nW windows, ws window size (wh × ww when clipped to a small map), T = wh*ww tokens

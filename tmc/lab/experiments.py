@@ -69,7 +69,7 @@ DEMO_LONG_BUDGET = [*DEMO_BUDGET, "--epochs", "160", "--patience", "40", "--plat
 DEMO96 = {"root": REPO / "data" / "demo96", "image_size": 96, "options": {"n": 3000, "size": 96, "lesion": 0.075},
           "cli": " --demo96"}
 # The first demo (lesion radius 0.075 of the side, 1.4 stage-2 tokens), on which every grid here
-# but demo-default was run; its own folder, so it never replaces data/demo.
+# but demo-default and demo-recipe was run; its own folder, so it never replaces data/demo.
 DEMO_V1 = {"root": REPO / "data" / "demo-v1", "image_size": 64, "options": {"lesion": 0.075}, "cli": ""}
 DEMO96_VARIANTS = {"full": [], "no-text": ["--no-text"], "no-alignment": ["--no-alignment"]}
 DEMO_LONG_VARIANTS = {"full": [], "no-text": ["--no-text"]}
@@ -188,11 +188,12 @@ def grounding_probe(seeds: list[int], parallel: int) -> dict:
 
 
 # The demo's recipe, one change at a time against its default runs (demo-default's, read): batches
-# of 8 for the same 40 passes (twice the steps, about 1.3x the time), and the first demo's lesions.
+# of 8 for the same 40 passes (twice the steps), and the first demo's lesions.
 DEMO_RECIPE_VARIANTS = {
     "default": [],
     "batch-8": ["--batch-size", "8"],
-    "lesion-0.075": ["--root", str(DEMO_V1["root"]), "--reader-options", "lesion=0.075"],
+    f"lesion-{DEMO_V1['options']['lesion']}": ["--root", str(DEMO_V1["root"]),
+                                               "--reader-options", f"lesion={DEMO_V1['options']['lesion']}"],
 }
 
 
