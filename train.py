@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, save_checkpoint,
-                            training_checkpoint, weights_checkpoint)
+                            training_checkpoint, upgrade_optimizer_state, weights_checkpoint)
 from tmc.config import ModelConfig
 from tmc.distributed import (Dist, barrier, broadcast_buffers, cleanup_distributed, gather_lists,
                              init_distributed)
@@ -193,7 +193,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     start_epoch = 1
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(upgrade_optimizer_state(ckpt["optimizer"], ckpt["model"], optimizer, raw))
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         early = dict(ckpt["early_stop"])

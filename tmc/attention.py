@@ -24,9 +24,30 @@ from torch import nn
 
 from tmc.config import MCMAttention
 
-__all__ = ["MultiHeadCrossAttention", "WEIGHTINGS"]
+__all__ = ["MultiHeadCrossAttention", "WEIGHTINGS", "attend"]
 
 WEIGHTINGS = typing.get_args(MCMAttention)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ / √Dh + bias) v, then dropout on the weights: F.scaled_dot_product_attention's result.
+
+    q (..., Nq, Dh), k and v (..., Nk, Dh), bias broadcastable to (..., Nq, Nk) → (..., Nq, Dh).
+    SDPA runs a fused kernel wherever it has one. On CPU it has none for dropout or for a bias that
+    needs a gradient (Swin's relative-position bias), and its fallback upcasts bf16 to fp32 and issues
+    about 50 ops with the backward; the same product written out here issues about 12, in the
+    inputs' dtype (softmax accumulates in fp32 on every device).
+    """
+    if q.device.type != "cpu" or (dropout_p == 0.0 and (bias is None or not bias.requires_grad)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    scale = q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-2, -1)  # (..., Nq, Nk)
+    scores = scores * scale if bias is None else torch.add(bias, scores, alpha=scale)  # one op
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = torch.native_dropout(weights, dropout_p, True)[0]
+    return weights @ v  # (..., Nq, Dh)
 
 
 class MultiHeadCrossAttention(nn.Module):

@@ -123,6 +123,43 @@ def upgrade_state_dict(state_dict: dict) -> dict:
     return {pattern.sub(lambda m: f"{m[1]}{names[m[2]]}.", k): v for k, v in state_dict.items()}
 
 
+_QKV = {"qkv.weight": ("query.weight", "key.weight", "value.weight"),
+        "qkv.bias": ("query.bias", "key.bias", "value.bias")}
+
+
+def upgrade_optimizer_state(state: dict, saved_model_keys, optimizer, model) -> dict:
+    """Adam's state_dict saved while each BERT self-attention held query, key and value as three
+    Linears (their keys in `saved_model_keys`), renumbered for `optimizer` over today's `model`, where
+    FusedSelfAttention joins them: the moments are joined as its weights are. Other states unchanged."""
+    if not any(k.endswith("attention.self.query.weight") for k in saved_model_keys):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    new_names = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    old_names = []  # the order the saving optimizer numbered them in: query, key, value, weight then bias
+    for name in new_names:
+        prefix, _, leaf = name.rpartition(".attention.self.")
+        if leaf == "qkv.weight":
+            old_names += [f"{prefix}.attention.self.{p}.{k}" for p in ("query", "key", "value")
+                          for k in ("weight", "bias")]
+        elif leaf != "qkv.bias":
+            old_names.append(name)
+    if sum(len(g["params"]) for g in state["param_groups"]) != len(old_names):
+        return state  # another model: load_state_dict names the mismatch
+    old_index = {name: i for i, name in enumerate(old_names)}
+    joined = {}
+    for i, name in enumerate(new_names):
+        prefix, _, leaf = name.rpartition(".attention.self.")
+        parts = [f"{prefix}.attention.self.{p}" for p in _QKV[leaf]] if leaf in _QKV else [name]
+        saved = [state["state"][old_index[p]] for p in parts if old_index[p] in state["state"]]
+        if saved:  # "step" is one 0-d tensor per parameter; the moments are joined along dim 0
+            joined[i] = {k: torch.cat([s[k] for s in saved]) if v.ndim else v for k, v in saved[0].items()}
+    groups, start = [], 0
+    for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
+        groups.append({**saved_group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    return {"state": joined, "param_groups": groups}
+
+
 def clean_state_dict(state_dict: dict) -> dict:
     """Strip the prefixes torch.compile (`_orig_mod.`) and DDP (`module.`) add to parameter names."""
     out = {}

@@ -2,8 +2,9 @@
 SAM's modeling/common.py do): the MLP, stochastic depth, native dropout and the fixed 2D position code.
 
 Each is also written so one training step issues few kernels: stochastic depth is fused with its
-residual add, dropout is one kernel on every device, and the position code of a grid is built once
-and kept as a buffer instead of being rebuilt in every forward.
+residual add (and a Swin stage draws all its blocks' scales at once), dropout is one kernel on every
+device, and the position code of a grid is built once and kept as a buffer instead of being rebuilt
+in every forward.
 
 Shape key: B batch, M tokens, C channels (dim), h x w a token grid.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Dropout", "DropPath", "Mlp", "PositionCode", "sincos_position_embedding"]
+__all__ = ["Dropout", "DropPath", "Mlp", "PositionCode", "branch_scales", "sincos_position_embedding"]
 
 
 class Dropout(nn.Dropout):
@@ -45,14 +46,25 @@ class DropPath(nn.Module):
             return x
         return x * self._mask(x) / (1.0 - self.drop_prob)
 
-    def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + self(x), the residual add and the rescaling fused into one addcmul."""
+    def add(self, residual: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + self(x), the residual add and the rescaling fused into one addcmul. `scale`,
+        (B, 1, ...) of 0 and 1/keep drawn ahead for several branches at once (`branch_scales`),
+        replaces this call's own draw."""
         if self.drop_prob == 0.0 or not self.training:
             return residual + x
+        if scale is not None:
+            return torch.addcmul(residual, x, scale)
         return torch.addcmul(residual, x, self._mask(x), value=1.0 / (1.0 - self.drop_prob))
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
+
+
+def branch_scales(keep: torch.Tensor, batch: int) -> torch.Tensor:
+    """Stochastic-depth scales of n residual branches for a batch in two ops: (n,) keep probabilities
+    → (n, B), each 1/keep (kept) or 0 (dropped), drawn independently."""
+    keep = keep[:, None]  # (n, 1)
+    return torch.bernoulli(keep.expand(-1, batch)) / keep  # (n, B)
 
 
 class Mlp(nn.Module):

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tmc.layers import DropPath, Mlp
+from tmc.attention import attend
+from tmc.layers import DropPath, Mlp, branch_scales
 
 # ----------------------------------------------------------------------------- window helpers
 
@@ -62,15 +63,17 @@ def shift_attention_mask(H: int, W: int, ws: int, shift: int, device=None) -> to
 def merge_2x2(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) -> (B, H/2, W/2, 4C) in the official order (row offset fastest); another order
     keeps every shape but silently breaks pretrained weights."""
-    return torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // 2, 2, W // 2, 2, C)  # (B, H/2, dy, W/2, dx, C)
+    return x.permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)  # (B, H/2, W/2, [dx, dy, C])
 
 
 # ----------------------------------------------------------------------------- blocks
 
 
 class WindowAttention(nn.Module):
-    """Window self-attention with a learned relative-position bias, passed with the shift mask as
-    SDPA's additive mask. A smaller window (a small stage grid) reads its offsets from the same table."""
+    """Window self-attention with a learned relative-position bias, added with the shift mask to the
+    scores (`tmc.attention.attend`). A smaller window (a small stage grid) reads its offsets from the same table."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
         super().__init__()
@@ -108,7 +111,7 @@ class WindowAttention(nn.Module):
             # windows x heads as one axis, so the per-window mask broadcasts over the batch
             q, k, v = qkv.reshape(3, B, nW * nH, N, Dh).unbind(0)  # each (B, nW*nH, N, Dh)
             attn_mask = (mask[:, None] + bias[None]).reshape(1, nW * nH, N, N)  # (1, nW*nH, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # scale Dh**-0.5
+        out = attend(q, k, v, attn_mask.to(q.dtype))  # (B*nW, nH, N, Dh) or (B, nW*nH, N, Dh)
         out = out.reshape(B, nW, nH, N, Dh).transpose(2, 3).reshape(B, nW, N, C)  # (B, nW, N, C)
         return self.proj(out)
 
@@ -147,8 +150,9 @@ class SwinBlock(nn.Module):
             return self.attn_mask
         return shift_attention_mask(Hp, Wp, ws, s, device=device)  # another image size: rebuild
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
+    def forward(self, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C). `scales`: optional (2, B, 1, 1, 1) stochastic-depth scales of
+        the attention and MLP branches, drawn by the stage (otherwise each branch draws its own)."""
         B, H, W, C = x.shape
         ws, s = self.window_and_shift(H, W)
         shortcut = x
@@ -166,8 +170,9 @@ class SwinBlock(nn.Module):
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
         x = x[:, :H, :W]  # (B, H, W, C), padding cropped
-        x = self.drop_path.add(shortcut, x)  # shortcut + drop_path(x), one op
-        return self.drop_path.add(x, self.mlp(self.norm2(x)))
+        attn_scale, mlp_scale = (None, None) if scales is None else scales
+        x = self.drop_path.add(shortcut, x, attn_scale)  # shortcut + drop_path(x), one op
+        return self.drop_path.add(x, self.mlp(self.norm2(x)), mlp_scale)
 
 
 class PatchMerging(nn.Module):
@@ -216,11 +221,19 @@ class SwinStage(nn.Module):
             for j in range(depth)
         ])
         self.downsample = PatchMerging(dim) if downsample else None
+        # keep probability of each block's attention and MLP branch: (2 * depth,)
+        keep = torch.tensor([1.0 - p for p in drop_paths[:depth] for _ in range(2)])
+        self.register_buffer("keep", keep, persistent=False)
+        self.drops = any(p > 0 for p in drop_paths[:depth])  # a Python bool: no device read per step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        for block in self.blocks:
-            x = block(x)
+        """(B, H, W, C) -> (B, H, W, C). In training the stage draws every branch's stochastic depth in
+        one go (two ops instead of two per branch)."""
+        scales = None
+        if self.training and self.drops:
+            scales = branch_scales(self.keep, x.shape[0]).view(len(self.blocks), 2, -1, 1, 1, 1)
+        for j, block in enumerate(self.blocks):
+            x = block(x, None if scales is None else scales[j])  # scales[j]: (2, B, 1, 1, 1)
         return x
 
 

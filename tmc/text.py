@@ -10,6 +10,9 @@ All but a local folder use the bert-base-uncased WordPiece vocabulary; the rando
 checkpoint whose hub model is not cached) read it from `tmc/bert_base_uncased_vocab.txt`
 (Apache-2.0, 30,522 WordPieces, from the minilm package), with no download.
 
+Each BertSelfAttention runs as `FusedSelfAttention`: query, key and value in one Linear, attention by
+`tmc.attention.attend`; the same function, and weights saved in transformers' layout still load.
+
 Shapes: B batch, T tokens (cfg.text_length, [CLS] first), d_l the encoder's hidden size.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tmc.attention import attend
 from tmc.layers import Dropout
 
 _RANDOM = re.compile(r"^random:(\d+)x(\d+)$")
@@ -133,6 +137,7 @@ class TextEncoder(nn.Module):
         self._warned_truncation = False  # warn once per encoder (once per run)
         self.hidden_size = self.encoder.config.hidden_size
         use_native_dropout(self.encoder)
+        fuse_qkv(self.encoder)
         if freeze:
             self.encoder.requires_grad_(False)
         # caption → (T, d_l) features of the frozen encoder, most recently used last
@@ -214,6 +219,57 @@ class TextEncoder(nn.Module):
             dtype = self.encoder.embeddings.word_embeddings.weight.dtype
             return torch.zeros(keep.shape, device=keep.device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
         return attention_mask  # other kernels (flash attention) take the 2-D mask
+
+
+class FusedSelfAttention(nn.Module):
+    """transformers' BertSelfAttention with query, key and value in one Linear: one matmul forward
+    and three backward instead of three and nine, and one head-split copy instead of three. A state
+    dict in transformers' layout (query / key / value) loads too: its three are joined on load."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.num_heads, self.head_dim = original.num_attention_heads, original.attention_head_size
+        self.dropout = original.dropout  # the module, whose p is applied inside `attend`
+        q, k, v = original.query, original.key, original.value
+        # skip_init: no random draws, so every module built after this one starts as before
+        self.qkv = nn.utils.skip_init(nn.Linear, q.in_features, 3 * q.out_features, device=q.weight.device,
+                                      dtype=q.weight.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))  # (3 nH Dh, d_l)
+            self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.qkv.requires_grad_(q.weight.requires_grad)
+        self.register_load_state_dict_pre_hook(self._join_qkv)
+
+    @staticmethod
+    def _join_qkv(module, state_dict, prefix, *args) -> None:
+        for kind in ("weight", "bias"):
+            parts = [f"{prefix}{name}.{kind}" for name in ("query", "key", "value")]
+            if all(p in state_dict for p in parts):
+                state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(p) for p in parts])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, cache=None, **kwargs):
+        """(B, T, d_l) → ((B, T, d_l), None), as BertSelfAttention; `attention_mask` (B, 1, 1 or T, T)."""
+        if encoder_hidden_states is not None or cache is not None:
+            raise ValueError("FusedSelfAttention is an encoder's self-attention: no cross-attention, no cache")
+        B, T, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B, nH, T, Dh), one copy
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
+            attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attention_mask, torch.finfo(q.dtype).min)
+        x = attend(q, k, v, attention_mask, self.dropout.p if self.training else 0.0)  # (B, nH, T, Dh)
+        return x.transpose(1, 2).reshape(B, T, -1), None  # (B, T, nH*Dh)
+
+
+def fuse_qkv(encoder: nn.Module) -> None:
+    """Replace every BertSelfAttention inside `encoder` by FusedSelfAttention (same weights)."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    for module in list(encoder.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is BertSelfAttention and not child.is_decoder:
+                setattr(module, name, FusedSelfAttention(child))
 
 
 def use_native_dropout(module: nn.Module) -> None:

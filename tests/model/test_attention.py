@@ -217,3 +217,51 @@ def test_bad_arguments_raise():
         m(q, kv, kv_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError):
         m(q, torch.randn(3, 4, 6))
+
+
+def _explicit(q, k, v, bias):
+    """softmax(q kᵀ / √Dh + bias) v, written out in float64."""
+    scores = q.double() @ k.double().transpose(-2, -1) * q.shape[-1] ** -0.5 + bias.double()
+    return scores.softmax(-1) @ v.double()
+
+
+def test_attend_matches_the_written_out_product_with_a_learned_bias():
+    """The CPU path taken when the bias needs a gradient (Swin's relative-position bias): values and
+    every gradient against float64 autograd, and far fewer ops than SDPA's fallback."""
+    from tmc.attention import attend
+    from tmc.lab.op_count import OpCounter
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 3, 9, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 9, 9, requires_grad=True)  # broadcast over the 6 windows
+    g = torch.randn(6, 3, 9, 8)
+    out = attend(q, k, v, bias)
+    grads = torch.autograd.grad(out, (q, k, v, bias), g)
+    ref = _explicit(q, k, v, bias)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v, bias), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+    counts = {}
+    for name, fn in (("ours", attend), ("sdpa", nn.functional.scaled_dot_product_attention)):
+        inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v, bias)]
+        with OpCounter() as counter:  # in bf16 SDPA's fallback upcasts every input to fp32 and back
+            torch.autograd.grad(fn(*inputs), inputs, g.bfloat16())
+        counts[name] = sum(counter.ops.values())
+    assert counts["ours"] < counts["sdpa"] / 2, counts
+
+
+def test_attend_dropout_drops_weights_and_rescales_the_rest():
+    """With v = I the output rows are the attention weights: each one 0 or w / (1 - p)."""
+    from tmc.attention import attend
+
+    torch.manual_seed(0)
+    n, p = 16, 0.25
+    q, k = torch.randn(2, 4, n, n), torch.randn(2, 4, n, n)
+    v = torch.eye(n).expand(2, 4, n, n)
+    weights = attend(q, k, v)  # no dropout: the weights themselves
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, n))
+    dropped = attend(q, k, v, dropout_p=p)
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], weights[kept] / (1 - p))
+    assert abs((~kept).float().mean().item() - p) < 0.05
+    assert attend(q, k, v.contiguous(), dropout_p=0.0).equal(weights)

@@ -56,3 +56,20 @@ def test_a_checkpoint_with_the_old_decoder_mlp_keys_loads(tmp_path):
     loaded, _ = model_from_checkpoint(tmp_path / "old.pt")
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_branch_scales_are_zero_or_inverse_keep_and_unbiased():
+    from tmc.layers import branch_scales
+
+    torch.manual_seed(0)
+    keep = torch.tensor([1.0, 0.9, 0.5])
+    scales = branch_scales(keep, 20000)  # (3, B)
+    assert scales.shape == (3, 20000)
+    assert torch.equal(scales[0], torch.ones(20000))  # keep 1: never dropped
+    for row, kp in zip(scales[1:], keep[1:]):
+        assert set(row.unique().tolist()) == {0.0, (1.0 / kp).item()}
+        assert abs(row.mean().item() - 1.0) < 0.03  # the expected branch is unchanged
+    x, r = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    dp = DropPath(0.5).train()
+    s = branch_scales(torch.tensor([0.5]), 4).view(4, 1, 1)
+    torch.testing.assert_close(dp.add(r, x, s), r + x * s)

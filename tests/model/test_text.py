@@ -97,3 +97,85 @@ def test_a_pretrained_folder_loads_quietly_and_missing_weights_are_an_error(tmp_
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(RuntimeError, match="lacks weights"):
         TextEncoder(str(tmp_path), length=8)
+
+
+def test_fused_self_attention_equals_transformers_bert_and_loads_its_layout():
+    """TextEncoder's BERT (q/k/v in one Linear, tmc.attention.attend) against transformers' own
+    BertModel with eager attention, loaded from that model's state dict: outputs and gradients."""
+    import transformers
+
+    from tmc.text import FusedSelfAttention, TextEncoder
+
+    torch.manual_seed(0)
+    ours = TextEncoder("random:2x64", length=12)
+    assert sum(isinstance(m, FusedSelfAttention) for m in ours.modules()) == 2
+    reference = transformers.BertModel(ours.encoder.config, add_pooling_layer=False)
+    reference.set_attn_implementation("eager")
+    for p in reference.parameters():  # random biases too: a dropped or misplaced one would show
+        torch.nn.init.normal_(p, std=0.2)
+    ours.encoder.load_state_dict(reference.state_dict())  # query / key / value joined on load
+    ours.eval(), reference.eval()
+    tokens = ours.tokenize(["bilateral infection", "unilateral infection, middle left lung"])
+    assert tokens["attention_mask"].sum() < tokens["attention_mask"].numel()  # padding is masked
+    got = ours(**tokens)
+    want = reference(**tokens).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(got)
+    got.backward(g)
+    want.backward(g)
+    for layer, ref_layer in zip(ours.encoder.encoder.layer, reference.encoder.layer):
+        fused, plain = layer.attention.self.qkv.weight.grad, ref_layer.attention.self
+        joined = torch.cat([plain.query.weight.grad, plain.key.weight.grad, plain.value.weight.grad])
+        torch.testing.assert_close(fused, joined, rtol=1e-4, atol=1e-5)
+    assert set(ours.encoder.state_dict()) - set(reference.state_dict()) == {
+        f"encoder.layer.{i}.attention.self.qkv.{kind}" for i in range(2) for kind in ("weight", "bias")}
+
+
+def test_adam_state_saved_with_query_key_value_apart_resumes_joined():
+    """A training checkpoint of a fine-tuned BERT saved while query, key and value were three Linears:
+    its Adam state, split here the slow obvious way, is renumbered and joined to today's."""
+    from tmc.checkpoint import upgrade_optimizer_state
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(text_model="random:2x64", freeze_text=False))
+    optimizer = torch.optim.Adam([{"params": [p for n, p in model.named_parameters() if not n.startswith("text.")]},
+                                  {"params": list(model.text.parameters()), "lr": 1e-5}], lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    today = optimizer.state_dict()
+
+    names = [n for g in optimizer.param_groups for p in g["params"] for n, q in model.named_parameters() if q is p]
+    old_state, old_keys, groups, index = {}, [], [], 0
+    for group in today["param_groups"]:
+        ids = []
+        for i in group["params"]:
+            name, state = names[i], today["state"][i]
+            if name.endswith("attention.self.qkv.weight"):  # q.w, q.b, k.w, k.b, v.w, v.b
+                bias = today["state"][i + 1]
+                pieces = []
+                for j in range(3):
+                    for s in (state, bias):
+                        rows = s["exp_avg"].shape[0] // 3
+                        pieces.append({k: v[j * rows:(j + 1) * rows] if v.ndim else v for k, v in s.items()})
+                old_keys += [name.replace("qkv.weight", f"{p}.{k}") for p in ("query", "key", "value")
+                             for k in ("weight", "bias")]
+            elif name.endswith("attention.self.qkv.bias"):
+                continue
+            else:
+                pieces, old_keys = [state], old_keys + [name]
+            for piece in pieces:
+                old_state[index] = piece
+                ids.append(index)
+                index += 1
+        groups.append({**group, "params": ids})
+    assert sum("attention.self.query.weight" in k for k in old_keys) == 2  # two layers, split
+
+    joined = upgrade_optimizer_state({"state": old_state, "param_groups": groups}, old_keys, optimizer, model)
+    assert joined["param_groups"] == today["param_groups"]
+    assert joined["state"].keys() == today["state"].keys()
+    for i, state in today["state"].items():
+        for k, v in state.items():
+            assert torch.equal(joined["state"][i][k], v), (names[i], k)
+    optimizer.load_state_dict(joined)
+    assert upgrade_optimizer_state(today, model.state_dict().keys(), optimizer, model) is today  # today's: as is

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # CPU training and inference speed of the tiny and small presets, for two checkouts side by side
-# (runs alternate, twice each, so both see the same machine load). Writes OUT/<label>-<preset>-<rep>.json.
-# Usage: bash tmc/lab/bench_cpu.sh OUT BEFORE_CHECKOUT [THREADS]     (run from the newer checkout)
+# (runs alternate, REPS times each, so both see the same machine load). Writes OUT/<label>-<preset>-<rep>.json.
+# Usage: bash tmc/lab/bench_cpu.sh OUT BEFORE_CHECKOUT [THREADS] [REPS]   (run from the newer checkout)
 set -euo pipefail
-out=${1:?usage: bash tmc/lab/bench_cpu.sh OUT BEFORE_CHECKOUT [THREADS]}
-before=${2:?usage: bash tmc/lab/bench_cpu.sh OUT BEFORE_CHECKOUT [THREADS]}
+usage="usage: bash tmc/lab/bench_cpu.sh OUT BEFORE_CHECKOUT [THREADS] [REPS]"
+out=${1:?$usage}
+before=${2:?$usage}
 threads=${3:-2}
+reps=${4:-2}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # each checkout runs in its own folder
-for rep in 1 2; do
+for rep in $(seq 1 "$reps"); do
     for preset in tiny small; do
         for label in before after; do
             dir=$([ "$label" = before ] && echo "$before" || pwd)

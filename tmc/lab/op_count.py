@@ -3,6 +3,7 @@ launch-bound GPU step.
 
     python -m tmc.lab.op_count --config paper            # per part, and the most frequent ops
     python -m tmc.lab.op_count --config tiny --amp off
+    python -m tmc.lab.op_count --config paper --json results/op_count/paper.json   # also as JSON
 
 Why count: on one H200 (results/bench_gpu) the paper preset's eager training step took 173 ms at
 batch 8 and 159 ms at batch 32, while its kernels kept the GPU busy for only 52 ms at batch 32. The
@@ -15,14 +16,17 @@ stalls the GPU queue, and any one of them stops CUDA-graph capture.
 
 The step is train.py's (tmc.step.TrainStep): with --amp bf16 it runs on bf16 working weights without
 autocast, as on the GPU; the optimizer is fused Adam, as on the GPU. Where the CPU takes another kernel
-than CUDA the counts differ: CPU attention with dropout or with a mask that needs a gradient (BERT,
-Swin's relative-position bias) runs SDPA's math path, which upcasts bf16 to fp32 and issues about ten
-ops where CUDA's fused kernels issue one.
+than CUDA the counts differ: attention with dropout or with a bias that needs a gradient (BERT, Swin's
+relative-position bias) is written out on the CPU (tmc.attention.attend: about four ops forward and
+seven backward) where CUDA runs one fused kernel each way.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,7 +74,7 @@ class OpCounter(TorchDispatchMode):
 def count_training_step(preset: str = "paper", batch: int = 2, amp: str = "bf16") -> dict:
     """Ops of the second of two training steps (the first builds optimizer state) of bench's step, the
     one train.py runs (tmc.step.TrainStep: bf16 working weights for amp "bf16", fused Adam):
-    {"total", "per_part", "top_ops", "syncs"}."""
+    {"total", "per_part", "top_ops", "ops" (every op's count), "syncs"}."""
     torch.manual_seed(0)
     cfg, model = make_model(preset)
     model.train()
@@ -88,7 +92,7 @@ def count_training_step(preset: str = "paper", batch: int = 2, amp: str = "bf16"
     for (_, _, name), n in counter.ops.items():
         top[name] += n
     return {"preset": preset, "batch": batch, "amp": amp, "total": sum(counter.ops.values()),
-            "per_part": dict(per_part.most_common()), "top_ops": dict(top.most_common(12)),
+            "per_part": dict(per_part.most_common()), "top_ops": dict(top.most_common(12)), "ops": dict(top),
             "syncs": {f"{part}: {name}": n for (part, name), n in counter.syncs.items()}}
 
 
@@ -97,8 +101,13 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="paper", choices=["paper", "tiny"])
     p.add_argument("--batch", type=int, default=2, help="the counts do not depend on it")
     p.add_argument("--amp", default="bf16", choices=["bf16", "off"])
+    p.add_argument("--json", type=Path, help="also write the counts here")
     args = p.parse_args(argv)
     r = count_training_step(args.config, args.batch, args.amp)
+    if args.json:
+        command = "python -m tmc.lab.op_count " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, **r}, indent=1) + "\n")
     print(f"TMC preset {r['preset']!r}, amp {r['amp']}: {r['total']} kernel-launching aten ops per training step")
     for part, n in r["per_part"].items():
         print(f"  {part:<22} {n:6d}")

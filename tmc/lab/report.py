@@ -18,6 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENTS = ("README.md", "results/README.md")
+# The README's own tables, in order (its speed section and its results summary); every other table
+# sits in results/README.md, once.
+README_TABLES = ("op-count", "bench-cpu-ops", "bench-cpu-ops-prev", "summary")
 BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 BINDS = 0.95
 # train.py flags that set the data and the budget, the same for every row of a grid.
@@ -182,6 +185,39 @@ def bench_gpu(results: Path) -> str:
     return _table(header, rows)
 
 
+def bench_cpu(results: Path, name: str) -> str:
+    """Two checkouts' CPU speed side by side (`bash tmc/lab/bench_cpu.sh`): per preset, training
+    images/s of each alternating run, and after / before per pair of runs that saw the same load."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for f in sorted((results / name).glob("*.json")):  # <label>-<preset>-<rep>.json
+        label, preset, _ = f.stem.split("-")
+        runs.setdefault((preset, label), []).append(json.loads(f.read_text()))
+    rows = []
+    for preset in ("tiny", "small"):
+        before, after = runs[(preset, "before")], runs[(preset, "after")]
+        train = [a["train_images_per_s"] / b["train_images_per_s"] for a, b in zip(after, before)]
+        fastest = [b["train_step_ms_min"] / a["train_step_ms_min"] for a, b in zip(after, before)]
+        rows.append([f"{preset} ({after[0]['image_size']}², `{after[0]['text_model']}`)",
+                     ", ".join(f"{b['train_images_per_s']:.1f}" for b in before),
+                     ", ".join(f"{a['train_images_per_s']:.1f}" for a in after),
+                     f"{statistics.fmean(train):.2f}x ± {statistics.stdev(train):.2f}",
+                     f"{statistics.fmean(fastest):.2f}x"])
+    header = ["preset", "before: training images/s", "after", "after / before (mean ± std of pairs)",
+              "fastest step, before / after (mean of pairs)"]
+    first = runs[("tiny", "after")][0]
+    return (_table(header, rows) + f"\n{first['device_name']}, batch {first['batch']}, {first['dtype']}, "
+            f"torch {first['torch_version']}; {len(runs[('tiny', 'after')])} runs of each, alternating.\n")
+
+
+def op_count(results: Path) -> str:
+    """Kernel-launching ops per training step, per part (`python -m tmc.lab.op_count --json`)."""
+    r = _load(results, "op_count/paper.json")
+    rows = [[part, f"{n:,}"] for part, n in r["per_part"].items()]
+    rows.append(["**total**", f"**{r['total']:,}**"])
+    syncs = "none" if not r["syncs"] else ", ".join(r["syncs"])
+    return _table(["part", "ops"], rows) + f"\n`{r['command']}`; host-device syncs: {syncs}.\n"
+
+
 def model_size(results: Path) -> str:
     """Parameters and forward GFLOPs per part of the paper preset, as the GPU benchmark recorded them."""
     r = _load(results, "bench_gpu/train_b8_eager.json")
@@ -261,6 +297,9 @@ TABLES = {
     "qata-gpu": lambda r: qata(r, "qata_gpu"),
     "qata-cpu-small": lambda r: qata(r, "qata_cpu_small"),
     "bench-gpu": bench_gpu,
+    "bench-cpu-ops": lambda r: bench_cpu(r, "bench_cpu_ops"),
+    "bench-cpu-ops-prev": lambda r: bench_cpu(r, "bench_cpu_ops_vs_08c194a"),
+    "op-count": op_count,
     "qata-protocol": lambda r: qata_protocol(r, "qata_cpu/protocol"),
     "qata-ablations": qata_ablations,
 }
