@@ -36,11 +36,25 @@ __all__ = ["ConvBlock", "WindowAttention", "ViTBlock", "ViTStage", "UpBlock", "D
 # --------------------------------------------------------------------------- helpers
 
 
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """nn.BatchNorm2d without the step counter it keeps for momentum=None: with momentum 0.1 the count
+    is never read, and keeping it costs one op per layer in every training step. A state dict that
+    holds the counter (earlier versions) still loads."""
+    bn = nn.BatchNorm2d(channels)
+    bn.register_buffer("num_batches_tracked", None)
+    bn.register_load_state_dict_pre_hook(_drop_step_counter)
+    return bn
+
+
+def _drop_step_counter(module, state_dict, prefix, *args) -> None:
+    state_dict.pop(prefix + "num_batches_tracked", None)  # saved, or added by BatchNorm's own loader
+
+
 def conv_norm_act(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
     """Conv (no bias: BatchNorm follows) → BatchNorm → ReLU; 'same' padding, optional stride."""
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(out_ch),
+        batch_norm(out_ch),
         nn.ReLU(inplace=True),
     )
 

@@ -200,3 +200,20 @@ def test_bad_shapes_raise():
         DualUDecoder(stage_channels=(16, 32, 64, 128), vit_heads=(1, 2, 4))
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         WindowAttention(dim=10, num_heads=3, window=4)
+
+
+def test_batch_norm_without_its_step_counter_trains_as_torchs_in_one_op_less():
+    from tmc.decoder import batch_norm
+    from tmc.lab.op_count import OpCounter
+
+    torch.manual_seed(0)
+    ours, reference = batch_norm(4).train(), torch.nn.BatchNorm2d(4).train()
+    for _ in range(3):
+        x = torch.randn(2, 4, 5, 5) * 3 + 1
+        with OpCounter() as counter:
+            y = ours(x)
+        torch.testing.assert_close(y, reference(x))
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    assert "num_batches_tracked" not in ours.state_dict() and int(reference.num_batches_tracked) == 3
+    assert not any(name == "add_" for _, _, name in counter.ops)  # no counter increment

@@ -45,14 +45,19 @@ def test_position_code_is_built_once_per_grid():
 
 
 def test_a_checkpoint_with_the_old_decoder_mlp_keys_loads(tmp_path):
-    """The decoder's ViT MLP was nn.Sequential (mlp.0, mlp.2) before tmc.layers.Mlp (mlp.fc1, mlp.fc2)."""
+    """The decoder's ViT MLP was nn.Sequential (mlp.0, mlp.2) before tmc.layers.Mlp (mlp.fc1, mlp.fc2),
+    and its BatchNorm layers counted their steps."""
     cfg = tiny_config()
     model = build_model(cfg)
     old = {k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2.") if k.startswith("decoder.") else k: v
            for k, v in model.state_dict().items()}
     assert any(".mlp.0." in k for k in old)
+    # ... and its BatchNorm layers kept a step counter
+    old |= {k.replace(".running_mean", ".num_batches_tracked"): torch.tensor(7) for k in old if
+            k.endswith(".running_mean")}
     save_checkpoint(tmp_path / "old.pt", {"model": old, "model_config": cfg.to_dict(), "text_config": None})
-    assert load_checkpoint(tmp_path / "old.pt")["model"].keys() == model.state_dict().keys()
+    renamed = load_checkpoint(tmp_path / "old.pt")["model"]
+    assert [k for k in renamed if not k.endswith(".num_batches_tracked")] == list(model.state_dict())
     loaded, _ = model_from_checkpoint(tmp_path / "old.pt")
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
