@@ -123,15 +123,14 @@ def upgrade_state_dict(state_dict: dict) -> dict:
     return {pattern.sub(lambda m: f"{m[1]}{names[m[2]]}.", k): v for k, v in state_dict.items()}
 
 
-_QKV = {"qkv.weight": ("query.weight", "key.weight", "value.weight"),
-        "qkv.bias": ("query.bias", "key.bias", "value.bias")}
-
-
 def upgrade_optimizer_state(state: dict, saved_model_keys, optimizer, model) -> dict:
     """Adam's state_dict saved while each BERT self-attention held query, key and value as three
     Linears (their keys in `saved_model_keys`), renumbered for `optimizer` over today's `model`, where
     FusedSelfAttention joins them: the moments are joined as its weights are. Other states unchanged."""
-    if not any(k.endswith("attention.self.query.weight") for k in saved_model_keys):
+    from tmc.text import FusedSelfAttention
+
+    joined_names = FusedSelfAttention.JOINED  # query, key, value
+    if not any(k.endswith(f"attention.self.{joined_names[0]}.weight") for k in saved_model_keys):
         return state
     names = {id(p): n for n, p in model.named_parameters()}
     new_names = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -139,7 +138,7 @@ def upgrade_optimizer_state(state: dict, saved_model_keys, optimizer, model) -> 
     for name in new_names:
         prefix, _, leaf = name.rpartition(".attention.self.")
         if leaf == "qkv.weight":
-            old_names += [f"{prefix}.attention.self.{p}.{k}" for p in ("query", "key", "value")
+            old_names += [f"{prefix}.attention.self.{p}.{k}" for p in joined_names
                           for k in ("weight", "bias")]
         elif leaf != "qkv.bias":
             old_names.append(name)
@@ -149,7 +148,11 @@ def upgrade_optimizer_state(state: dict, saved_model_keys, optimizer, model) -> 
     joined = {}
     for i, name in enumerate(new_names):
         prefix, _, leaf = name.rpartition(".attention.self.")
-        parts = [f"{prefix}.attention.self.{p}" for p in _QKV[leaf]] if leaf in _QKV else [name]
+        if leaf in ("qkv.weight", "qkv.bias"):  # its three, as FusedSelfAttention joins its weights
+            kind = leaf.removeprefix("qkv.")
+            parts = [f"{prefix}.attention.self.{p}.{kind}" for p in joined_names]
+        else:
+            parts = [name]
         saved = [state["state"][old_index[p]] for p in parts if old_index[p] in state["state"]]
         if saved:  # "step" is one 0-d tensor per parameter; the moments are joined along dim 0
             joined[i] = {k: torch.cat([s[k] for s in saved]) if v.ndim else v for k, v in saved[0].items()}

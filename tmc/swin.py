@@ -73,7 +73,8 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
 
 class WindowAttention(nn.Module):
     """Window self-attention with a learned relative-position bias, added with the shift mask to the
-    scores (`tmc.attention.attend`). A smaller window (a small stage grid) reads its offsets from the same table."""
+    scores (`tmc.attention.attend`). A smaller window (a small stage grid) reads its offsets from the
+    same table."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
         super().__init__()

@@ -226,6 +226,8 @@ class FusedSelfAttention(nn.Module):
     and three backward instead of three and nine, and one head-split copy instead of three. A state
     dict in transformers' layout (query / key / value) loads too: its three are joined on load."""
 
+    JOINED = ("query", "key", "value")  # transformers' three Linears, in the order qkv stacks them
+
     def __init__(self, original: nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = original.num_attention_heads, original.attention_head_size
@@ -243,7 +245,7 @@ class FusedSelfAttention(nn.Module):
     @staticmethod
     def _join_qkv(module, state_dict, prefix, *args) -> None:
         for kind in ("weight", "bias"):
-            parts = [f"{prefix}{name}.{kind}" for name in ("query", "key", "value")]
+            parts = [f"{prefix}{name}.{kind}" for name in FusedSelfAttention.JOINED]
             if all(p in state_dict for p in parts):
                 state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(p) for p in parts])
 
@@ -251,7 +253,8 @@ class FusedSelfAttention(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None, cache=None, **kwargs):
         """(B, T, d_l) → ((B, T, d_l), None), as BertSelfAttention; `attention_mask` (B, 1, 1 or T, T)."""
         if encoder_hidden_states is not None or cache is not None:
-            raise ValueError("FusedSelfAttention is an encoder's self-attention: no cross-attention, no cache")
+            raise ValueError("FusedSelfAttention is an encoder's self-attention: no cross-attention, "
+                             "no cache")
         B, T, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B, nH, T, Dh), one copy
