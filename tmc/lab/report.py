@@ -205,8 +205,9 @@ def bench_cpu(results: Path, name: str) -> str:
     header = ["preset", "before: training images/s", "after", "after / before (mean ± std of pairs)",
               "fastest step, before / after (mean of pairs)"]
     first = runs[("tiny", "after")][0]
-    return (_table(header, rows) + f"\n{first['device_name']}, batch {first['batch']}, {first['dtype']}, "
-            f"torch {first['torch_version']}; {len(runs[('tiny', 'after')])} runs of each, alternating.\n")
+    return (_table(header, rows) + f"\n{first['device_name']}, a synthetic batch of {first['batch']} "
+            f"(`tmc.lab.bench.make_batch`), {first['dtype']}, torch {first['torch_version']}; "
+            f"{len(runs[('tiny', 'after')])} runs of each, alternating.\n")
 
 
 def op_count(results: Path) -> str:
