@@ -11,7 +11,8 @@ Query and key/value inputs have their own widths (`q_dim`, `kv_dim`), projected 
 Shape key: B batch, Nq query tokens, Nk key/value tokens, nH heads, Dh head dim (embed_dim / nH).
 
 `kv_padding_mask` is (B, Nk) bool with True = padding, as in `nn.MultiheadAttention(key_padding_mask=)`;
-from a HuggingFace `attention_mask` (1 = real token) pass `attention_mask == 0`.
+from a HuggingFace `attention_mask` (1 = real token) pass `attention_mask == 0`. Several attentions
+over the same keys (TMC's MCM stages all read the caption) take it prepared once, as `KeyPadding`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from tmc.config import MCMAttention
 
-__all__ = ["MultiHeadCrossAttention", "WEIGHTINGS", "attend"]
+__all__ = ["KeyPadding", "MultiHeadCrossAttention", "WEIGHTINGS", "attend"]
 
 WEIGHTINGS = typing.get_args(MCMAttention)
 
@@ -48,6 +49,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     if dropout_p > 0.0:
         weights = torch.native_dropout(weights, dropout_p, True)[0]
     return weights @ v  # (..., Nq, Dh)
+
+
+class KeyPadding(typing.NamedTuple):
+    """A (B, Nk) key-padding mask in the form attention adds it: built once per batch, read by every
+    attention over those keys (each bool mask would otherwise be turned into this in every call).
+
+    A sample whose keys are *all* padding is unmasked, so its softmax stays finite, and `keep` zeroes
+    its output instead."""
+
+    bias: torch.Tensor  # (B, 1, 1, Nk) added to the scores: 0 = attend, -inf = padding
+    keep: torch.Tensor  # (B, 1, 1, 1): 0 for a sample whose keys are all padding, else 1
+
+    @classmethod
+    def from_mask(cls, padding: torch.Tensor, dtype: torch.dtype) -> KeyPadding:
+        """padding: (B, Nk) bool, True = padding; dtype: the attention's working dtype."""
+        all_pad = padding.all(dim=1, keepdim=True)  # (B, 1)
+        valid = ~padding | all_pad  # (B, Nk), True = attend
+        bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+        return cls(bias[:, None, None, :], (~all_pad).to(dtype)[:, :, None, None])
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -99,7 +119,8 @@ class MultiHeadCrossAttention(nn.Module):
         Args:
             q: (B, Nq, q_dim) queries.
             kv: (B, Nk, kv_dim) keys and values.
-            kv_padding_mask: optional (B, Nk) bool, True = padding (never attended to).
+            kv_padding_mask: optional (B, Nk) bool, True = padding (never attended to), or the same
+                prepared as `KeyPadding`.
             k_pos: optional position code added to `kv` for the keys only.
         Returns:
             out (B, Nq, q_dim), and with `return_weights` the head-averaged weights (B, Nq, Nk) before
@@ -110,20 +131,15 @@ class MultiHeadCrossAttention(nn.Module):
         if kv.shape[0] != B:
             raise ValueError(f"q has batch {B} but kv has batch {kv.shape[0]}")
 
-        attn_mask = None
-        keep = None  # (B, 1, 1, 1): 0 for samples whose keys are all padding
-        if kv_padding_mask is not None:
-            if kv_padding_mask.dtype != torch.bool or kv_padding_mask.shape != (B, Nk):
+        padding = kv_padding_mask
+        if padding is not None and not isinstance(padding, KeyPadding):
+            if padding.dtype != torch.bool or padding.shape != (B, Nk):
                 raise ValueError(
                     f"kv_padding_mask must be bool of shape {(B, Nk)} with True = padding, got "
-                    f"{kv_padding_mask.dtype} {tuple(kv_padding_mask.shape)}; fix: from a "
+                    f"{padding.dtype} {tuple(padding.shape)}; fix: from a "
                     f"HuggingFace attention_mask pass `attention_mask == 0`")
-            all_pad = kv_padding_mask.all(dim=1)  # (B,)
-            # Unmask fully padded samples so the softmax stays finite, then zero their output.
-            valid = ~kv_padding_mask | all_pad[:, None]  # (B, Nk), True = attend
-            attn_mask = valid[:, None, None, :]  # (B, 1, 1, Nk), broadcast over nH and Nq
-            # Always applied (no `if all_pad.any()`): avoids a host-device sync per call.
-            keep = (~all_pad).to(q.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+            padding = KeyPadding.from_mask(padding, q.dtype)
+        attn_mask = None if padding is None else padding.bias.to(q.dtype)  # (B, 1, 1, Nk), over nH and Nq
 
         qh = self._split_heads(self.q_proj(q))  # (B, nH, Nq, Dh)
         kh = self._split_heads(self.k_proj(kv if k_pos is None else kv + k_pos))  # (B, nH, Nk, Dh)
@@ -137,8 +153,8 @@ class MultiHeadCrossAttention(nn.Module):
             weights = self._weights(qh, kh, attn_mask)  # (B, nH, Nq, Nk)
             x = F.dropout(weights, drop, training=self.training) @ vh
         # x: (B, nH, Nq, Dh)
-        if keep is not None:
-            x = x * keep
+        if padding is not None:  # always applied (no `if`): reading all_pad would sync with the host
+            x = x * padding.keep
         x = x.transpose(1, 2).reshape(B, Nq, self.embed_dim)  # (B, Nq, nH*Dh)
         out = self.out_proj(x)  # (B, Nq, q_dim)
         if not return_weights:
@@ -146,16 +162,15 @@ class MultiHeadCrossAttention(nn.Module):
 
         if weights is None:  # explicit weights for inspection (Fig. 3 heatmaps), as SDPA computed them
             weights = self._weights(qh, kh, attn_mask)
-        if keep is not None:
-            weights = weights * keep
+        if padding is not None:
+            weights = weights * padding.keep
         return out, weights.mean(dim=1)  # (B, Nq, Nk)
 
     def _weights(self, qh: torch.Tensor, kh: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention weights (B, nH, Nq, Nk) from qh (B, nH, Nq, Dh) and kh (B, nH, Nk, Dh)."""
         scores = (qh @ kh.transpose(-2, -1)) * self.head_dim ** -0.5  # (B, nH, Nq, Nk)
-        if self.weighting == "sigmoid":
-            weights = torch.sigmoid(scores - math.log(kh.shape[-2]))
-            return weights if attn_mask is None else weights * attn_mask
         if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores = scores + attn_mask  # -inf on padded keys: weight 0 under softmax and sigmoid
+        if self.weighting == "sigmoid":
+            return torch.sigmoid(scores - math.log(kh.shape[-2]))
         return scores.softmax(dim=-1)

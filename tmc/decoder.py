@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmc.layers import Mlp
+from tmc.layers import Mlp, from_window_heads, to_window_heads
 
 __all__ = ["ConvBlock", "WindowAttention", "ViTBlock", "ViTStage", "UpBlock", "DualUDecoder"]
 
@@ -106,9 +106,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x)  # (B, H, W, 3C)
         if ph or pw:
             qkv = F.pad(qkv, (0, 0, 0, pw, 0, ph))  # (B, Hp, Wp, 3C)
-        qkv = qkv.view(B, nh, wh, nw, ww, 3, nH, Dh)
-        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, B, nh, nw, nH, wh, ww, Dh)
-        q, k, v = qkv.reshape(3, B * nh * nw, nH, wh * ww, Dh).unbind(0)  # each (B*nW, nH, T, Dh)
+        qkv = to_window_heads(qkv, (wh, ww), nH, parts=3)  # (3, B, nW, nH, T, Dh)
+        q, k, v = qkv.flatten(1, 2).unbind(0)  # each (B*nW, nH, T, Dh)
 
         mask = None
         if ph or pw:  # keys that are padding get no attention
@@ -119,9 +118,8 @@ class WindowAttention(nn.Module):
             mask = mask.reshape(B * nh * nw, 1, 1, wh * ww)  # (B*nW, 1, 1, T)
 
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B*nW, nH, T, Dh)
-        o = o.view(B, nh, nw, nH, wh, ww, Dh)
-        o = o.permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, wh, nw, ww, nH, Dh)
-        o = o.reshape(B, Hp, Wp, C)[:, :H, :W]  # (B, H, W, C)
+        o = from_window_heads(o.view(B, nh * nw, nH, wh * ww, Dh), (Hp, Wp), (wh, ww))  # (B, Hp, Wp, C)
+        o = o[:, :H, :W]  # (B, H, W, C)
         return self.proj(o)
 
 

@@ -1,19 +1,23 @@
 """Building blocks shared by the Swin encoder, MCM and the decoder, written once (as timm.layers and
-SAM's modeling/common.py do): the MLP, stochastic depth, native dropout and the fixed 2D position code.
+SAM's modeling/common.py do): the MLP, stochastic depth, native dropout, the fixed 2D position code and the window/head layout of
+windowed attention.
 
 Each is also written so one training step issues few kernels: stochastic depth is fused with its
 residual add (and a Swin stage draws all its blocks' scales at once), dropout is one kernel on every
 device, and the position code of a grid is built once and kept as a buffer instead of being rebuilt
-in every forward.
+in every forward; windowed attention moves its tokens into windows and heads in one copy
+(`to_window_heads`) and back in one.
 
-Shape key: B batch, M tokens, C channels (dim), h x w a token grid.
+Shape key: B batch, M tokens, C channels (dim), h x w a token grid, H x W a grid of whole windows,
+wh x ww a window, nW = (H/wh)(W/ww) windows, T = wh*ww tokens per window, nH heads, Dh head dim.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["Dropout", "DropPath", "Mlp", "PositionCode", "branch_scales", "sincos_position_embedding"]
+__all__ = ["Dropout", "DropPath", "Mlp", "PositionCode", "branch_scales", "from_window_heads",
+           "sincos_position_embedding", "to_window_heads"]
 
 
 class Dropout(nn.Dropout):
@@ -129,3 +133,24 @@ class PositionCode(nn.Module):
             self.code = sincos_position_embedding(h, w, self.dim, device=device)
             self._grid = (h, w)
         return self.code if dtype is None else self.code.to(dtype)
+
+
+def to_window_heads(x: torch.Tensor, window: tuple[int, int], heads: int, parts: int = 1) -> torch.Tensor:
+    """(B, H, W, parts*nH*Dh) token grid, H and W multiples of the window (wh, ww) → (parts, B, nW,
+    nH, T, Dh), contiguous: windows row-major, tokens row-major in each window. `parts` = 3 splits a
+    stacked q/k/v projection. Window partition and head split are one copy; done one after the
+    other they are two (three when the matmul copies q, k and v again)."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    nh, nw = H // wh, W // ww
+    x = x.view(B, nh, wh, nw, ww, parts, heads, C // (parts * heads))  # (B, nh, wh, nw, ww, parts, nH, Dh)
+    x = x.permute(5, 0, 1, 3, 6, 2, 4, 7)  # (parts, B, nh, nw, nH, wh, ww, Dh)
+    return x.reshape(parts, B, nh * nw, heads, wh * ww, -1)  # (parts, B, nW, nH, T, Dh), the copy
+
+
+def from_window_heads(x: torch.Tensor, grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `to_window_heads` for one part: (B, nW, nH, T, Dh) → (B, H, W, nH*Dh), one copy."""
+    B, nW, nH, T, Dh = x.shape
+    (H, W), (wh, ww) = grid, window
+    x = x.view(B, H // wh, W // ww, nH, wh, ww, Dh).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, wh, nw, ww, nH, Dh)
+    return x.reshape(B, H, W, nH * Dh)  # (B, H, W, nH*Dh)

@@ -71,7 +71,9 @@ def _cosine_matrix(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor
     if img_emb.ndim != 2 or img_emb.shape != txt_emb.shape:
         raise ValueError(f"img_emb {tuple(img_emb.shape)} and txt_emb {tuple(txt_emb.shape)} must "
                          f"both be (B, D)")
-    return F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T  # (B, B)
+    both = F.normalize(torch.cat([img_emb, txt_emb]), dim=-1)  # (2B, D): one normalisation, not two
+    img, txt = both.split(img_emb.shape[0])  # (B, D) each
+    return img @ txt.T  # (B, B)
 
 
 def sigmoid_alignment_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor,

@@ -87,7 +87,7 @@ class MultiStageCrossAttentionBlock(nn.Module):
         Args:
             v: (B, N, C_v) flattened stage map V_i (`x.flatten(2).transpose(1, 2)` of (B, C, H, W)).
             l: (B, L, C_l) stage-specific text L_i.
-            text_padding_mask: optional (B, L) bool, True = padding token.
+            text_padding_mask: optional (B, L) bool, True = padding token, or `KeyPadding`.
             v_pos: optional (N, C_v) or (B, N, C_v) position code of the image tokens.
         Returns:
             f_v (B, N, C_v), f_l (B, L, C_l), and with `return_attention` the head-averaged

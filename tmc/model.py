@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
+from tmc.attention import KeyPadding
 from tmc.config import ModelConfig
 from tmc.decoder import DualUDecoder
 from tmc.mcm import MultiStageCrossAttentionBlock
@@ -129,7 +130,8 @@ class TMC(nn.Module):
                 raise ValueError("this TMC model is text-guided: pass input_ids and attention_mask "
                                  "(model.tokenize(captions))")
             lang = self.text(input_ids, attention_mask) if text_features is None else text_features  # (B, T, d_l)
-            pad = attention_mask == 0  # (B, T) True where padding
+            # once for every MCM stage: (B, 1, 1, T) additive mask, 0 on tokens, -inf on padding
+            pad = KeyPadding.from_mask(attention_mask == 0, lang.dtype)
 
         alignment, attention, fused = [], {}, []
         text_fused = False

@@ -35,7 +35,8 @@ class Bf16Weights:
     """bf16 working copies of a model's parameters and floating buffers, and their fp32 masters.
 
     BatchNorm keeps its fp32 parameters and running statistics (it updates them in place; its kernels
-    take bf16 inputs with fp32 parameters). Call the model through `__call__`; after backward,
+    take bf16 inputs with fp32 parameters), and so do 0-d parameters (the alignment's logit scale and
+    bias, read by the fp32 losses: a bf16 copy would cost a cast each way and round the temperature). Call the model through `__call__`; after backward,
     `grads_to_masters()` copies the bf16 gradients into the masters' fp32 `.grad` in one op, and after
     the optimizer step `refresh()` copies the masters back in one op.
     """
@@ -43,6 +44,7 @@ class Bf16Weights:
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         kept = {id(t) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+        kept |= {id(p) for p in model.parameters() if p.ndim == 0}  # scalars: no matmul reads them
         self.names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
         params = dict(model.named_parameters())
         self.masters = [params[n] for n in self.names]

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tmc.attention import attend
-from tmc.layers import DropPath, Mlp, branch_scales
+from tmc.layers import DropPath, Mlp, branch_scales, from_window_heads, to_window_heads
 
 # ----------------------------------------------------------------------------- window helpers
 
@@ -29,13 +29,6 @@ def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     B, H, W, C = x.shape
     x = x.view(B, H // ws, ws, W // ws, ws, C)  # (B, H/ws, ws, W/ws, ws, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)  # (B*nW, ws, ws, C)
-
-
-def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of `window_partition`: (B*nW, ws, ws, C) -> (B, H, W, C)."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // ws, W // ws, ws, ws, C)  # (B, H/ws, W/ws, ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
 
 
 def relative_position_index(ws: int) -> torch.Tensor:
@@ -93,28 +86,29 @@ class WindowAttention(nn.Module):
             r = torch.arange(window, device=index.device)
             keep = (r[:, None] * self.window_size + r[None, :]).flatten()  # tokens of the top-left sub-window
             index = index[keep][:, keep]  # (N, N): offsets depend only on differences
-        N = window * window
-        bias = self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1)  # (N, N, nH)
+        # a lookup: its gradient is one op (an index's is two: zeros, then a scatter-add)
+        bias = F.embedding(index, self.relative_position_bias_table)  # (N, N, nH)
         return bias.permute(2, 0, 1)  # (nH, N, N)
 
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, nW, N, C) window tokens, N = window**2; mask: (nW, N, N) additive shift mask or
-        None. Returns (B, nW, N, C)."""
-        B, nW, N, C = x.shape
-        nH = self.num_heads
-        Dh = C // nH
-        qkv = self.qkv(x).view(B, nW, N, 3, nH, Dh).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, Dh)
+        """x: (B, Hp, Wp, C) token grid of whole windows; mask: (nW, N, N) additive shift mask or
+        None. Returns (B, Hp, Wp, C). The projections act per token, so they run on the grid, and
+        windows and heads are formed together in one copy each way (`to_window_heads`)."""
+        B, Hp, Wp, C = x.shape
+        nH, N = self.num_heads, window * window
+        qkv = to_window_heads(self.qkv(x), (window, window), nH, parts=3)  # (3, B, nW, nH, N, Dh)
         bias = self.relative_position_bias(window)  # (nH, N, N)
         if mask is None:
-            q, k, v = qkv.reshape(3, B * nW, nH, N, Dh).unbind(0)  # each (B*nW, nH, N, Dh)
+            q, k, v = qkv.flatten(1, 2).unbind(0)  # each (B*nW, nH, N, Dh)
             attn_mask = bias[None]  # (1, nH, N, N), broadcast over windows
         else:
             # windows x heads as one axis, so the per-window mask broadcasts over the batch
-            q, k, v = qkv.reshape(3, B, nW * nH, N, Dh).unbind(0)  # each (B, nW*nH, N, Dh)
+            q, k, v = qkv.flatten(2, 3).unbind(0)  # each (B, nW*nH, N, Dh)
+            nW = mask.shape[0]
             attn_mask = (mask[:, None] + bias[None]).reshape(1, nW * nH, N, N)  # (1, nW*nH, N, N)
         out = attend(q, k, v, attn_mask.to(q.dtype))  # (B*nW, nH, N, Dh) or (B, nW*nH, N, Dh)
-        out = out.reshape(B, nW, nH, N, Dh).transpose(2, 3).reshape(B, nW, N, C)  # (B, nW, N, C)
-        return self.proj(out)
+        out = from_window_heads(out.view(B, -1, nH, N, C // nH), (Hp, Wp), (window, window))
+        return self.proj(out)  # (B, Hp, Wp, C)
 
 
 class SwinBlock(nn.Module):
@@ -164,10 +158,8 @@ class SwinBlock(nn.Module):
         Hp, Wp = H + pad_b, W + pad_r
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        windows = window_partition(x, ws).view(B, -1, ws * ws, C)  # (B, nW, N, C)
         mask = self._shift_mask(Hp, Wp, ws, s, x.device) if s else None
-        windows = self.attn(windows, ws, mask)  # (B, nW, N, C)
-        x = window_reverse(windows.view(-1, ws, ws, C), ws, Hp, Wp)  # (B, Hp, Wp, C)
+        x = self.attn(x, ws, mask)  # (B, Hp, Wp, C)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
         x = x[:, :H, :W]  # (B, H, W, C), padding cropped

@@ -223,7 +223,7 @@ class TextEncoder(nn.Module):
 
 class FusedSelfAttention(nn.Module):
     """transformers' BertSelfAttention with query, key and value in one Linear: one matmul forward
-    and three backward instead of three and nine, and one head-split copy instead of three. A state
+    and three backward instead of three and nine, and at most one head-split copy. A state
     dict in transformers' layout (query / key / value) loads too: its three are joined on load."""
 
     JOINED = ("query", "key", "value")  # transformers' three Linears, in the order qkv stacks them
@@ -257,7 +257,10 @@ class FusedSelfAttention(nn.Module):
                              "no cache")
         B, T, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(B, T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each (B, nH, T, Dh), one copy
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nH, T, Dh), a strided view SDPA reads as it is
+        if qkv.device.type == "cpu":  # `attend` writes the product out: one copy here, not one per matmul
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)  # each (B, nH, T, Dh)
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
             attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~attention_mask, torch.finfo(q.dtype).min)

@@ -195,8 +195,9 @@ def test_op_count_of_a_tiny_training_step_by_part(tmp_path):
     assert r["command"] == f"python -m tmc.lab.op_count --config tiny --json {tmp_path / 'tiny.json'}"
     assert sum(r["per_part"].values()) == sum(r["ops"].values()) == r["total"] > 1000
     # 1,524 before BERT's fused q/k/v, the stage-drawn stochastic depth, the written-out CPU attention
-    # and the BatchNorm without its step counter, 1,354 after: a change that adds ops back shows here
-    assert r["total"] <= 1380
+    # and the BatchNorm without its step counter, 1,354 after them; 1,271 after windows and heads in
+    # one copy, the padding mask prepared once and the fp32 scalars: a change that adds ops shows here
+    assert r["total"] <= 1300
     assert {"swin", "text_encoder", "mcm", "decoder", "alignment", "backward", "optimizer"} <= r["per_part"].keys()
     assert r["per_part"]["optimizer"] < 10  # fused Adam: a few kernels for all parameters
     assert r["ops"]["_to_copy"] > 0  # the casts (the losses read fp32 logits) are counted

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from tmc.attention import MultiHeadCrossAttention
+from tmc.attention import KeyPadding, MultiHeadCrossAttention
+from tmc.lab.op_count import OpCounter
 
 DT = torch.float64  # parity in double precision: any real mismatch shows far above round-off
 
@@ -265,3 +266,23 @@ def test_attend_dropout_drops_weights_and_rescales_the_rest():
     torch.testing.assert_close(dropped[kept], weights[kept] / (1 - p))
     assert abs((~kept).float().mean().item() - p) < 0.05
     assert attend(q, k, v.contiguous(), dropout_p=0.0).equal(weights)
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "sigmoid"])
+def test_a_prepared_key_padding_gives_the_bool_masks_result_in_fewer_ops(weighting):
+    torch.manual_seed(0)
+    m = MultiHeadCrossAttention(12, 20, 3, weighting=weighting).to(DT).eval()
+    q, kv = torch.randn(3, 4, 12, dtype=DT), torch.randn(3, 6, 20, dtype=DT)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0] = True  # all padding
+    mask[1, 4:] = True
+    prepared = KeyPadding.from_mask(mask, DT)
+    assert prepared.bias.shape == (3, 1, 1, 6) and prepared.keep.flatten().tolist() == [0.0, 1.0, 1.0]
+    with OpCounter() as plain:
+        out, w = m(q, kv, kv_padding_mask=mask, return_weights=True)
+    with OpCounter() as ready:
+        out_p, w_p = m(q, kv, kv_padding_mask=prepared, return_weights=True)
+    torch.testing.assert_close(out_p, out, rtol=0, atol=0)
+    torch.testing.assert_close(w_p, w, rtol=0, atol=0)
+    assert (w[1, :, 4:] == 0).all() and (w[0] == 0).all()
+    assert sum(ready.ops.values()) < sum(plain.ops.values())

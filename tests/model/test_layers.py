@@ -3,7 +3,8 @@ import torch
 
 from tmc.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tmc.config import tiny_config
-from tmc.layers import Dropout, DropPath, PositionCode, sincos_position_embedding
+from tmc.layers import (Dropout, DropPath, PositionCode, from_window_heads, sincos_position_embedding,
+                        to_window_heads)
 from tmc.model import build_model
 from tmc.lab.op_count import OpCounter
 
@@ -78,3 +79,27 @@ def test_branch_scales_are_zero_or_inverse_keep_and_unbiased():
     dp = DropPath(0.5).train()
     s = branch_scales(torch.tensor([0.5]), 4).view(4, 1, 1)
     torch.testing.assert_close(dp.add(r, x, s), r + x * s)
+
+
+def test_window_heads_match_a_token_by_token_partition_and_invert():
+    B, H, W, wh, ww, nH, Dh = 2, 6, 8, 3, 4, 2, 5
+    x = torch.randn(B, H, W, 3 * nH * Dh)
+    out = to_window_heads(x, (wh, ww), nH, parts=3)
+    assert out.shape == (3, B, (H // wh) * (W // ww), nH, wh * ww, Dh) and out.is_contiguous()
+    for b in range(B):  # slow reference: window n row-major over the grid, token t row-major inside it
+        for n in range((H // wh) * (W // ww)):
+            for t in range(wh * ww):
+                r, c = (n // (W // ww)) * wh + t // ww, (n % (W // ww)) * ww + t % ww
+                token = x[b, r, c].view(3, nH, Dh)  # [q | k | v], each heads x Dh
+                assert torch.equal(out[:, b, n, :, t], token)
+    for part in range(3):
+        back = from_window_heads(out[part], (H, W), (wh, ww))
+        assert torch.equal(back, x[..., part * nH * Dh:(part + 1) * nH * Dh])
+
+
+def test_window_heads_copy_once_each_way():
+    x = torch.randn(2, 14, 14, 3 * 4 * 8)
+    with OpCounter() as counter:
+        out = to_window_heads(x, (7, 7), 4, parts=3)
+        from_window_heads(out[0], (14, 14), (7, 7))
+    assert sum(counter.ops.values()) == 2

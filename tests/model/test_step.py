@@ -199,3 +199,16 @@ def test_a_frozen_text_encoder_runs_once_per_caption_not_per_step(amp):
     assert calls == []
     tol = dict(rtol=2e-2, atol=2e-3) if amp == "bf16" else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss"], reference, **tol)
+
+
+def test_bf16_working_weights_leave_the_scalars_fp32():
+    """The alignment's logit scale and bias are read by the fp32 losses: kept fp32, they cost no cast
+    and their temperature is not rounded to bf16."""
+    cfg, model, data = _tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    step = make_train_step(model, optimizer, None, "bf16", cfg.alignment_form)
+    scalars = {n for n, p in model.named_parameters() if p.ndim == 0}
+    assert scalars and not scalars & set(step.weights.tensors)
+    out = step.forward(step_inputs(data))
+    assert all(s["logit_scale"].dtype == s["logit_bias"].dtype == torch.float32 for s in out["alignment"])
+    assert all(s["img"].dtype == torch.bfloat16 for s in out["alignment"])

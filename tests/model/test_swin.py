@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from tmc.config import tiny_config
 from tmc.swin import (DropPath, PatchMerging, SwinTransformer, WindowAttention, merge_2x2,
-                      relative_position_index, shift_attention_mask, window_partition, window_reverse)
+                      relative_position_index, shift_attention_mask, window_partition)
 from tmc.swin_weights import load_swin_weights
 
 SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
@@ -298,11 +298,10 @@ def test_load_prefix_partial_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- properties
 
 
-def test_window_partition_round_trip_and_order():
+def test_window_partition_order():
     x = torch.randn(2, 6, 9, 5)
     w = window_partition(x, 3)
     assert w.shape == (2 * 6, 3, 3, 5)
-    torch.testing.assert_close(window_reverse(w, 3, 6, 9), x, rtol=0, atol=0)
     for b in range(2):  # batch outermost, then windows row-major
         for r in range(2):
             for c in range(3):
