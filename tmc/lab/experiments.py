@@ -243,8 +243,7 @@ def main(argv=None) -> None:
         from datasets.registry import prepare
 
         prepare("demo", str(DEMO_V1["root"]), image_size=64, **DEMO_V1["options"])  # before parallel runs
-        demo_grid("demo_recipe", DEMO_RECIPE_VARIANTS, args.seeds, args.threads, args.parallel, budget=[],
-                  reuse={"default": "demo_default/default"})
+        demo_grid("demo_recipe", DEMO_RECIPE_VARIANTS, args.seeds, args.threads, args.parallel, budget=[])
     elif args.experiment == "demo-ablation":
         demo_grid("demo_ablation", DEMO_VARIANTS, args.seeds, args.threads, args.parallel, demo=DEMO_V1)
     elif args.experiment == "token-length":

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCUMENTS = ("README.md", "results/README.md")
 # The README's own tables, in order (its speed section and its results summary); every other table
 # sits in results/README.md, once.
-README_TABLES = ("op-count", "bench-cpu-ops", "bench-cpu-ops-prev", "summary")
+README_TABLES = ("op-count", "bench-cpu-ops", "bench-cpu-ops-prev", "bench-cpu-windows", "summary")
 BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 BINDS = 0.95
 # train.py flags that set the data and the budget, the same for every row of a grid.
@@ -300,6 +300,7 @@ TABLES = {
     "bench-gpu": bench_gpu,
     "bench-cpu-ops": lambda r: bench_cpu(r, "bench_cpu_ops"),
     "bench-cpu-ops-prev": lambda r: bench_cpu(r, "bench_cpu_ops_vs_08c194a"),
+    "bench-cpu-windows": lambda r: bench_cpu(r, "bench_cpu_windows_vs_9284fc6"),
     "op-count": op_count,
     "qata-protocol": lambda r: qata_protocol(r, "qata_cpu/protocol"),
     "qata-ablations": qata_ablations,
