@@ -139,6 +139,10 @@ class MultiHeadCrossAttention(nn.Module):
                     f"{padding.dtype} {tuple(padding.shape)}; fix: from a "
                     f"HuggingFace attention_mask pass `attention_mask == 0`")
             padding = KeyPadding.from_mask(padding, q.dtype)
+        elif padding is not None and (padding.bias.shape, padding.keep.shape) != ((B, 1, 1, Nk), (B, 1, 1, 1)):
+            raise ValueError(f"KeyPadding has bias {tuple(padding.bias.shape)} and keep "
+                             f"{tuple(padding.keep.shape)}, expected {(B, 1, 1, Nk)} and {(B, 1, 1, 1)}; "
+                             f"fix: build it with KeyPadding.from_mask from this batch's (B, Nk) mask")
         attn_mask = None if padding is None else padding.bias.to(q.dtype)  # (B, 1, 1, Nk), over nH and Nq
 
         qh = self._split_heads(self.q_proj(q))  # (B, nH, Nq, Dh)

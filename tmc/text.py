@@ -257,8 +257,8 @@ class FusedSelfAttention(nn.Module):
                              "no cache")
         B, T, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(B, T, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nH, T, Dh), a strided view SDPA reads as it is
-        if qkv.device.type == "cpu":  # `attend` writes the product out: one copy here, not one per matmul
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nH, T, Dh), a strided view CUDA's SDPA reads as it is
+        if qkv.device.type != "cuda":  # `attend` writes the product out: one copy here, not one per matmul
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(0)  # each (B, nH, T, Dh)
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend

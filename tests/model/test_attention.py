@@ -286,3 +286,11 @@ def test_a_prepared_key_padding_gives_the_bool_masks_result_in_fewer_ops(weighti
     torch.testing.assert_close(w_p, w, rtol=0, atol=0)
     assert (w[1, :, 4:] == 0).all() and (w[0] == 0).all()
     assert sum(ready.ops.values()) < sum(plain.ops.values())
+
+
+def test_a_key_padding_of_another_batch_is_refused_with_a_fix():
+    m = MultiHeadCrossAttention(12, 20, 3).to(DT)
+    q, kv = torch.randn(2, 4, 12, dtype=DT), torch.randn(2, 6, 20, dtype=DT)
+    other = KeyPadding.from_mask(torch.zeros(1, 6, dtype=torch.bool), DT)  # would broadcast silently
+    with pytest.raises(ValueError, match="expected \\(2, 1, 1, 6\\).*fix: build it with KeyPadding.from_mask"):
+        m(q, kv, kv_padding_mask=other)
