@@ -1,6 +1,6 @@
 """Building blocks shared by the Swin encoder, MCM and the decoder, written once (as timm.layers and
-SAM's modeling/common.py do): the MLP, stochastic depth, native dropout, the fixed 2D position code and the window/head layout of
-windowed attention.
+SAM's modeling/common.py do): the MLP, stochastic depth, native dropout, the fixed 2D position code
+and the window/head layout of windowed attention.
 
 Each is also written so one training step issues few kernels: stochastic depth is fused with its
 residual add (and a Swin stage draws all its blocks' scales at once), dropout is one kernel on every

@@ -36,9 +36,10 @@ class Bf16Weights:
 
     BatchNorm keeps its fp32 parameters and running statistics (it updates them in place; its kernels
     take bf16 inputs with fp32 parameters), and so do 0-d parameters (the alignment's logit scale and
-    bias, read by the fp32 losses: a bf16 copy would cost a cast each way and round the temperature). Call the model through `__call__`; after backward,
-    `grads_to_masters()` copies the bf16 gradients into the masters' fp32 `.grad` in one op, and after
-    the optimizer step `refresh()` copies the masters back in one op.
+    bias, read by the fp32 losses: a bf16 copy would cost a cast each way and round the temperature).
+    Call the model through `__call__`; after backward, `grads_to_masters()` copies the bf16 gradients
+    into the masters' fp32 `.grad` in one op, and after the optimizer step `refresh()` copies the
+    masters back in one op.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):

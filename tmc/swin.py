@@ -24,13 +24,6 @@ from tmc.layers import DropPath, Mlp, branch_scales, from_window_heads, to_windo
 # ----------------------------------------------------------------------------- window helpers
 
 
-def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, H, W, C), H and W multiples of ws -> (B*nW, ws, ws, C): batch outermost, windows row-major."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // ws, ws, W // ws, ws, C)  # (B, H/ws, ws, W/ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)  # (B*nW, ws, ws, C)
-
-
 def relative_position_index(ws: int) -> torch.Tensor:
     """Row of the (2ws-1)^2 bias table for every (query, key) pair of a ws x ws window: (N, N)."""
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))  # (2, ws, ws)
@@ -48,7 +41,7 @@ def shift_attention_mask(H: int, W: int, ws: int, shift: int, device=None) -> to
         return (i >= n - ws).long() + (i >= n - shift).long()
 
     label = region(H)[:, None] * 3 + region(W)[None, :]  # (H, W), 9 region ids
-    win = window_partition(label[None, :, :, None], ws).reshape(-1, ws * ws)  # (nW, N)
+    win = to_window_heads(label[None, :, :, None], (ws, ws), heads=1).view(-1, ws * ws)  # (nW, N)
     diff = win[:, None, :] - win[:, :, None]  # (nW, N, N)
     return torch.zeros(diff.shape, device=device).masked_fill(diff != 0, -100.0)
 

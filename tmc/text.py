@@ -214,11 +214,16 @@ class TextEncoder(nn.Module):
         the GPU and breaks CUDA-graph capture. SDPA and eager get it additive in the weights' dtype
         (SDPA would otherwise convert a boolean mask in every layer).
         """
-        keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), True = attend
         if self.encoder.config._attn_implementation in ("sdpa", "eager"):  # added to the attention scores
-            dtype = self.encoder.embeddings.word_embeddings.weight.dtype
-            return torch.zeros(keep.shape, device=keep.device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+            keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), True = attend
+            return additive_mask(keep, self.encoder.embeddings.word_embeddings.weight.dtype)
         return attention_mask  # other kernels (flash attention) take the 2-D mask
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as BERT adds it to the scores: 0, or dtype's lowest value (finite,
+    as transformers does, so a row with no key left still has a softmax)."""
+    return torch.zeros(keep.shape, device=keep.device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 class FusedSelfAttention(nn.Module):
@@ -262,8 +267,7 @@ class FusedSelfAttention(nn.Module):
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(0)  # each (B, nH, T, Dh)
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
-            attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~attention_mask, torch.finfo(q.dtype).min)
+            attention_mask = additive_mask(attention_mask, q.dtype)
         x = attend(q, k, v, attention_mask, self.dropout.p if self.training else 0.0)  # (B, nH, T, Dh)
         return x.transpose(1, 2).reshape(B, T, -1), None  # (B, T, nH*Dh)
 

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from tmc.config import tiny_config
 from tmc.swin import (DropPath, PatchMerging, SwinTransformer, WindowAttention, merge_2x2,
-                      relative_position_index, shift_attention_mask, window_partition)
+                      relative_position_index, shift_attention_mask)
+from tmc.layers import to_window_heads
 from tmc.swin_weights import load_swin_weights
 
 SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
@@ -298,9 +299,9 @@ def test_load_prefix_partial_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- properties
 
 
-def test_window_partition_order():
+def test_windows_are_batch_outermost_then_row_major():
     x = torch.randn(2, 6, 9, 5)
-    w = window_partition(x, 3)
+    w = to_window_heads(x, (3, 3), heads=1).view(-1, 3, 3, 5)  # (B*nW, ws, ws, C), as Swin's mask reads it
     assert w.shape == (2 * 6, 3, 3, 5)
     for b in range(2):  # batch outermost, then windows row-major
         for r in range(2):
