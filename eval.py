@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-uid", default=None, help="which DICOM series when the folder holds several")
     p.add_argument("--intensity", default="auto", choices=("auto", "ct", "mr", "minmax"),
                    help="volume → [0, 1] (auto: from the run's dataset: MosMed ct, Duke mr)")
-    p.add_argument("--text", default="", help="the caption for --image / --volume")
+    p.add_argument("--text", default="", help="the caption for --image / --volume (none or \"\": "
+                                              "no caption, the mask from the image alone)")
     p.add_argument("--out", default="", help="output mask for --image (.png) / --volume (.nii.gz)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=-1,
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         if len(args.ckpt_list) != 1:
             fail("--image / --volume take exactly one --ckpt")
         model, cfg, ckpt = load_model(args.ckpt_list[0], device)
+        if model.text is not None and not args.text.strip():
+            print("no caption (--text not given): the mask comes from the image alone")
         try:
             segment = make_segmenter(model, args.text, device, args.amp)
         except ValueError as e:

@@ -188,6 +188,10 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
 
         from datasets.augment import augment_training_batch
         augment_fn = functools.partial(augment_training_batch, mode=cfg.augment)
+    caption_fn = None
+    if model_cfg.use_text and cfg.captions == "varied":
+        from datasets.captions import CaptionVariation
+        caption_fn = CaptionVariation(dropout=cfg.caption_dropout)
 
     early = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
     start_epoch = 1
@@ -237,7 +241,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             train_loader.sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch)
             t0 = time.time()
             stats = train_one_epoch(step, train_loader, device=device, tokenize=raw.tokenize, guard=guard,
-                                    augment_fn=augment_fn, aug_generator=aug_gen,
+                                    augment_fn=augment_fn, caption_fn=caption_fn, aug_generator=aug_gen,
                                     max_steps=cfg.max_steps_per_epoch, dist=dist,
                                     desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
                                     deadline=deadline)

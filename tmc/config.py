@@ -71,6 +71,9 @@ class ModelConfig:
         "T: tokens kept after truncation/padding, [CLS] included. The paper's 10 cuts a QaTa caption "
         "before its zone words; 24 keeps them"))
     freeze_text: bool = option(False, "keep the text encoder's weights fixed (paper: BERT is fine-tuned)")
+    text_sentence: bool = option(False, (
+        "token 0 carries the whole caption: the mean of its token features (how MiniLM pools a "
+        "sentence) instead of [CLS]; MCM and the alignment read it beside the words"))
 
     # --- multi-stage cross-attention (MCM, §3.1) ---
     use_text: bool = option(True, "False: image-only model (no text encoder, no MCM, no alignment)")

@@ -204,7 +204,8 @@ def make_train_step(model, optimizer, scaler, cfg: TrainConfig, *, device: torch
 
 
 def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonFiniteGuard,
-                    augment_fn=None, aug_generator: torch.Generator | None = None, max_steps: int = 0,
+                    augment_fn=None, caption_fn=None, aug_generator: torch.Generator | None = None,
+                    max_steps: int = 0,
                     dist: Dist | None = None, desc: str = "", progress: bool = True,
                     deadline: float | None = None, read_every: int = 10) -> dict:
     """One pass over `loader` (or `max_steps` batches, or until the `deadline`).
@@ -215,6 +216,9 @@ def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonF
         tokenize: captions → {"input_ids", "attention_mask"} (the unwrapped model's `tokenize`).
         augment_fn: `(image, mask, captions, generator) -> (image, mask, captions)` applied on
             `device` (datasets.augment.augment_training_batch with its mode bound), or None.
+        caption_fn: `(captions, generator) -> captions` after the augmentation (rewording and
+            caption dropout: datasets.captions.CaptionVariation), or None. The alignment's
+            positive pairs are read before it: the same facts, however worded.
         guard: counts non-finite losses; a step with one is skipped on every rank.
         deadline: time.time() after which no further step starts (after at least one step); every
             rank stops at the same step.
@@ -253,9 +257,11 @@ def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonF
         captions = list(batch["text"])
         if augment_fn is not None:
             image, mask, captions = augment_fn(image, mask, captions, generator=aug_generator)
+        positives = caption_positive_mask(captions, device=device)  # (B, B)
+        if caption_fn is not None:
+            captions = caption_fn(captions, generator=aug_generator)
         tokens = {k: v.to(device) for k, v in tokenize(captions).items()}  # (B, T) each
-        inputs = {"image": image, "mask": mask, **tokens,
-                  "positives": caption_positive_mask(captions, device=device)}  # (B, B)
+        inputs = {"image": image, "mask": mask, **tokens, "positives": positives}
         out = step(inputs)
         ok = out["finite"].to(sums.dtype)
         B = image.shape[0]

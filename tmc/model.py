@@ -190,7 +190,8 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
     text_proj, mcm, align = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
     if cfg.use_text:
         text = TextEncoder(cfg.text_model, cfg.text_length, cfg.freeze_text,
-                           load_pretrained=load_pretrained, bert_config=text_config)
+                           load_pretrained=load_pretrained, bert_config=text_config,
+                           sentence=cfg.text_sentence)
         lang_dim = text.hidden_size  # width of the language stream entering the next stage
         for i in sorted(set(cfg.active_mcm_stages) | set(cfg.active_alignment_stages)):
             c = channels[i - 1]

@@ -48,11 +48,10 @@ def model_input(image: np.ndarray, size: int) -> torch.Tensor:
 def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
     """A function (B, 1, S, S) images in [0, 1] → (B, 1, S, S) bool masks for one caption.
 
-    Raises ValueError when the model is text-guided and the caption is blank."""
-    if model.text is not None and not (text or "").strip():
-        what = "--text is blank" if text else "this model is text-guided"
-        raise ValueError(f"{what}; fix: pass --text \"<description of the lesion>\"")
-    tokens = {k: v.to(device) for k, v in model.tokenize([text or ""]).items()}  # (1, T) each
+    A blank or missing caption is no caption: the text-guided model reads "" ([CLS] [SEP]), which
+    it is trained on (train.py --caption-dropout), and segments from the image alone."""
+    text = (text or "").strip()
+    tokens = {k: v.to(device) for k, v in model.tokenize([text]).items()}  # (1, T) each
 
     @torch.no_grad()
     def segment(images: torch.Tensor) -> torch.Tensor:

@@ -109,14 +109,16 @@ class TextEncoder(nn.Module):
         freeze: keep the encoder's weights fixed (the paper fine-tunes it).
         load_pretrained: False builds the architecture only (weights come from a TMC checkpoint).
         bert_config: architecture to build when not loading weights (as saved in a checkpoint).
+        sentence: token 0 is the mean of the caption's token features (a sentence embedding, as
+            sentence-transformers pool MiniLM) instead of [CLS]'s own.
     """
 
     def __init__(self, name: str, length: int = 24, freeze: bool = False, load_pretrained: bool = True,
-                 bert_config: dict | None = None):
+                 bert_config: dict | None = None, sentence: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel, BertModel
 
-        self.name, self.length, self.freeze = name, length, freeze
+        self.name, self.length, self.freeze, self.sentence = name, length, freeze, sentence
         random_shape = _RANDOM.match(name)
         if random_shape:
             config = _random_bert_config(int(random_shape[1]), int(random_shape[2]))
@@ -205,7 +207,12 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask → (B, T, d_l) token features ([CLS] first)."""
         mask = self.prepared_mask(attention_mask)
-        return self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        h = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, d_l)
+        if self.sentence:
+            w = attention_mask[..., None].to(h.dtype)  # (B, T, 1), 1 on the caption's tokens
+            mean = (h * w).sum(1) / w.sum(1).clamp_min(1)  # (B, d_l)
+            h = torch.cat([mean[:, None], h[:, 1:]], 1)  # (B, T, d_l)
+        return h
 
     def prepared_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) 1/0 → the (B, 1, 1, T) mask BERT's attention uses, which transformers takes as given.

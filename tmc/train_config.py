@@ -24,6 +24,7 @@ from tmc.config import ModelConfig, PresetName, check_choices, get_config, liter
 DatasetName = Literal["demo", "qata", "mosmed", "mosmedplus", "duke", "csv"]
 SplitMode = Literal["auto", "paper", "layout", "layout-val"]
 AugmentMode = Literal["paper", "text-consistent", "none"]
+CaptionMode = Literal["varied", "literal"]
 LrSchedule = Literal["plateau", "cosine", "cosine-time"]
 SegLoss = Literal["bce", "bce+dice"]
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
@@ -50,6 +51,12 @@ class TrainConfig:
     augment: AugmentMode = option("paper", (
         "paper (rotation ±20°, k·90°, flips) | text-consistent (no k·90°; flips rewrite left/right, "
         "upper/lower in the caption) | none"))
+    captions: CaptionMode = option("varied", (
+        "varied: each training caption reworded (same facts, other words: datasets/captions.py) and "
+        "a share --caption-dropout left out, so reports and no caption work | literal: the "
+        "dataset's own captions (the paper)"))
+    caption_dropout: float = option(0.2, "share of training captions replaced by no caption "
+                                         "(--captions varied)")
     workers: int = option(-1, "DataLoader worker processes (-1 = the CPU cores available, at most 4)")
     # --- optimisation (paper §4.2) ---
     lr: float = option(3e-4, "Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)")

@@ -363,10 +363,19 @@ def test_bad_eval_flags_are_named_before_the_checkpoint_is_read(tmp_path, flags,
         evaluate.main(argv)
 
 
-def test_blank_text_is_refused():
+def test_blank_text_is_no_caption():
+    """A blank --text, or none, segments as the caption "" ([CLS] [SEP]) the model is trained on."""
     from tmc.config import tiny_config
     from tmc.model import build_model
 
-    model = build_model(tiny_config(image_size=32))
-    with pytest.raises(ValueError, match="--text is blank"):
-        make_segmenter(model, "   \t", torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(tiny_config(image_size=32)).eval()
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the initialisation, where MCM's output is zero
+            p.add_(torch.randn_like(p) * 0.1)
+        logits = model(images, **model.tokenize(["", ""]))["logits"]
+        other = model(images, **model.tokenize(["upper left lung", "upper left lung"]))["logits"]
+    assert not torch.allclose(logits, other)  # the caption matters to this model
+    for blank in ("   \t", "", None):
+        assert torch.equal(make_segmenter(model, blank, torch.device("cpu"))(images), logits > 0)
