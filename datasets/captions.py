@@ -296,18 +296,21 @@ def vary_caption(caption: str, rng: random.Random) -> str:
 
 
 class CaptionVariation:
-    """Training captions: each reworded into one of `pool` fixed variants (a frozen text encoder then
-    encodes each variant once), and a share `dropout` of them replaced by "" (no caption).
+    """Training captions: a share `dropout` replaced by "" (no caption), a share `keep` of the rest
+    left as the dataset wrote them, and the others reworded into one of `pool` fixed variants.
+
+    Keeping some captions literal holds the dataset's own wording among the ones the model knows
+    best, as a user of that dataset will type it.
 
     Variant k of a caption is `vary_caption(caption, Random(crc32(caption) + k))`: the same on every
     run and machine. Which variant, and which captions are dropped, is drawn from the augmentation's
     torch.Generator, so a seeded run is reproducible.
     """
 
-    def __init__(self, pool: int = 24, dropout: float = 0.2) -> None:
-        if pool < 1 or not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"pool must be >= 1 and dropout in [0, 1], got {pool}, {dropout}")
-        self.pool, self.dropout = pool, dropout
+    def __init__(self, pool: int = 24, dropout: float = 0.2, keep: float = 0.25) -> None:
+        if pool < 1 or not (0.0 <= dropout <= 1.0 and 0.0 <= keep <= 1.0):
+            raise ValueError(f"pool must be >= 1, dropout and keep in [0, 1]; got {pool}, {dropout}, {keep}")
+        self.pool, self.dropout, self.keep = pool, dropout, keep
         self._variants: dict[tuple[str, int], str] = {}
 
     def variant(self, caption: str, k: int) -> str:
@@ -322,5 +325,7 @@ class CaptionVariation:
         n = len(captions)
         device = generator.device if generator is not None else "cpu"
         k = torch.randint(0, self.pool, (n,), generator=generator, device=device).tolist()
-        drop = (torch.rand(n, generator=generator, device=device) < self.dropout).tolist()
-        return ["" if d else self.variant(c, j) for c, j, d in zip(captions, k, drop)]
+        u = torch.rand(n, generator=generator, device=device).tolist()
+        drop, keep = self.dropout, self.dropout + (1.0 - self.dropout) * self.keep
+        return ["" if x < drop else c if x < keep else self.variant(c, j)
+                for c, j, x in zip(captions, k, u)]

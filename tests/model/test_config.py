@@ -28,6 +28,7 @@ EXPECTED_CHOICES = {
         "lr_schedule": ("plateau", "cosine", "cosine-time"),
         "seg_loss": ("bce", "bce+dice"),
         "amp": ("auto", "off", "bf16", "fp16"),
+        "captions": ("varied", "literal"),
     },
 }
 LITERAL_FIELDS = [(cls, name) for cls, fields in EXPECTED_CHOICES.items() for name in fields]
