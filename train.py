@@ -14,20 +14,29 @@ test_metrics.json and, with --snapshot-steps, step<N>.pt. A fresh run needs an e
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tmc.checkpoint import (MODEL_KEYS, CheckpointError, load_checkpoint, save_checkpoint,
-                            training_checkpoint, upgrade_optimizer_state, weights_checkpoint)
+from datasets.augment import augment_training_batch
+from datasets.cached import SegmentationSet
+from datasets.captions import CaptionVariation
+from datasets.loaders import eval_loader, train_loader
+from datasets.records import DatasetError
+from datasets.registry import check_reader_options, prepare
+from tmc.checkpoint import (load_checkpoint, save_checkpoint, training_checkpoint, upgrade_optimizer_state,
+                            weights_checkpoint)
 from tmc.config import ModelConfig
-from tmc.distributed import (Dist, barrier, broadcast_buffers, cleanup_distributed, gather_lists,
-                             init_distributed)
+from tmc.distributed import (Dist, barrier, broadcast_buffers, broadcast_object, cleanup_distributed,
+                             gather_lists, init_distributed)
 from tmc.engine import (
     NonFiniteGuard, NonFiniteLossError, capture_rng, default_workers, make_generator, make_scaler,
     make_train_step, predict_records, resolve_amp, restore_rng, seed_everything, summarize,
@@ -35,12 +44,11 @@ from tmc.engine import (
 )
 from tmc.model import build_model
 from tmc.optim import make_optimizer, make_scheduler, step_scheduler
-from tmc.run_folder import (check_resume, default_out, drop_metrics_after, held_files, occupied_message,
-                            write_config)
-from tmc.train_config import (
-    TrainConfig, build_parser, check_train_config, explicit_overrides, parse_reader_options,
-    resolve_model_config, resolve_train_config,
-)
+from tmc.run_folder import (EarlyStop, default_out, drop_metrics_after, epoch_record, held_files,
+                            occupied_message, resolve_configs, summary_line, write_config)
+from tmc.step import CudaGraphStep
+from tmc.train_config import (TrainConfig, build_parser, check_train_config, explicit_overrides,
+                              parse_reader_options)
 
 
 class RunError(SystemExit):
@@ -65,61 +73,17 @@ def log(dist: Dist, *args) -> None:
         print(*args, flush=True)
 
 
-def _broadcast(obj, dist: Dist):
-    """Rank 0's value of a picklable object, on every rank."""
-    if not dist.enabled:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ---------------------------------------------------------------------------- configuration
-
-def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, ModelConfig, dict | None]:
-    """Configs of this run, and the checkpoint to resume from (or None)."""
-    if not train_over.get("resume"):
-        cfg = resolve_train_config(train_over)
-        return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset), None
-    if not train_over.get("out"):
-        raise RunError("--resume needs the run folder: --out DIR (the folder holding last.pt)")
-    path = Path(train_over["out"]) / "last.pt"
-    if not path.is_file():
-        raise RunError(f"{path}: nothing to resume; fix: check --out, or drop --resume to start anew")
-    try:
-        ckpt = load_checkpoint(path, require=(*MODEL_KEYS, "train_config", "optimizer", "rng"))
-    except CheckpointError as e:
-        raise RunError(f"--resume: {e}") from None
-    try:
-        check_resume(ckpt, train_over, path.parent)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    model_cfg = ModelConfig.from_dict(ckpt["model_config"])
-    changed = {k: v for k, v in model_over.items() if getattr(model_cfg, k) != v}
-    if changed:
-        raise RunError(f"--resume keeps the checkpoint's model; these flags would change it: "
-                       f"{changed}; fix: drop them, or start a new run with another --out")
-    cfg = resolve_train_config(train_over, base=ckpt["train_config"])
-    return cfg, model_cfg, ckpt
-
-
 # ---------------------------------------------------------------------------- data
 
 def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: torch.device):
     """Build or reuse the cache (rank 0 first), then one loader per split."""
-    from datasets.cached import SegmentationSet
-    from datasets.loaders import eval_loader, train_loader
-    from datasets.records import DatasetError
-    from datasets.registry import prepare
-
-    def _prepare():
-        return prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
-                       cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.split_seed,
-                       skip_bad=cfg.skip_bad, progress=cfg.progress,
-                       **parse_reader_options(cfg.reader_options))
-
-    cache = _prepare() if dist.is_main else None
-    cache = Path(_broadcast(str(cache) if cache else None, dist))
+    cache = None
+    if dist.is_main:
+        cache = prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
+                        cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.split_seed,
+                        skip_bad=cfg.skip_bad, progress=cfg.progress,
+                        **parse_reader_options(cfg.reader_options))
+    cache = Path(broadcast_object(str(cache) if cache else None, dist))
     sets = {}
     for split in ("train", "val", "test"):
         try:
@@ -130,21 +94,67 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
             sets[split] = []  # some layouts ship no test split: train and validate only
     train, loader_gen = train_loader(sets["train"], cfg.batch_size, cfg.workers, device, cfg.seed,
                                      dist.rank, dist.world_size, drop_last=cfg.compile or cfg.cuda_graphs)
-
-    def evaluation(ds):
-        return eval_loader(ds, cfg.eval_batch_size or cfg.batch_size, cfg.workers, device, dist.rank,
-                           dist.world_size)
-
-    return cache, train, evaluation(sets["val"]), evaluation(sets["test"]), loader_gen
+    val, test = (eval_loader(sets[split], cfg.eval_batch_size or cfg.batch_size, cfg.workers, device,
+                             dist.rank, dist.world_size) for split in ("val", "test"))
+    return cache, train, val, test, loader_gen
 
 
 # ---------------------------------------------------------------------------- the run
 
+@dataclass
+class Run:
+    """What the phases of one training run share."""
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    dist: Dist
+    device: torch.device
+    out: Path
+    t_start: float
+    train_loader: Any = None
+    val_loader: Any = None
+    test_loader: Any = None
+    raw: Any = None  # the model itself: evaluation and checkpoints
+    model: Any = None  # what trains: `raw`, or it wrapped in DDP / torch.compile
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    generators: dict = field(default_factory=dict)  # "augment", "loader": saved in last.pt
+    augment_fn: Any = None
+    caption_fn: Any = None
+    step: Any = None
+    guard: NonFiniteGuard | None = None
+    deadline: float | None = None
+    early: EarlyStop = field(default_factory=EarlyStop)
+    start_epoch: int = 1
+    completed: int = 0  # the last finished epoch
+    metrics: dict = field(default_factory=dict)  # the latest line of metrics.jsonl
+    total_steps: int = 0
+    saved_epoch: int = 0  # the epoch last.pt holds
+    saved_time: float = 0.0  # when last.pt was written
+
+
 def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         device: torch.device) -> dict:
+    """Prepare the run folder, build, resume, train epoch by epoch, test best.pt."""
     t_start = time.time()
     seed_everything(cfg.seed)
-    out = Path(_broadcast(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
+    r = Run(cfg, model_cfg, dist, device, prepare_out(cfg, model_cfg, ckpt, dist, device), t_start)
+    build(r, ckpt)
+    if ckpt is not None:
+        resume(r, ckpt)
+    r.step = build_step(r)  # after resuming: bf16 copies of the loaded weights
+    r.guard = NonFiniteGuard(cfg.max_nonfinite)
+    r.deadline = t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
+    r.completed = r.saved_epoch = r.start_epoch - 1
+    r.saved_time = time.time()
+    train_epochs(r)
+    return finish(r)
+
+
+def prepare_out(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
+                device: torch.device) -> Path:
+    """The run folder, checked free (or resumed), with config.json written; settles --amp and --workers."""
+    out = Path(broadcast_object(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
     cfg.out = str(out)
     cfg.amp, amp_note = resolve_amp(cfg.amp, device)
     log(dist, amp_note)
@@ -152,7 +162,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
         cfg.workers = default_workers()
         log(dist, f"workers: {cfg.workers} (the CPU cores available, at most 4; --workers N to choose)")
     held = held_files(out) if dist.is_main else []  # also removes a killed save's temporaries
-    held = _broadcast(held if ckpt is None else [], dist)  # every rank stops together
+    held = broadcast_object(held if ckpt is None else [], dist)  # every rank stops together
     if held:
         raise RunError(occupied_message(out, held))
     if dist.is_main:
@@ -161,184 +171,181 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
             drop_metrics_after(out / "metrics.jsonl", ckpt["epoch"])
         resolved = write_config(out, cfg, model_cfg, dist.world_size, device, torch.__version__)
         print("resolved configuration:\n" + json.dumps(resolved, indent=2), flush=True)
+    return out
 
-    cache, train_loader, val_loader, test_loader, loader_gen = make_loaders(cfg, model_cfg, dist, device)
-    log(dist, f"data: {cache} | train {len(train_loader.dataset)} | val {len(val_loader.dataset)} "
-              f"| test {len(test_loader.dataset)} images")
 
-    model = build_model(model_cfg, load_pretrained=ckpt is None,
-                        text_config=ckpt.get("text_config") if ckpt else None).to(device)
-    raw = model
+def build(r: Run, ckpt: dict | None) -> None:
+    """Loaders, model (wrapped for DDP / compile), optimizer, schedule, scaler, augmentation."""
+    cfg, dist = r.cfg, r.dist
+    cache, r.train_loader, r.val_loader, r.test_loader, loader_gen = make_loaders(cfg, r.model_cfg, dist,
+                                                                                  r.device)
+    log(dist, f"data: {cache} | train {len(r.train_loader.dataset)} | val {len(r.val_loader.dataset)} "
+              f"| test {len(r.test_loader.dataset)} images")
+    r.raw = r.model = build_model(r.model_cfg, load_pretrained=ckpt is None,
+                                  text_config=ckpt.get("text_config") if ckpt else None).to(r.device)
     if dist.enabled:
         # find_unused_parameters: ablations leave heads unused (e.g. alignment off, λ = 0).
-        model = torch.nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None,
+        r.model = torch.nn.parallel.DistributedDataParallel(
+            r.raw, device_ids=[r.device.index] if r.device.type == "cuda" else None,
             find_unused_parameters=True)
     if cfg.compile:  # training steps only: evaluation and checkpoints use `raw`
-        model = torch.compile(model)
-    optimizer = make_optimizer(raw, cfg, device)
-    scheduler = make_scheduler(optimizer, cfg, start=t_start)
-    scaler = make_scaler(device, cfg.amp)
+        r.model = torch.compile(r.model)
+    r.optimizer = make_optimizer(r.raw, cfg, r.device)
+    r.scheduler = make_scheduler(r.optimizer, cfg, start=r.t_start)
+    r.scaler = make_scaler(r.device, cfg.amp)
     # Different augmentations per rank; the same stream on every run with this seed.
-    aug_gen = make_generator(cfg.seed + 7919 * (dist.rank + 1), device)
-    generators = {"augment": aug_gen, "loader": loader_gen}
-    augment_fn = None
+    r.generators = {"augment": make_generator(cfg.seed + 7919 * (dist.rank + 1), r.device),
+                    "loader": loader_gen}
     if cfg.augment != "none":
-        import functools
+        r.augment_fn = functools.partial(augment_training_batch, mode=cfg.augment)
+    if r.model_cfg.use_text and cfg.captions == "varied":
+        r.caption_fn = CaptionVariation(dropout=cfg.caption_dropout)
 
-        from datasets.augment import augment_training_batch
-        augment_fn = functools.partial(augment_training_batch, mode=cfg.augment)
-    caption_fn = None
-    if model_cfg.use_text and cfg.captions == "varied":
-        from datasets.captions import CaptionVariation
-        caption_fn = CaptionVariation(dropout=cfg.caption_dropout)
 
-    early = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
-    start_epoch = 1
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(upgrade_optimizer_state(ckpt["optimizer"], ckpt["model"], optimizer, raw))
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        early = dict(ckpt["early_stop"])
-        states = ckpt["rng"]  # one per rank of the run that wrote it
-        restore_rng(states[dist.rank % len(states)], generators)
-        start_epoch = ckpt["epoch"] + 1
-        log(dist, f"resumed from {out / 'last.pt'} at epoch {ckpt['epoch']} (best val Dice "
-                  f"{early['best']:.4f} at epoch {early['best_epoch']})")
+def resume(r: Run, ckpt: dict) -> None:
+    """Weights, optimizer, schedule, scaler, early-stop state and RNG streams from last.pt."""
+    r.raw.load_state_dict(ckpt["model"])
+    r.optimizer.load_state_dict(upgrade_optimizer_state(ckpt["optimizer"], ckpt["model"], r.optimizer, r.raw))
+    r.scheduler.load_state_dict(ckpt["scheduler"])
+    r.scaler.load_state_dict(ckpt["scaler"])
+    r.early = EarlyStop(**ckpt["early_stop"])
+    states = ckpt["rng"]  # one per rank of the run that wrote it
+    restore_rng(states[r.dist.rank % len(states)], r.generators)
+    r.start_epoch = ckpt["epoch"] + 1
+    r.total_steps = ckpt["metrics"].get("total_steps", 0)
+    log(r.dist, f"resumed from {r.out / 'last.pt'} at epoch {ckpt['epoch']} (best val Dice "
+                f"{r.early.best:.4f} at epoch {r.early.best_epoch})")
 
-    step = make_train_step(model, optimizer, scaler, cfg, device=device,  # after resuming: bf16 copies
-                           alignment_form=model_cfg.alignment_form, dist=dist)
-    if cfg.cuda_graphs:
-        why = ("it needs a CUDA device" if device.type != "cuda" else
-               "it does not combine with torchrun" if dist.enabled else
-               "it does not combine with --compile" if cfg.compile else "")
-        if why:
-            log(dist, f"--cuda-graphs ignored: {why}; training eagerly")
-        else:
-            from tmc.step import CudaGraphStep
-            step = CudaGraphStep(step)
-    guard = NonFiniteGuard(cfg.max_nonfinite)
-    deadline = t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
-    completed = start_epoch - 1  # last finished epoch
-    metrics: dict = {}
-    total_steps = ckpt["metrics"].get("total_steps", 0) if ckpt else 0
-    state = dict(model_cfg=model_cfg, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
-                 scaler=scaler, early=early)
-    saved = {"epoch": completed, "time": time.time()}  # last.pt as of when
 
-    def save_last(epoch: int) -> None:  # every rank calls it: the RNG states are gathered
-        rng = gather_lists([capture_rng(generators)], dist)  # one state per rank
-        if dist.is_main:
-            save_checkpoint(out / "last.pt",
-                            training_checkpoint(raw, epoch=epoch, metrics=metrics, rng=rng, **state))
-        saved.update(epoch=epoch, time=time.time())
+def build_step(r: Run):
+    """The training step; replayed as a CUDA graph with --cuda-graphs where that can run."""
+    step = make_train_step(r.model, r.optimizer, r.scaler, r.cfg, device=r.device,
+                           alignment_form=r.model_cfg.alignment_form, dist=r.dist)
+    if not r.cfg.cuda_graphs:
+        return step
+    why = ("it needs a CUDA device" if r.device.type != "cuda" else
+           "it does not combine with torchrun" if r.dist.enabled else
+           "it does not combine with --compile" if r.cfg.compile else "")
+    if why:
+        log(r.dist, f"--cuda-graphs ignored: {why}; training eagerly")
+        return step
+    return CudaGraphStep(step)
 
+
+def train_epochs(r: Run) -> None:
+    """The epoch loop, until --epochs, early stop or the time limit; last.pt holds where it ended,
+    also after Ctrl-C or SIGTERM."""
+    cfg = r.cfg
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if early["bad_epochs"] >= cfg.patience:
+        for epoch in range(r.start_epoch, cfg.epochs + 1):
+            if r.early.bad_epochs >= cfg.patience:
                 break
-            train_loader.sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch)
-            t0 = time.time()
-            stats = train_one_epoch(step, train_loader, device=device, tokenize=raw.tokenize, guard=guard,
-                                    augment_fn=augment_fn, caption_fn=caption_fn, aug_generator=aug_gen,
-                                    max_steps=cfg.max_steps_per_epoch, dist=dist,
-                                    desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
-                                    deadline=deadline)
-            t1 = time.time()
-            broadcast_buffers(raw, dist)
-            val = summarize(predict_records(raw, val_loader, device=device, tokenize=raw.tokenize,
-                                            amp=cfg.amp, max_batches=cfg.limit_eval_batches, dist=dist,
-                                            desc="val", progress=cfg.progress))
-            score = val["dice"] if math.isfinite(val["dice"]) else 0.0
-            step_scheduler(scheduler, cfg, score)
-            improved = update_early_stop(early, score, epoch)
-            metrics = epoch_record(epoch, stats, val, float(optimizer.param_groups[0]["lr"]), improved,
-                                   early, (t0, t1, time.time()))
-            total_steps += metrics["steps"]
-            metrics["total_steps"] = total_steps
-            if dist.is_main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                if improved:
-                    save_checkpoint(out / "best.pt", weights_checkpoint(
-                        raw, model_cfg, cfg, epoch=epoch, early=early, metrics=metrics))
-                for n in cfg.snapshot_steps:  # reached during this epoch
-                    if total_steps - metrics["steps"] < n <= total_steps:
-                        save_checkpoint(out / f"step{n}.pt", weights_checkpoint(
-                            raw, model_cfg, cfg, epoch=epoch, early=early, metrics=metrics))
-                print(summary_line(metrics, cfg.epochs), flush=True)
-            completed = epoch
-            if _broadcast(time.time() - saved["time"] >= 60 * cfg.checkpoint_minutes, dist):
-                save_last(epoch)
-            barrier(dist)  # best.pt / last.pt are complete before any rank reads them
-            if deadline is not None and epoch < cfg.epochs:
-                # Room for one more step and a validation? Rank 0 decides for every rank.
-                need = metrics["val_time_s"] + metrics["train_time_s"] / max(1, metrics["steps"])
-                if _broadcast(time.time() + need > deadline, dist):
-                    log(dist, f"time limit of {cfg.time_limit:g} min reached after epoch {epoch} "
-                              f"(--time-limit 0 for no limit)")
-                    break
-            if early["bad_epochs"] >= cfg.patience:
-                log(dist, f"early stop: no validation-Dice gain for {cfg.patience} epochs "
-                          f"(best {early['best']:.4f} at epoch {early['best_epoch']})")
+            train_epoch(r, epoch)
+            if stop_after(r, epoch):
                 break
-        if saved["epoch"] != completed:  # the run stops: last.pt holds its final epoch
-            save_last(completed)
-            barrier(dist)
+        if r.saved_epoch != r.completed:  # the run stops: last.pt holds its final epoch
+            save_last(r, r.completed)
+            barrier(r.dist)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-        if dist.is_main:
+        if r.dist.is_main:
             # Mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact).
-            save_checkpoint(out / "last.pt", training_checkpoint(
-                raw, epoch=completed, metrics=metrics, rng=[capture_rng(generators)], interrupted=True,
-                **state))
+            save_checkpoint(r.out / "last.pt", last_checkpoint(r, r.completed, [capture_rng(r.generators)],
+                                                               interrupted=True))
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-            print(f"\n{how}: saved {out / 'last.pt'}; continue with "
-                  f"python train.py --out {out} --resume", file=sys.stderr, flush=True)
+            print(f"\n{how}: saved {r.out / 'last.pt'}; continue with "
+                  f"python train.py --out {r.out} --resume", file=sys.stderr, flush=True)
         raise
     except NonFiniteLossError as e:
         raise RunError(f"stopped: {e}") from None
     except torch.OutOfMemoryError:
         raise RunError(f"out of GPU memory at batch size {cfg.batch_size}; fix: a smaller "
                        f"--batch-size (e.g. {max(1, cfg.batch_size // 2)}) or --amp bf16 "
-                       f"(last.pt in {out} holds epoch {saved['epoch']})") from None
-
-    result = {"out": str(out), "best": str(out / "best.pt"), "last": str(out / "last.pt"),
-              "best_val_dice": early["best"], "best_epoch": early["best_epoch"]}
-    if cfg.test_at_end and len(test_loader.dataset) and (out / "best.pt").exists():
-        result["test"] = test_best(raw, out, test_loader, cfg, dist, device)
-    return result
+                       f"(last.pt in {r.out} holds epoch {r.saved_epoch})") from None
 
 
-def update_early_stop(early: dict, score: float, epoch: int) -> bool:
-    """Record this epoch's validation score; True when it is the best so far (best.pt is written)."""
-    if score > early["best"]:
-        early.update(best=score, best_epoch=epoch, bad_epochs=0)
+def train_epoch(r: Run, epoch: int) -> None:
+    """Train one epoch, validate, write its line of metrics.jsonl and its checkpoints."""
+    cfg, dist, raw = r.cfg, r.dist, r.raw
+    r.train_loader.sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch)
+    t0 = time.time()
+    stats = train_one_epoch(r.step, r.train_loader, device=r.device, tokenize=raw.tokenize, guard=r.guard,
+                            augment_fn=r.augment_fn, caption_fn=r.caption_fn,
+                            aug_generator=r.generators["augment"], max_steps=cfg.max_steps_per_epoch,
+                            dist=dist, desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+                            deadline=r.deadline)
+    t1 = time.time()
+    broadcast_buffers(raw, dist)
+    val = summarize(predict_records(raw, r.val_loader, device=r.device, tokenize=raw.tokenize,
+                                    amp=cfg.amp, max_batches=cfg.limit_eval_batches, dist=dist,
+                                    desc="val", progress=cfg.progress))
+    score = val["dice"] if math.isfinite(val["dice"]) else 0.0
+    step_scheduler(r.scheduler, cfg, score)
+    improved = r.early.update(score, epoch)
+    r.metrics = epoch_record(epoch, stats, val, float(r.optimizer.param_groups[0]["lr"]), improved,
+                             r.early, (t0, t1, time.time()))
+    r.total_steps += r.metrics["steps"]
+    r.metrics["total_steps"] = r.total_steps
+    if dist.is_main:
+        with open(r.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(r.metrics) + "\n")
+        if improved:
+            save_checkpoint(r.out / "best.pt", best_checkpoint(r, epoch))
+        for n in cfg.snapshot_steps:  # reached during this epoch
+            if r.total_steps - r.metrics["steps"] < n <= r.total_steps:
+                save_checkpoint(r.out / f"step{n}.pt", best_checkpoint(r, epoch))
+        print(summary_line(r.metrics, cfg.epochs), flush=True)
+    r.completed = epoch
+    if broadcast_object(time.time() - r.saved_time >= 60 * cfg.checkpoint_minutes, dist):
+        save_last(r, epoch)
+    barrier(dist)  # best.pt / last.pt are complete before any rank reads them
+
+
+def stop_after(r: Run, epoch: int) -> bool:
+    """True when the time limit leaves no room for another epoch, or validation stopped improving."""
+    cfg, dist = r.cfg, r.dist
+    if r.deadline is not None and epoch < cfg.epochs:
+        # Room for one more step and a validation? Rank 0 decides for every rank.
+        need = r.metrics["val_time_s"] + r.metrics["train_time_s"] / max(1, r.metrics["steps"])
+        if broadcast_object(time.time() + need > r.deadline, dist):
+            log(dist, f"time limit of {cfg.time_limit:g} min reached after epoch {epoch} "
+                      f"(--time-limit 0 for no limit)")
+            return True
+    if r.early.bad_epochs >= cfg.patience:
+        log(dist, f"early stop: no validation-Dice gain for {cfg.patience} epochs "
+                  f"(best {r.early.best:.4f} at epoch {r.early.best_epoch})")
         return True
-    early["bad_epochs"] += 1
     return False
 
 
-def epoch_record(epoch: int, stats: dict, val: dict, lr: float, improved: bool, early: dict,
-                 times: tuple[float, float, float]) -> dict:
-    """One line of metrics.jsonl; `times` = (start, end of training, end of validation)."""
-    t0, t1, t2 = times
-    return {
-        "epoch": epoch, "train_loss": stats["loss"], "train_seg": stats["seg"],
-        "train_align": stats["align"], "steps": stats["steps"], "skipped_nonfinite": stats["skipped"],
-        "val_dice": val["dice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
-        "val_protocol": val["protocol"], "lr": lr, "improved": improved, "best_val_dice": early["best"],
-        "time_s": round(t2 - t0, 2), "train_time_s": round(t1 - t0, 2), "val_time_s": round(t2 - t1, 2),
-    }
+def best_checkpoint(r: Run, epoch: int) -> dict:
+    """best.pt (and step<N>.pt): weights and configs."""
+    return weights_checkpoint(r.raw, r.model_cfg, r.cfg, epoch=epoch, early=asdict(r.early),
+                              metrics=r.metrics)
 
 
-def summary_line(m: dict, epochs: int) -> str:
-    return (f"epoch {m['epoch']:3d}/{epochs} | loss {m['train_loss']:.4f} (seg {m['train_seg']:.4f} "
-            f"align {m['train_align']:.4f}) | val Dice {m['val_dice']:.4f} mIoU {m['val_miou']:.4f} "
-            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['steps']} steps "
-            f"{m['time_s']:.1f}s"
-            + (" | best" if m["improved"] else "")
-            + (f" | skipped {m['skipped_nonfinite']} non-finite" if m["skipped_nonfinite"] else ""))
+def last_checkpoint(r: Run, epoch: int, rng: list, interrupted: bool = False) -> dict:
+    """last.pt: best.pt's keys and what --resume needs."""
+    return training_checkpoint(r.raw, r.model_cfg, r.cfg, epoch=epoch, optimizer=r.optimizer,
+                               scheduler=r.scheduler, scaler=r.scaler, early=asdict(r.early), rng=rng,
+                               metrics=r.metrics, interrupted=interrupted)
+
+
+def save_last(r: Run, epoch: int) -> None:
+    """Write last.pt; every rank calls it, since the RNG states are gathered (one per rank)."""
+    rng = gather_lists([capture_rng(r.generators)], r.dist)
+    if r.dist.is_main:
+        save_checkpoint(r.out / "last.pt", last_checkpoint(r, epoch, rng))
+    r.saved_epoch, r.saved_time = epoch, time.time()
+
+
+def finish(r: Run) -> dict:
+    """Paths and best score of the run; best.pt scored on the test split (--test-at-end)."""
+    out = r.out
+    result = {"out": str(out), "best": str(out / "best.pt"), "last": str(out / "last.pt"),
+              "best_val_dice": r.early.best, "best_epoch": r.early.best_epoch}
+    if r.cfg.test_at_end and len(r.test_loader.dataset) and (out / "best.pt").exists():
+        result["test"] = test_best(r.raw, out, r.test_loader, r.cfg, r.dist, r.device)
+    return result
 
 
 def test_best(raw, out: Path, test_loader, cfg: TrainConfig, dist: Dist, device) -> dict:
@@ -372,7 +379,6 @@ def main(argv: list[str] | None = None) -> dict:
         try:  # every flag checked before any work
             cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
             check_train_config(cfg)
-            from datasets.registry import check_reader_options
             check_reader_options(cfg.dataset, parse_reader_options(cfg.reader_options))
         except ValueError as e:
             raise RunError(str(e)) from None
@@ -384,8 +390,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from datasets.records import DatasetError
-
     try:
         main()
     except Terminated:

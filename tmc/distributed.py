@@ -74,6 +74,15 @@ def all_reduce_sum(values: list[float], dist: Dist, device: torch.device) -> lis
     return t.tolist()
 
 
+def broadcast_object(obj, dist: Dist):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.enabled:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_buffers(module: torch.nn.Module, dist: Dist) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank. Each rank's last training
     forward updated its own; rank 0's are those saved in the checkpoint, so a sharded evaluation

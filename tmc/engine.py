@@ -203,6 +203,51 @@ def make_train_step(model, optimizer, scaler, cfg: TrainConfig, *, device: torch
                      world_size=dist.world_size)
 
 
+@dataclass
+class EpochTotals:
+    """One host read of an epoch's running sums."""
+    loss: float  # sum of loss·B over the finite steps
+    seg: float  # sum of seg·B
+    align: float  # sum of align·B
+    images: float  # images in the finite steps
+    skipped: float  # non-finite steps
+    in_a_row: float  # the current run of skipped steps
+    longest: float  # the longest run since the previous read
+
+
+class EpochSums:
+    """An epoch's running sums, kept on the device in one tensor so that a step adds to them without
+    a host sync and the host reads them in one copy. Each field is a named view of that tensor."""
+
+    def __init__(self, device: torch.device, in_a_row: int):
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.device = device
+        self.buffer = torch.zeros(7, device=device, dtype=dtype)  # the fields of EpochTotals, in order
+        self.weighted = self.buffer[:4]  # loss·B, seg·B, align·B, images
+        self.skipped = self.buffer[4]
+        self.in_a_row = self.buffer[5]
+        self.longest = self.buffer[6]
+        self.in_a_row.fill_(in_a_row)  # a run of skips continues across epochs
+        self.reported = 0  # skips already passed to the guard
+
+    def add(self, out: dict, B: int) -> None:
+        """Add one step's outputs ("loss", "seg", "align", "finite"; 0-d device tensors) for B images."""
+        ok = out["finite"].to(self.buffer.dtype)
+        self.weighted += torch.stack([out["loss"] * B, out["seg"] * B, out["align"] * B,
+                                      torch.full((), B, device=self.device)]).to(self.buffer.dtype) * ok
+        self.skipped += 1 - ok
+        self.in_a_row.copy_((self.in_a_row + 1) * (1 - ok))
+        self.longest.copy_(torch.maximum(self.longest, self.in_a_row))
+
+    def read(self, guard: NonFiniteGuard) -> EpochTotals:
+        """One host read; the guard raises on a long run of skips."""
+        v = EpochTotals(*self.buffer.tolist())
+        self.longest.copy_(self.in_a_row)  # the longest run restarts from the current one
+        guard.observe(in_a_row=int(v.in_a_row), longest=int(v.longest), skipped=int(v.skipped) - self.reported)
+        self.reported = int(v.skipped)
+        return v
+
+
 def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonFiniteGuard,
                     augment_fn=None, caption_fn=None, aug_generator: torch.Generator | None = None,
                     max_steps: int = 0,
@@ -232,20 +277,10 @@ def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonF
     dist = dist or Dist()
     step.model.train()
     total = len(loader) if not max_steps else min(max_steps, len(loader))
-    # On the device: loss·B, seg·B, align·B, images, skipped, current and longest run of skips.
-    sums = torch.zeros(7, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
-    sums[5] = guard.in_a_row  # a run of skips continues across epochs
-    iters, counted = 0, [0]  # counted: skips already passed to the guard
+    sums = EpochSums(device, guard.in_a_row)
+    iters = 0
     bar = tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True,
                disable=not (progress and dist.is_main))
-
-    def read() -> list[float]:  # one host read of the sums; the guard raises on a long run of skips
-        values = sums.tolist()
-        sums[6] = sums[5]  # the longest run restarts from the current one
-        guard.observe(in_a_row=int(values[5]), longest=int(values[6]), skipped=int(values[4]) - counted[0])
-        counted[0] = int(values[4])
-        return values
-
     for batch in bar:
         if max_steps and iters >= max_steps:
             break
@@ -261,24 +296,16 @@ def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonF
         if caption_fn is not None:
             captions = caption_fn(captions, generator=aug_generator)
         tokens = {k: v.to(device) for k, v in tokenize(captions).items()}  # (B, T) each
-        inputs = {"image": image, "mask": mask, **tokens, "positives": positives}
-        out = step(inputs)
-        ok = out["finite"].to(sums.dtype)
-        B = image.shape[0]
-        sums[:4] += torch.stack([out["loss"] * B, out["seg"] * B, out["align"] * B,
-                                 torch.full((), B, device=device)]).to(sums.dtype) * ok
-        sums[4] += 1 - ok
-        sums[5] = (sums[5] + 1) * (1 - ok)  # current run of skips
-        sums[6] = torch.maximum(sums[6], sums[5])
+        sums.add(step({"image": image, "mask": mask, **tokens, "positives": positives}), image.shape[0])
         iters += 1
         if iters % read_every == 0 or iters == 1:
-            values = read()
-            if values[3]:
-                bar.set_postfix(loss=f"{values[0] / values[3]:.4f}")
+            v = sums.read(guard)
+            if v.images:
+                bar.set_postfix(loss=f"{v.loss / v.images:.4f}")
     bar.close()
-    values = read()
-    loss_sum, seg_sum, align_sum, n = all_reduce_sum(values[:4], dist, device)
-    skipped = int(values[4])
+    v = sums.read(guard)
+    loss_sum, seg_sum, align_sum, n = all_reduce_sum([v.loss, v.seg, v.align, v.images], dist, device)
+    skipped = int(v.skipped)
     mean = (lambda s: s / n) if n else (lambda s: float("nan"))
     # steps and skips are the same on every rank (the skip decision is shared)
     return {"loss": mean(loss_sum), "seg": mean(seg_sum), "align": mean(align_sum),

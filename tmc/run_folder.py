@@ -1,18 +1,45 @@
 """A run's folder (train.py --out): config.json, metrics.jsonl (one line per epoch), best.pt, last.pt,
-test_metrics.json; what a fresh run and --resume accept of it."""
+test_metrics.json; what a fresh run and --resume accept of it; the early-stop record last.pt keeps."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tmc.checkpoint import remove_orphan_temporaries
-from tmc.train_config import TrainConfig
+from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, remove_orphan_temporaries
+from tmc.config import ModelConfig
+from tmc.train_config import TrainConfig, resolve_model_config, resolve_train_config
 
 # The settings that make a run what it is: --resume refuses to change them, and a last.pt whose
 # values differ from its folder's config.json belongs to another run.
 RUN_IDENTITY = ("dataset", "root", "preset", "split_mode", "split_seed", "reader_options", "seed")
+
+
+def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, ModelConfig, dict | None]:
+    """Configs of this run, and the checkpoint to resume from (or None); ValueError names the fix."""
+    if not train_over.get("resume"):
+        cfg = resolve_train_config(train_over)
+        return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset), None
+    if not train_over.get("out"):
+        raise ValueError("--resume needs the run folder: --out DIR (the folder holding last.pt)")
+    path = Path(train_over["out"]) / "last.pt"
+    if not path.is_file():
+        raise ValueError(f"{path}: nothing to resume; fix: check --out, or drop --resume to start anew")
+    try:
+        ckpt = load_checkpoint(path, require=(*MODEL_KEYS, "train_config", "optimizer", "rng"))
+    except CheckpointError as e:
+        raise ValueError(f"--resume: {e}") from None
+    check_resume(ckpt, train_over, path.parent)
+    model_cfg = ModelConfig.from_dict(ckpt["model_config"])
+    changed = {k: v for k, v in model_over.items() if getattr(model_cfg, k) != v}
+    if changed:
+        raise ValueError(f"--resume keeps the checkpoint's model; these flags would change it: "
+                         f"{changed}; fix: drop them, or start a new run with another --out")
+    cfg = resolve_train_config(train_over, base=ckpt["train_config"])
+    return cfg, model_cfg, ckpt
 
 
 def check_resume(ckpt: dict, train_over: dict, out: Path) -> None:
@@ -90,3 +117,41 @@ def write_config(out: Path, cfg, model_cfg, world_size: int, device, torch_versi
                 "world_size": world_size, "device": str(device), "torch": torch_version}
     (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     return resolved
+
+
+@dataclass
+class EarlyStop:
+    """The best validation Dice so far, its epoch, and the epochs since it (kept in last.pt)."""
+    best: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record this epoch's validation score; True when it is the best so far (best.pt is written)."""
+        if score > self.best:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+
+def epoch_record(epoch: int, stats: dict, val: dict, lr: float, improved: bool, early: EarlyStop,
+                 times: tuple[float, float, float]) -> dict:
+    """One line of metrics.jsonl; `times` = (start, end of training, end of validation)."""
+    t0, t1, t2 = times
+    return {
+        "epoch": epoch, "train_loss": stats["loss"], "train_seg": stats["seg"],
+        "train_align": stats["align"], "steps": stats["steps"], "skipped_nonfinite": stats["skipped"],
+        "val_dice": val["dice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
+        "val_protocol": val["protocol"], "lr": lr, "improved": improved, "best_val_dice": early.best,
+        "time_s": round(t2 - t0, 2), "train_time_s": round(t1 - t0, 2), "val_time_s": round(t2 - t1, 2),
+    }
+
+
+def summary_line(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']:3d}/{epochs} | loss {m['train_loss']:.4f} (seg {m['train_seg']:.4f} "
+            f"align {m['train_align']:.4f}) | val Dice {m['val_dice']:.4f} mIoU {m['val_miou']:.4f} "
+            f"global {m['val_dice_global']:.4f} | lr {m['lr']:.2e} | {m['steps']} steps "
+            f"{m['time_s']:.1f}s"
+            + (" | best" if m["improved"] else "")
+            + (f" | skipped {m['skipped_nonfinite']} non-finite" if m["skipped_nonfinite"] else ""))
