@@ -34,11 +34,13 @@ from torch.utils.data import DataLoader
 
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.distributed import pick_device
-from tmc.engine import default_workers, predict_records, resolve_amp, summarize
+from tmc.engine import default_workers, predict_records, summarize
 from tmc.metrics import THRESHOLD, combine_runs, paired_test
+from tmc.choices import AmpMode, SplitMode
+from tmc.precision import resolve_amp
 from tmc.predict import make_segmenter, segment_images
 from tmc.visualize import OverlayWriter
-from tmc.train_config import AmpMode, SplitMode, parse_reader_options
+from tmc.train_config import parse_reader_options
 
 def fail(message: str):
     raise SystemExit(f"eval.py: {message}")

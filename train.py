@@ -26,24 +26,22 @@ from typing import Any
 
 import torch
 
-from datasets.augment import augment_training_batch
 from datasets.cached import SegmentationSet
 from datasets.captions import CaptionVariation
-from datasets.loaders import eval_loader, train_loader
+from datasets.loaders import eval_loader, make_generator, train_loader
 from datasets.records import DatasetError
 from datasets.registry import check_reader_options, prepare
+from tmc.augment import augment_training_batch
 from tmc.checkpoint import (load_checkpoint, save_checkpoint, training_checkpoint, upgrade_optimizer_state,
                             weights_checkpoint)
 from tmc.config import ModelConfig
 from tmc.distributed import (Dist, barrier, broadcast_buffers, broadcast_object, cleanup_distributed,
                              gather_lists, init_distributed)
-from tmc.engine import (
-    NonFiniteGuard, NonFiniteLossError, capture_rng, default_workers, make_generator, make_scaler,
-    make_train_step, predict_records, resolve_amp, restore_rng, seed_everything, summarize,
-    train_one_epoch,
-)
+from tmc.engine import (NonFiniteGuard, NonFiniteLossError, capture_rng, default_workers, make_train_step,
+                        predict_records, restore_rng, seed_everything, summarize, train_one_epoch)
 from tmc.model import build_model
 from tmc.optim import make_optimizer, make_scheduler, step_scheduler
+from tmc.precision import make_scaler, resolve_amp
 from tmc.run_folder import (EarlyStop, default_out, drop_metrics_after, epoch_record, held_files,
                             occupied_message, resolve_configs, summary_line, write_config)
 from tmc.step import CudaGraphStep

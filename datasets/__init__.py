@@ -2,7 +2,7 @@
 
     reader (datasets/qata.py, csvset.py, demo.py, mosmed.py, duke.py)
         → build_cache (datasets/cache.py: uint8 arrays + index.json + meta.json)
-        → SegmentationSet (datasets/cached.py) → augment_batch (datasets/augment.py, training only)
+        → SegmentationSet (datasets/cached.py) → augment_batch (tmc/augment.py, training only)
 
 `prepare(name, root, ...)` in datasets/registry.py runs the first two steps. Importing this package
 does not import torch.

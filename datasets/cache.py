@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmc.predict import resize_image, resize_mask, to_uint8
+from tmc.grid import resize_image, resize_mask, to_uint8
 from datasets.records import DatasetError, Reader, Sample
 from datasets.splits import SPLITS, assign_splits, check_no_leak, normalise_split
 from datasets.text_from_mask import caption_from_mask

@@ -71,7 +71,7 @@ def chest_facts(caption: str) -> ChestFacts | None:
 
 # ---------------------------------------------------------------------------- chest: words
 # The training generator's vocabulary. The robustness protocol's reworded test captions come from a
-# second rewriter with words and sentence shapes of its own (tmc/lab/report_captions.py).
+# second rewriter with words and sentence shapes of its own (lab/report_captions.py).
 FINDINGS = [("pulmonary infection", "pulmonary infection"), ("infection", "infection"),
             ("lung infection", "lung infection"), ("pneumonia", "pneumonia"),
             ("covid-19 pneumonia", "covid-19 pneumonia"), ("opacity", "opacities"),

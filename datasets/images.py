@@ -35,7 +35,7 @@ from PIL import Image
 from datasets.records import DatasetError
 
 __all__ = ["RASTER_SUFFIXES", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "is_dicom", "read_image", "read_mask", "read_image_and_mask", "load_samples", "binarise_mask",
-           "resize_image", "resize_mask", "to_uint8", "image_key"]
+           "image_key"]
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")

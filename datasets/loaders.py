@@ -3,11 +3,39 @@ evaluation: the training split shuffled as a function of (seed, epoch), so a res
 same order; evaluation splits in order, sharded across ranks without repeating an image."""
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import random
 
-from tmc.distributed import ShardSampler
-from tmc.engine import make_generator, seed_worker
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: derive numpy/python seeds from the worker's torch seed, which the
+    loader draws from its seeded generator (so workers differ, and runs repeat)."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, ... without padding, so evaluation sees every image exactly once
+    (DistributedSampler would repeat images to even out the shards)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _common(workers: int, device: torch.device) -> dict:

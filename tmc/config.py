@@ -19,7 +19,7 @@ from typing import Literal
 # line's choices and `check_choices` both read them from there.
 MCMAttention = Literal["softmax", "sigmoid"]
 AlignmentForm = Literal["sigmoid", "literal"]
-PresetName = Literal["paper", "tiny", "small"]
+PresetName = Literal["paper", "tiny", "small", "demo"]
 
 
 def option(default, help: str):
@@ -132,6 +132,11 @@ class ModelConfig:
         return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
 
     @property
+    def stage_grids(self) -> tuple[int, ...]:
+        """Side of each stage's token grid: the patch embedding, then a 2x merge per later stage."""
+        return tuple(self.image_size // (self.patch_size * 2**i) for i in range(len(self.depths)))
+
+    @property
     def active_mcm_stages(self) -> tuple[int, ...]:
         return tuple(sorted(self.mcm_stages)) if self.use_text else ()
 
@@ -184,8 +189,15 @@ def small_config(**overrides) -> ModelConfig:
     return tiny_config(**{**base, **overrides})
 
 
-PRESETS: dict[PresetName, typing.Callable[..., ModelConfig]] = {"paper": paper_config, "tiny": tiny_config,
-                                                               "small": small_config}
+def demo_config(**overrides) -> ModelConfig:
+    """tiny for the demo's synthetic zone captions: the packaged MiniLM, frozen, and sigmoid word
+    weights, so one image token can read both the side and the level word of a zone."""
+    base = dict(text_model="minilm", freeze_text=True, mcm_attention="sigmoid")
+    return tiny_config(**{**base, **overrides})
+
+
+PRESETS: dict[PresetName, typing.Callable[..., ModelConfig]] = {
+    "paper": paper_config, "tiny": tiny_config, "small": small_config, "demo": demo_config}
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -30,7 +30,7 @@ from torch import nn
 
 from tmc.layers import Mlp, from_window_heads, to_window_heads
 
-__all__ = ["ConvBlock", "WindowAttention", "ViTBlock", "ViTStage", "UpBlock", "DualUDecoder"]
+__all__ = ["ConvBlock", "DecoderWindowAttention", "ViTBlock", "ViTStage", "UpBlock", "DualUDecoder"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -77,7 +77,7 @@ class ConvBlock(nn.Sequential):
         super().__init__(conv_norm_act(in_ch, out_ch, 3, stride), conv_norm_act(out_ch, out_ch, 3, 1))
 
 
-class WindowAttention(nn.Module):
+class DecoderWindowAttention(nn.Module):
     """Multi-head self-attention in non-overlapping windows, all windows in one SDPA call.
 
     The map is padded right/bottom to whole windows and padded keys are masked (= attention in border
@@ -88,7 +88,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}; "
+            raise ValueError(f"DecoderWindowAttention: dim {dim} is not divisible by num_heads {num_heads}; "
                              "fix: choose heads that divide the stage channels")
         self.num_heads, self.head_dim, self.window = num_heads, dim // num_heads, window
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -124,14 +124,14 @@ class WindowAttention(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN transformer block: x + WindowAttention(LN(x)), then x + MLP(LN(x)).
+    """Pre-LN transformer block: x + DecoderWindowAttention(LN(x)), then x + MLP(LN(x)).
     (B, H, W, C) → (B, H, W, C); window 0 = global attention."""
 
     def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window)
+        self.attn = DecoderWindowAttention(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden)
 

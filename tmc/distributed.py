@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import Sampler
 
 
 @dataclass
@@ -99,17 +98,3 @@ def gather_lists(items: list, dist: Dist) -> list:
     parts = [None] * dist.world_size
     torch_dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
-
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world, ... without padding, so evaluation sees every image exactly once
-    (DistributedSampler would repeat images to even out the shards)."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

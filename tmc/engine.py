@@ -1,4 +1,4 @@
-"""The training and evaluation loops, and what they need: seeding and RNG state, AMP, and the
+"""The training and evaluation loops, and what they need: seeding and RNG state, and the
 evaluation protocols (per image, global, per case; defined in tmc.metrics).
 
 train.py and eval.py are thin command lines around these functions, so the same code runs on a
@@ -13,7 +13,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,8 @@ from tqdm import tqdm
 from tmc.distributed import Dist, all_reduce_sum, gather_lists
 from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
 from tmc.metrics import THRESHOLD, confusion, global_scores, mean_scores, per_case_scores
+from tmc.precision import autocast, step_precision
+from tmc.step import TrainStep
 from tmc.train_config import TrainConfig
 
 
@@ -33,20 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: derive numpy/python seeds from the worker's torch seed, which the
-    loader draws from its seeded generator (so workers differ, and runs repeat)."""
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict:
@@ -81,34 +68,6 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
             g.set_state(state["generators"][name])
 
 
-# ---------------------------------------------------------------------------- AMP
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full precision. AMP runs only on CUDA."""
-    if amp not in ("off", "bf16", "fp16"):
-        raise ValueError(f"amp must be off, bf16 or fp16, not {amp!r}")
-    if amp == "off" or device.type != "cuda":
-        return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
-    """(the AMP mode to run, a line saying why) for --amp auto|off|bf16|fp16 on `device`.
-
-    auto: bf16 where the GPU supports it, else fp16 (with a GradScaler); off on the CPU, where
-    bf16/fp16 are ignored rather than run silently in fp32 under their name.
-    """
-    if device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            return "off", f"amp: --amp {amp} is ignored on {device.type} (AMP runs on CUDA only): fp32"
-        return "off", "amp: off (fp32)" + (" (auto: no CUDA device)" if amp == "auto" else "")
-    if amp != "auto":
-        return amp, f"amp: {amp}"
-    if torch.cuda.is_bf16_supported():
-        return "bf16", "amp: bf16 (auto: this GPU supports bf16; --amp off for fp32)"
-    return "fp16", "amp: fp16 with a gradient scaler (auto: no bf16 on this GPU; --amp off for fp32)"
-
-
 def default_workers(limit: int = 4) -> int:
     """DataLoader workers when none are asked for: the CPU cores this process may use, at most
     `limit` (more only compete with the main process on a small machine)."""
@@ -117,16 +76,6 @@ def default_workers(limit: int = 4) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(0, min(limit, cores))
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = amp_dtype(amp, device)
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else nullcontext()
-
-
-def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
-    """A GradScaler that is active only for fp16 on CUDA (bf16 needs none)."""
-    return torch.amp.GradScaler(device.type, enabled=amp_dtype(amp, device) == torch.float16)
 
 
 # ---------------------------------------------------------------------------- training
@@ -175,23 +124,10 @@ def compute_loss(out: dict, mask: torch.Tensor, positives: torch.Tensor, seg_los
     return seg + alignment_weight * align, seg, align
 
 
-def step_precision(amp: str, device: torch.device, distributed: bool) -> str:
-    """TrainStep's precision for --amp: bf16 working weights on one CUDA device, autocast under DDP or
-    torch.compile (DDP reduces the gradients of the model's own parameters) and for fp16, fp32 on CPU."""
-    dtype = amp_dtype(amp, device)
-    if dtype is None:
-        return "off"
-    if dtype == torch.bfloat16:
-        return "autocast-bf16" if distributed else "bf16"
-    return "autocast-fp16"
-
-
 def make_train_step(model, optimizer, scaler, cfg: TrainConfig, *, device: torch.device,
                     alignment_form: str = "sigmoid", dist: Dist | None = None):
     """The tmc.step.TrainStep of train.py's objective with cfg's amp, seg_loss, alignment_weight and
     grad_clip (built once, reused by every epoch)."""
-    from tmc.step import TrainStep
-
     dist = dist or Dist()
 
     def loss_fn(out, batch):
@@ -260,7 +196,7 @@ def train_one_epoch(step, loader, *, device: torch.device, tokenize, guard: NonF
         loader: yields dicts with "image" (B, 1, H, W), "mask" (B, 1, H, W), "text" list[str].
         tokenize: captions → {"input_ids", "attention_mask"} (the unwrapped model's `tokenize`).
         augment_fn: `(image, mask, captions, generator) -> (image, mask, captions)` applied on
-            `device` (datasets.augment.augment_training_batch with its mode bound), or None.
+            `device` (tmc.augment.augment_training_batch with its mode bound), or None.
         caption_fn: `(captions, generator) -> captions` after the augmentation (rewording and
             caption dropout: datasets.captions.CaptionVariation), or None. The alignment's
             positive pairs are read before it: the same facts, however worded.

@@ -12,8 +12,8 @@ import typing
 import torch
 import torch.nn.functional as F
 
+from tmc.choices import SegLoss
 from tmc.config import AlignmentForm
-from tmc.train_config import SegLoss
 
 __all__ = [
     "segmentation_loss",

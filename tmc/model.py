@@ -201,7 +201,7 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = True, text_config: dic
                 mcm[str(i)] = MultiStageCrossAttentionBlock(c, c, cfg.num_heads[i - 1], cfg.mcm_mlp_ratio,
                                                             update_text=not last,
                                                             image_weighting=cfg.mcm_attention,
-                                                            grid=(cfg.image_size // 2 ** (i + 1),) * 2)
+                                                            grid=(cfg.stage_grids[i - 1],) * 2)
                 lang_dim = c  # F_L^i feeds the next stage's projection
 
     decoder = DualUDecoder(

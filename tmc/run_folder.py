@@ -22,7 +22,7 @@ def resolve_configs(train_over: dict, model_over: dict) -> tuple[TrainConfig, Mo
     """Configs of this run, and the checkpoint to resume from (or None); ValueError names the fix."""
     if not train_over.get("resume"):
         cfg = resolve_train_config(train_over)
-        return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset), None
+        return cfg, resolve_model_config(cfg.preset, model_over), None
     if not train_over.get("out"):
         raise ValueError("--resume needs the run folder: --out DIR (the folder holding last.pt)")
     path = Path(train_over["out"]) / "last.pt"
@@ -90,7 +90,9 @@ def drop_metrics_after(path: Path, epoch: int) -> None:
 
 
 def default_out(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{cfg.preset}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<dataset>-<preset>-s<seed>-<date>-<time> (the preset left out where it is the dataset's name)."""
+    name = cfg.dataset if cfg.preset == cfg.dataset else f"{cfg.dataset}-{cfg.preset}"
+    return Path("runs") / f"{name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def held_files(out: Path) -> list[str]:

@@ -99,7 +99,7 @@ class TrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # Fused Adam/AdamW/SGD read `found_inf` on the device; others need the host to skip.
         self.device_guard = all(g.get("fused") for g in optimizer.param_groups)
-        self.on_phase = None  # optional callback("backward" | "optimizer"), for tmc.lab.op_count
+        self.on_phase = None  # optional callback("backward" | "optimizer"), for lab.op_count
 
     def forward(self, batch: dict) -> dict:
         image = batch["image"]

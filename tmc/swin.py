@@ -57,7 +57,7 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- blocks
 
 
-class WindowAttention(nn.Module):
+class ShiftedWindowAttention(nn.Module):
     """Window self-attention with a learned relative-position bias, added with the shift mask to the
     scores (`tmc.attention.attend`). A smaller window (a small stage grid) reads its offsets from the
     same table."""
@@ -116,7 +116,7 @@ class SwinBlock(nn.Module):
         self.nominal_window = window_size
         self.nominal_shift = window_size // 2 if shift else 0
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias)
+        self.attn = ShiftedWindowAttention(dim, num_heads, window_size, qkv_bias)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))

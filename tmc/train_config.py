@@ -18,16 +18,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+from tmc.choices import AmpMode, AugmentMode, CaptionMode, DatasetName, LrSchedule, SegLoss, SplitMode
 from tmc.config import ModelConfig, PresetName, check_choices, get_config, literal_choices, option
-
-# The allowed values of each choice setting, written once (see tmc/config.py).
-DatasetName = Literal["demo", "qata", "mosmed", "mosmedplus", "duke", "csv"]
-SplitMode = Literal["auto", "paper", "layout", "layout-val"]
-AugmentMode = Literal["paper", "text-consistent", "none"]
-CaptionMode = Literal["varied", "literal"]
-LrSchedule = Literal["plateau", "cosine", "cosine-time"]
-SegLoss = Literal["bce", "bce+dice"]
-AmpMode = Literal["auto", "off", "bf16", "fp16"]
 
 
 @dataclass
@@ -111,22 +103,14 @@ class TrainConfig:
         check_choices(self)
 
 
-# The paper's settings per dataset (§4.2); anything not listed keeps the dataclass default.
+# The paper's settings per dataset (§4.2); anything not listed keeps the dataclass default. Departures
+# from the paper are listed, with their evidence, in README.md and results/README.md.
 DATASET_DEFAULTS: dict[str, dict] = {
-    # demo: the tiny preset with the packaged pretrained MiniLM, frozen (each caption is encoded
-    # once, so the text costs nothing per step) and sigmoid word weights, so one image token can
-    # read both the side and the level word of a zone. Batches of 16: each step sees twice the
-    # captions, and runs learn the second factor of the captions (side or level) in a few hundred
-    # steps instead of thousands (results/README.md); a step costs about 1.5x one of 8. 40 full
-    # passes (1,080 steps) under one cosine, validated every pass. BCE alone (the paper's loss)
-    # learns these small lesions far slower, so the demo adds the Dice term. Its augmentation keeps
-    # the captions true (datasets/augment.py). No time limit: the same seed gives the same result
-    # on any machine.
-    "demo": dict(preset="tiny", text_model="minilm", freeze_text=True, mcm_attention="sigmoid",
-                 augment="text-consistent", lr=1e-3, batch_size=16, epochs=40, lr_schedule="cosine",
-                 patience=40, workers=0, max_steps_per_epoch=0, time_limit=0.0, seg_loss="bce+dice"),
-    # qata: augmentation that keeps the captions true (datasets/augment.py), a departure: on
-    # held-out patients the paper's flips and quarter turns cost 3 points of Dice (results/README.md)
+    # demo: a few CPU minutes, the same result on any machine (no time limit)
+    "demo": dict(preset="demo", augment="text-consistent", lr=1e-3, batch_size=16, epochs=40,
+                 lr_schedule="cosine", patience=40, workers=0, max_steps_per_epoch=0, time_limit=0.0,
+                 seg_loss="bce+dice"),
+    # qata: augmentation that keeps the captions true (tmc/augment.py)
     "qata": dict(lr=3e-4, augment="text-consistent"),
     "mosmed": dict(lr=1e-3),
     "mosmedplus": dict(lr=1e-3),  # same CT source as MosMed; the paper gives only MosMed's value
@@ -135,7 +119,7 @@ DATASET_DEFAULTS: dict[str, dict] = {
 }
 
 # Training settings a model preset needs on a dataset, over DATASET_DEFAULTS, each measured there:
-# (qata, small) is the recipe of the QaTa-COV19 protocol (python -m tmc.lab.qata_protocol; the lr
+# (qata, small) is the recipe of the QaTa-COV19 protocol (python -m lab.qata_protocol; the lr
 # follows one cosine over 72 epochs of 50 steps, about the 3,600 steps 20 minutes buy on one CPU
 # thread), which the text-guided model wins over the image-only one (results/README.md). It tests on
 # the layout's held-out folder (QaTa-COV19's official test split) and selects on patients carved out
@@ -245,15 +229,13 @@ def resolve_train_config(overrides: dict, base: dict | None = None) -> TrainConf
 
 
 def default_preset(dataset: str) -> str:
-    """The model preset of a run that names none: the dataset's own (the demo's tiny), else paper."""
+    """The model preset of a run that names none: the dataset's own (the demo's), else paper."""
     return DATASET_DEFAULTS.get(dataset, {}).get("preset", "paper")
 
 
-def resolve_model_config(preset: str, overrides: dict, dataset: str = "") -> ModelConfig:
-    """The preset's ModelConfig, then the dataset's model defaults, then the explicit model flags."""
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    defaults = {k: v for k, v in DATASET_DEFAULTS.get(dataset, {}).items() if k in model_fields}
-    return get_config(preset, **{**defaults, **overrides})
+def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
+    """The preset's ModelConfig, then the explicit model flags."""
+    return get_config(preset, **overrides)
 
 
 def check_train_config(cfg: TrainConfig) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.augment import swap_caption_sides
+from tmc.augment import swap_caption_sides
 from datasets.captions import (CaptionVariation, breast_facts, chest_facts, read_chest_facts,
                                vary_caption)
 from datasets.duke import breast_caption

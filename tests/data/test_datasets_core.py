@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.augment import augment_batch, rotate_batch
+from tmc.augment import augment_batch, rotate_batch
 from datasets.images import image_key, read_image, read_image_and_mask, read_mask
-from tmc.predict import resize_image, resize_mask
+from tmc.grid import resize_image, resize_mask
 from datasets.records import DatasetError
 from datasets.splits import apportion, assign_splits, check_no_leak
 from datasets.text_from_mask import caption_from_mask, mask_zones
@@ -271,7 +271,7 @@ def test_rotate_batch_matches_scipy(angle):
 
 
 def test_swap_caption_sides_follows_the_flips():
-    from datasets.augment import swap_caption_sides
+    from tmc.augment import swap_caption_sides
 
     cap = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
     assert swap_caption_sides(cap, False, False) == cap
@@ -284,7 +284,7 @@ def test_swap_caption_sides_follows_the_flips():
 
 
 def test_text_consistent_augmentation_keeps_captions_true():
-    from datasets.augment import augment_training_batch
+    from tmc.augment import augment_training_batch
     from datasets.text_from_mask import caption_from_mask
 
     # one blob well inside the upper-left zone (image sides), small enough to stay there when rotated

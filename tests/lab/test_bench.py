@@ -1,4 +1,4 @@
-"""tmc.lab.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
+"""lab.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
 
 No timing is asserted, only that times are positive and the derived figures are consistent.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tmc.lab import bench
+from lab import bench
 from tmc.config import tiny_config
 from tmc.model import build_model
 
@@ -176,7 +176,7 @@ def test_targets_follow_the_speed_and_memory_thresholds():
 
 
 def test_op_counter_counts_kernels_not_views_and_flags_syncs():
-    from tmc.lab.op_count import OpCounter
+    from lab.op_count import OpCounter
 
     x = torch.randn(4, 4)
     with OpCounter() as counter:
@@ -188,11 +188,11 @@ def test_op_counter_counts_kernels_not_views_and_flags_syncs():
 
 
 def test_op_count_of_a_tiny_training_step_by_part(tmp_path):
-    from tmc.lab.op_count import main
+    from lab.op_count import main
 
     main(["--config", "tiny", "--json", str(tmp_path / "tiny.json")])
     r = json.loads((tmp_path / "tiny.json").read_text())
-    assert r["command"] == f"python -m tmc.lab.op_count --config tiny --json {tmp_path / 'tiny.json'}"
+    assert r["command"] == f"python -m lab.op_count --config tiny --json {tmp_path / 'tiny.json'}"
     assert sum(r["per_part"].values()) == sum(r["ops"].values()) == r["total"] > 1000
     # 1,524 before BERT's fused q/k/v, the stage-drawn stochastic depth, the written-out CPU attention
     # and the BatchNorm without its step counter, 1,354 after them; 1,271 after windows and heads in

@@ -1,4 +1,4 @@
-"""tmc/lab/demo_probes.py and the zone-probe command: what a model reads from the demo's zone captions."""
+"""lab/demo_probes.py and the zone-probe command: what a model reads from the demo's zone captions."""
 import re
 
 import numpy as np
@@ -27,7 +27,7 @@ class _ZoneStub:
 
 
 def test_zone_table_rows_are_blob_zones_and_columns_asked_zones():
-    from tmc.lab.demo_probes import ZONE_NAMES, zone_table
+    from lab.demo_probes import ZONE_NAMES, zone_table
 
     size = 12
     blobs = []
@@ -45,7 +45,7 @@ def test_zone_table_rows_are_blob_zones_and_columns_asked_zones():
 
 
 def test_zone_separation_reads_the_pairs_a_table_tells_apart():
-    from tmc.lab.demo_probes import ZONE_NAMES, zone_separation
+    from lab.demo_probes import ZONE_NAMES, zone_separation
 
     assert set(zone_separation(np.eye(6)).values()) == {1.0}
     side_only = np.array([[float(a.split()[1] == b.split()[1]) for b in ZONE_NAMES] for a in ZONE_NAMES])
@@ -61,7 +61,7 @@ def test_zone_separation_reads_the_pairs_a_table_tells_apart():
 
 
 def test_zone_probe_of_other_runs_never_overwrites_the_readme_summary(tmp_path, monkeypatch):
-    from tmc.lab import experiments
+    from lab import experiments
 
     calls = []
     monkeypatch.setattr(experiments, "zone_probe", lambda folders, demo, summary: calls.append((folders, summary)))
@@ -107,7 +107,7 @@ class _AttentionStub:
 
 
 def test_zone_attention_tells_reading_where_the_words_point_from_broadcasting():
-    from tmc.lab.demo_probes import zone_attention
+    from lab.demo_probes import zone_attention
 
     images = torch.zeros(2, 1, 24, 24)
     assert zone_attention(_AttentionStub(selective=True), images) == {"inside": 1.0, "outside": 0.1,

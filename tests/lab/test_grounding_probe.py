@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from datasets.text_from_mask import caption_from_zones
-from tmc.lab.grounding_probe import GRID, _LEVEL_ROWS, run_probe, zone_batch
+from lab.grounding_probe import GRID, _LEVEL_ROWS, run_probe, zone_batch
 
 
 def _zone_of(row: int, col: int) -> tuple[int, int]:
@@ -57,7 +57,7 @@ def test_run_probe_scores_lesion_tokens_only_on_its_held_out_set(monkeypatch, le
     """Dice of a probe naming every token, recomputed here from the held-out batch run_probe draws
     (seed 10_000 + seed): 2|T| / (|L| + |T|) over lesion tokens L (every token when dense). Scoring
     all tokens, or another set, gives another number."""
-    from tmc.lab import grounding_probe
+    from lab import grounding_probe
 
     monkeypatch.setattr(grounding_probe, "GroundingProbe", _NamesEverything)
     out = run_probe(lesion, steps=2, seed=3, eval_every=2, eval_size=32)

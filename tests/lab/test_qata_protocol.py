@@ -1,4 +1,4 @@
-"""tmc.lab.qata_protocol: the recipe and variants resolve, the size quartiles, and the whole command on
+"""lab.qata_protocol: the recipe and variants resolve, the size quartiles, and the whole command on
 a fake QaTa folder, its numbers recomputed image by image."""
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tmc.lab import qata_protocol as protocol
+from lab import qata_protocol as protocol
 from tmc.train_config import build_parser, explicit_overrides, resolve_model_config, resolve_train_config
 
 SIDE = 32
@@ -18,7 +18,7 @@ ZONES = ("upper left", "lower right", "middle left", "upper right")
 def _resolve(flags):
     train_over, model_over = explicit_overrides(build_parser().parse_args(flags))
     cfg = resolve_train_config(train_over)
-    return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset)
+    return cfg, resolve_model_config(cfg.preset, model_over)
 
 
 def test_recipe_and_every_variant_are_valid_train_flags():
@@ -194,6 +194,6 @@ def test_protocol_command_end_to_end_on_a_fake_qata(tmp_path):
     assert "shuffled_dice" not in summary["variants"]["no-text"]
     assert math.isfinite(row["at_equal_steps"]["dice"]["mean"])
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["command"].startswith("python -m tmc.lab.qata_protocol --root ") and saved["machine"]
+    assert saved["command"].startswith("python -m lab.qata_protocol --root ") and saved["machine"]
     table = (out / "table.md").read_text()
     assert "| best | 1 | 4 |" in table and "| no-text | 1 | 4 |" in table and "at 2 steps" in table

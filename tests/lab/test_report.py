@@ -1,8 +1,8 @@
-"""tmc.lab.report: the tables of README.md and results/README.md are what the files in results/ give."""
+"""lab.report: the tables of README.md and results/README.md are what the files in results/ give."""
 import json
 import re
 
-from tmc.lab import report
+from lab import report
 
 RESULTS = report.REPO / "results"
 
@@ -10,7 +10,7 @@ RESULTS = report.REPO / "results"
 def test_every_generated_table_matches_the_results_files():
     for doc in report.DOCUMENTS:
         text = (report.REPO / doc).read_text()
-        assert report.render(text, RESULTS) == text, f"{doc}: run `python -m tmc.lab.report`"
+        assert report.render(text, RESULTS) == text, f"{doc}: run `python -m lab.report`"
     names = [m.group(2) for m in report.BLOCK.finditer((RESULTS / "README.md").read_text())]
     assert set(names) == set(report.TABLES) - set(report.README_TABLES)  # every other table in the log
     assert len(names) == len(set(names))  # once each

@@ -1,4 +1,4 @@
-"""The held-out test rewriter (tmc/lab/report_captions.py) keeps apart from the training generator
+"""The held-out test rewriter (lab/report_captions.py) keeps apart from the training generator
 and keeps every fact, read back by a reader written here for its words."""
 import itertools
 import random
@@ -9,7 +9,7 @@ import numpy as np
 from datasets.captions import vary_caption
 from datasets.duke import breast_caption
 from datasets.text_from_mask import LEVELS, SIDES, caption_from_zones
-from tmc.lab.report_captions import report_caption
+from lab.report_captions import report_caption
 
 # The words a report shares with the generator: the sides, the lung and the joins, and numbers.
 SHARED = {"left", "right", "l", "r", "lung", "and", "bilateral"}

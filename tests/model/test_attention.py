@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from tmc.attention import KeyPadding, MultiHeadCrossAttention
-from tmc.lab.op_count import OpCounter
+from lab.op_count import OpCounter
 
 DT = torch.float64  # parity in double precision: any real mismatch shows far above round-off
 
@@ -230,7 +230,7 @@ def test_attend_matches_the_written_out_product_with_a_learned_bias():
     """The CPU path taken when the bias needs a gradient (Swin's relative-position bias): values and
     every gradient against float64 autograd, and far fewer ops than SDPA's fallback."""
     from tmc.attention import attend
-    from tmc.lab.op_count import OpCounter
+    from lab.op_count import OpCounter
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(6, 3, 9, 8, requires_grad=True) for _ in range(3))

@@ -22,7 +22,7 @@ EXPECTED_CHOICES = {
     },
     TrainConfig: {
         "dataset": ("demo", "qata", "mosmed", "mosmedplus", "duke", "csv"),
-        "preset": ("", "paper", "tiny", "small"),
+        "preset": ("", "paper", "tiny", "small", "demo"),
         "split_mode": ("auto", "paper", "layout", "layout-val"),
         "augment": ("paper", "text-consistent", "none"),
         "lr_schedule": ("plateau", "cosine", "cosine-time"),
@@ -91,7 +91,7 @@ def test_preset_names_are_the_presets():
 
 
 def test_module_constants_follow_the_literals():
-    from datasets.augment import AUGMENT_MODES
+    from tmc.augment import AUGMENT_MODES
     from datasets.registry import DATASETS
     from tmc.attention import WEIGHTINGS
     from tmc.losses import ALIGNMENT_FORMS, SEGMENTATION_KINDS

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.model import param_counts
-from tmc.decoder import DualUDecoder, WindowAttention
+from tmc.decoder import DualUDecoder, DecoderWindowAttention
 
 PAPER = dict(stage_channels=(96, 192, 384, 768), stem_channels=32, vit_heads=(3, 6, 12, 24), vit_window=7)
 TINY = dict(stage_channels=(16, 32, 64, 128), stem_channels=8, vit_heads=(1, 2, 4, 8), vit_window=4)
@@ -21,7 +21,7 @@ def make_inputs(channels, B, H, W, in_chans=3, seed=0):
 # --------------------------------------------------------------------------- window attention
 
 
-def slow_window_attention(attn: WindowAttention, x: torch.Tensor, window: int) -> torch.Tensor:
+def slow_window_attention(attn: DecoderWindowAttention, x: torch.Tensor, window: int) -> torch.Tensor:
     """Obvious reference: loop over images, windows (clipped at the map border) and heads."""
     B, H, W, C = x.shape
     nH = attn.num_heads
@@ -55,7 +55,7 @@ def slow_window_attention(attn: WindowAttention, x: torch.Tensor, window: int) -
 ])
 def test_window_attention_matches_loops(H, W, window):
     torch.manual_seed(0)
-    attn = WindowAttention(dim=12, num_heads=3, window=window).double()
+    attn = DecoderWindowAttention(dim=12, num_heads=3, window=window).double()
     with torch.no_grad():  # non-trivial biases so a q/k/v split error shows
         attn.qkv.bias.normal_()
         attn.proj.bias.normal_()
@@ -75,7 +75,7 @@ def test_window_attention_matches_loops(H, W, window):
 def test_window_attention_is_local():
     """A token far outside a window cannot change that window's outputs."""
     torch.manual_seed(0)
-    attn = WindowAttention(dim=8, num_heads=2, window=4)
+    attn = DecoderWindowAttention(dim=8, num_heads=2, window=4)
     x = torch.randn(1, 8, 8, 8)
     x2 = x.clone()
     x2[0, 7, 7] += 10.0  # bottom-right window only
@@ -199,12 +199,12 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="one entry per stage"):
         DualUDecoder(stage_channels=(16, 32, 64, 128), vit_heads=(1, 2, 4))
     with pytest.raises(ValueError, match="not divisible by num_heads"):
-        WindowAttention(dim=10, num_heads=3, window=4)
+        DecoderWindowAttention(dim=10, num_heads=3, window=4)
 
 
 def test_batch_norm_without_its_step_counter_trains_as_torchs_in_one_op_less():
     from tmc.decoder import batch_norm
-    from tmc.lab.op_count import OpCounter
+    from lab.op_count import OpCounter
 
     torch.manual_seed(0)
     ours, reference = batch_norm(4).train(), torch.nn.BatchNorm2d(4).train()

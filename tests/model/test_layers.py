@@ -6,7 +6,7 @@ from tmc.config import tiny_config
 from tmc.layers import (Dropout, DropPath, PositionCode, from_window_heads, sincos_position_embedding,
                         to_window_heads)
 from tmc.model import build_model
-from tmc.lab.op_count import OpCounter
+from lab.op_count import OpCounter
 
 
 def test_native_dropout_draws_what_nn_dropout_draws_in_one_op():

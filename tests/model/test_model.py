@@ -339,8 +339,8 @@ def test_prepared_text_mask_gives_what_the_2d_mask_gives(implementation):
 def test_training_step_never_waits_for_the_device():
     """No op in forward, losses and backward reads a tensor's value on the host (.item(), nonzero,
     bool(tensor)): on a GPU each would be a sync that stalls the queue and breaks CUDA-graph capture.
-    (tmc.lab.op_count's counter, itself tested on a planted .item() in test_bench.py, lists them.)"""
-    from tmc.lab.op_count import OpCounter
+    (lab.op_count's counter, itself tested on a planted .item() in test_bench.py, lists them.)"""
+    from lab.op_count import OpCounter
 
     cfg = tiny_config()
     model = build_model(cfg).train()

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from tmc.lab.bench import make_batch, make_train_step, paper_loss, step_inputs
+from lab.bench import make_batch, make_train_step, paper_loss, step_inputs
 from tmc.config import tiny_config
 from tmc.model import build_model
-from tmc.lab.op_count import OpCounter
+from lab.op_count import OpCounter
 from tmc.step import CudaGraphStep, TrainStep
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from tmc.config import tiny_config
-from tmc.swin import (DropPath, PatchMerging, SwinTransformer, WindowAttention, merge_2x2,
+from tmc.swin import (DropPath, PatchMerging, SwinTransformer, ShiftedWindowAttention, merge_2x2,
                       relative_position_index, shift_attention_mask)
 from tmc.layers import to_window_heads
 from tmc.swin_weights import load_swin_weights
@@ -36,7 +36,7 @@ def randomise(model: nn.Module, seed: int) -> nn.Module:
                 m.weight.mul_(1 / (0.02 * m.in_features**0.5))
                 if m.bias is not None:
                     m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, WindowAttention):
+            elif isinstance(m, ShiftedWindowAttention):
                 t = m.relative_position_bias_table
                 t.copy_(torch.randn(t.shape, generator=g))
     return model.eval()
@@ -222,7 +222,7 @@ def official_state_dict(model: SwinTransformer, num_classes: int = 1000) -> dict
     """Our weights plus what an official .pth also saves: derived buffers and the head."""
     sd = dict(model.state_dict())
     for name, m in model.named_modules():
-        if isinstance(m, WindowAttention):
+        if isinstance(m, ShiftedWindowAttention):
             sd[f"{name}.relative_position_index"] = relative_position_index(m.window_size)
         if getattr(m, "attn_mask", None) is not None:
             sd[f"{name}.attn_mask"] = m.attn_mask.clone()
@@ -345,7 +345,7 @@ def test_relative_position_index_and_sub_window_bias():
     pos = [(t // ws, t % ws) for t in range(ws * ws)]
     ref = torch.tensor([[(a[0] - b[0] + ws - 1) * (2 * ws - 1) + a[1] - b[1] + ws - 1 for b in pos] for a in pos])
     assert torch.equal(idx, ref) and idx.min() == 0 and idx.max() == (2 * ws - 1) ** 2 - 1
-    attn = WindowAttention(8, 2, ws)
+    attn = ShiftedWindowAttention(8, 2, ws)
     table = attn.relative_position_bias_table
     for w in (ws, 2):  # a smaller window reads its offsets from the same table
         bias = attn.relative_position_bias(w)

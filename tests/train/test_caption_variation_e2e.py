@@ -12,7 +12,7 @@ import torch
 import train
 from datasets.cached import SegmentationSet
 from tmc.checkpoint import model_from_checkpoint
-from tmc.lab.report_captions import report_caption
+from lab.report_captions import report_caption
 from tmc.predict import make_segmenter
 
 X = Y = 32

@@ -25,7 +25,7 @@ from tmc.train_config import (
 def _resolve(argv):
     train_over, model_over = explicit_overrides(build_parser().parse_args(argv))
     cfg = resolve_train_config(train_over)
-    return cfg, resolve_model_config(cfg.preset, model_over, cfg.dataset)
+    return cfg, resolve_model_config(cfg.preset, model_over)
 
 
 # ---------------------------------------------------------------------------- flags
@@ -47,7 +47,7 @@ def test_paper_defaults_per_dataset_and_explicit_flags_win():
     for name in ("qata", "duke"):
         assert _resolve(["--dataset", name])[0].lr == 3e-4
     demo, tiny = _resolve([])
-    assert demo.dataset == "demo" and demo.preset == "tiny" and tiny.image_size == 64
+    assert demo.dataset == "demo" and demo.preset == "demo" and tiny.image_size == 64
     assert _resolve(["--dataset", "mosmed", "--lr", "5e-4"])[0].lr == 5e-4
     assert _resolve(["--dataset", "demo", "--preset", "paper"])[1].image_size == 224
     cfg, small = _resolve(["--dataset", "qata", "--preset", "small"])
@@ -336,7 +336,7 @@ def test_text_lr_puts_the_text_encoder_in_its_own_adam_group():
 
 
 def test_every_experiment_variant_is_valid_train_flags():
-    from tmc.lab import experiments
+    from lab import experiments
 
     grids = [experiments.DEMO_VARIANTS, experiments.DEMO96_VARIANTS, experiments.DEMO_LONG_VARIANTS,
              experiments.DEMO_TEXT_ENCODER_VARIANTS]
@@ -347,9 +347,10 @@ def test_every_experiment_variant_is_valid_train_flags():
     assert (model.text_model, cfg.text_lr, cfg.grad_clip, cfg.lr) == ("minilm", 3e-5, 1.0, 1e-3)
 
 
-def test_the_demo_defaults_set_model_fields_and_explicit_flags_win():
+def test_the_demo_preset_sets_model_fields_and_explicit_flags_win():
     cfg, model = _resolve(["--dataset", "demo"])
-    assert cfg.preset == "tiny" and model.image_size == 64  # the tiny preset's widths
+    assert cfg.preset == "demo" and model == get_config("tiny", text_model="minilm", freeze_text=True,
+                                                        mcm_attention="sigmoid")
     assert (model.text_model, model.freeze_text, model.mcm_attention) == ("minilm", True, "sigmoid")
     assert (cfg.batch_size, cfg.epochs, cfg.lr_schedule, cfg.max_steps_per_epoch, cfg.time_limit) == (
         16, 40, "cosine", 0, 0.0)
@@ -412,7 +413,7 @@ def test_sigterm_saves_last_pt_like_ctrl_c(demo_dirs, tmp_path, monkeypatch):
 def test_resume_refuses_another_runs_last_pt_and_identity_flags(demo_dirs, tmp_path):
     train.main(_argv(demo_dirs, tmp_path / "a", 1))
     train.main(_argv(demo_dirs, tmp_path / "b", 1, "--seed", "1"))
-    with pytest.raises(SystemExit, match=r"--preset 'paper' \(the run has 'tiny'\)"):
+    with pytest.raises(SystemExit, match=r"--preset 'paper' \(the run has 'demo'\)"):
         train.main(["--out", str(tmp_path / "a"), "--resume", "--preset", "paper"])
     with pytest.raises(SystemExit, match=r"--dataset 'qata' \(the run has 'demo'\)"):
         train.main(["--out", str(tmp_path / "a"), "--resume", "--dataset", "qata"])
@@ -492,7 +493,7 @@ def test_device_cuda_without_cuda_is_a_message(tmp_path, monkeypatch):
 
 
 def test_amp_auto_resolves_per_device_and_says_what_it_ignores(monkeypatch):
-    from tmc.engine import resolve_amp
+    from tmc.precision import resolve_amp
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert TrainConfig().amp == "auto" and resolve_amp("auto", cpu)[0] == "off"

@@ -1,7 +1,7 @@
 """What a demo checkpoint reads of its caption, scored on the demo's test split.
 
-    python -m tmc.lab.experiments caption-swap     # test Dice with true vs shuffled captions
-    python -m tmc.lab.experiments zone-probe       # which of the six zone words (level x side) it binds
+    python -m lab.experiments caption-swap     # test Dice with true vs shuffled captions
+    python -m lab.experiments zone-probe       # which of the six zone words (level x side) it binds
 
 The demo's captions name the zone of each target blob among distractors, so a model that reads them
 segments the targets only; one that reads one factor (the side, or the level) segments the blobs of
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmc.lab.runs import REPO, machine
+from lab.runs import REPO, machine
 
 
 def demo_test_split(demo: dict | None = None):
@@ -39,7 +39,7 @@ def demo_test_split(demo: dict | None = None):
     return items, images, unions
 
 
-def caption_swap(folder: Path, seed: int = 0, command: str = "python -m tmc.lab.experiments caption-swap",
+def caption_swap(folder: Path, seed: int = 0, command: str = "python -m lab.experiments caption-swap",
                  demo: dict | None = None) -> dict:
     """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
     among the test images (a fixed permutation), on the default demo or on `demo`'s settings. The gap
@@ -191,7 +191,7 @@ def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | Non
              for f in folders]
     # The command that rewrites this very file: the default grids have no --runs.
     runs_flag = " --runs " + " ".join(shown) if summary else ""
-    out = {"command": "python -m tmc.lab.experiments zone-probe" + runs_flag + (demo or {}).get("cli", ""),
+    out = {"command": "python -m lab.experiments zone-probe" + runs_flag + (demo or {}).get("cli", ""),
            "machine": machine(),
            "zones": ZONE_NAMES, "note": "rows: the blob's zone; columns: the zone the one-zone caption names; "
            f"values: fraction of those blobs segmented (> half their pixels); demo test split, {size}²",

@@ -21,7 +21,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from tmc.train_config import AugmentMode
+from tmc.choices import AugmentMode
 
 __all__ = ["rotate_batch", "augment_batch", "swap_caption_sides", "augment_training_batch", "AUGMENT_MODES"]
 

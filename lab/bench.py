@@ -1,12 +1,12 @@
 """Size and speed of a TMC configuration.
 
-    python -m tmc.lab.bench --config paper --count          # parameters and forward FLOPs per part at 224²
-    python -m tmc.lab.bench --config tiny --batch 2 --steps 3 --infer-batch 4 --threads 1 --json out.json
-    python -m tmc.lab.bench --config paper --batch 32 --amp bf16 --compile --json b32.json   # one GPU row
-    python -m tmc.lab.bench --config paper --batch 8 --profile    # top kernels + forward time per part
-    python -m tmc.lab.bench --suite bench_out/                    # the whole GPU table, one JSON per row
-    python -m tmc.lab.bench --suite bench_out/ --rows train_b8_eager,infer_eager          # some of its rows
-    python -m tmc.lab.bench --config paper --batch 8 --amp bf16 --graph-step    # the step in one CUDA graph
+    python -m lab.bench --config paper --count          # parameters and forward FLOPs per part at 224²
+    python -m lab.bench --config tiny --batch 2 --steps 3 --infer-batch 4 --threads 1 --json out.json
+    python -m lab.bench --config paper --batch 32 --amp bf16 --compile --json b32.json   # one GPU row
+    python -m lab.bench --config paper --batch 8 --profile    # top kernels + forward time per part
+    python -m lab.bench --suite bench_out/                    # the whole GPU table, one JSON per row
+    python -m lab.bench --suite bench_out/ --rows train_b8_eager,infer_eager          # some of its rows
+    python -m lab.bench --config paper --batch 8 --amp bf16 --graph-step    # the step in one CUDA graph
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode: 2 FLOPs per multiply-add of matmuls,
 convolutions and attention; element-wise work (norms, GELU, softmax, the optimizer) is not counted.
@@ -284,7 +284,7 @@ def bench(args) -> dict:
     """Measure one row of the table (see the module docstring); returns the JSON-ready dict."""
     s = setup(args)
     params = count_parameters(s.model)
-    result = {"command": " ".join(["python -m tmc.lab.bench", *args.argv]), "preset": args.config,
+    result = {"command": " ".join(["python -m lab.bench", *args.argv]), "preset": args.config,
               "device": s.device.type, "device_name": device_name(s.device), "torch_version": torch.__version__,
               "amp": s.amp, "dtype": str(DTYPES[s.amp]).removeprefix("torch."), "compile": args.compile,
               "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
@@ -404,7 +404,7 @@ def suite(out_dir: str, text_model: str | None = None, rows: list[str] | None = 
             result["targets_met"] = targets_met(result)
             print(name, {k: round(result[k], 4) for k in keys if k in result}, result["targets_met"], flush=True)
         except Exception as e:  # noqa: BLE001 - one broken row must not cost the others
-            result = {"command": " ".join(["python -m tmc.lab.bench", *argv]), "error": f"{type(e).__name__}: {e}"}
+            result = {"command": " ".join(["python -m lab.bench", *argv]), "error": f"{type(e).__name__}: {e}"}
             print(name, "FAILED:", result["error"], flush=True)
         result["row_wall_s"] = time.time() - t0
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))

@@ -15,7 +15,7 @@ can only learn its zone from the position code. Two ways to supervise the same m
 
 On the first 64² demo a lesion covered about 1.4 stage-2 tokens (8 × 8 pixels each), the lesion
 setting with k = 1; today's demo draws lesions of about 2 × 2 tokens (datasets/demo.py), k = 2.
-`python -m tmc.lab.experiments grounding-probe` runs the settings side by side; results/README.md
+`python -m lab.experiments grounding-probe` runs the settings side by side; results/README.md
 says what it found.
 
 Shape key: B batch, G grid side (8: stage 2 of a 64² image), N = G·G tokens, C channels, T tokens.

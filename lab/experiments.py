@@ -1,26 +1,26 @@
 """The experiments behind results/README.md; each writes raw JSON under results/.
 
-    python -m tmc.lab.experiments demo-default --threads 1 --parallel 2
+    python -m lab.experiments demo-default --threads 1 --parallel 2
                                                        # CPU: the quick start per seed, with and without text
-    python -m tmc.lab.experiments demo-recipe --threads 1 --parallel 2
+    python -m lab.experiments demo-recipe --threads 1 --parallel 2
                                                        # CPU, ~30 min: the default against batches of 8, the first demo
-    python -m tmc.lab.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the first demo
-    python -m tmc.lab.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
-    python -m tmc.lab.experiments caption-swap             # does the text steer? true vs shuffled captions
-    python -m tmc.lab.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
-    python -m tmc.lab.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
-    python -m tmc.lab.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
-    python -m tmc.lab.experiments mcm-attention --seeds 0 1 2 3 4 --threads 1 --parallel 2
+    python -m lab.experiments demo-ablation            # CPU: 5 variants x 3 seeds on the first demo
+    python -m lab.experiments token-length             # CPU: T = 10 vs T = 24 on the demo
+    python -m lab.experiments caption-swap             # does the text steer? true vs shuffled captions
+    python -m lab.experiments demo96                   # CPU: full / no text / no alignment at 96², 3000 images
+    python -m lab.experiments demo-long                # CPU, ~45 min: full / no text with 4x the steps
+    python -m lab.experiments text-encoder             # CPU, ~55 min: pretrained MiniLM text encoder; gradient clipping
+    python -m lab.experiments mcm-attention --seeds 0 1 2 3 4 --threads 1 --parallel 2
                                                        # CPU, ~35 min: softmax vs sigmoid image→text weights
-    python -m tmc.lab.experiments mcm-attention-long --seeds 2 3 4 --threads 1 --parallel 2
+    python -m lab.experiments mcm-attention-long --seeds 2 3 4 --threads 1 --parallel 2
                                                        # CPU, ~50 min: the sigmoid MiniLM runs with 4x the steps
-    python -m tmc.lab.experiments zone-probe               # which zone words a demo checkpoint has learned
-    python -m tmc.lab.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (tmc/lab/grounding_probe.py)
-    python -m tmc.lab.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
-    python -m tmc.lab.experiments qata --root data/qata --cpu-small --minutes 3   # reduced, CPU
+    python -m lab.experiments zone-probe               # which zone words a demo checkpoint has learned
+    python -m lab.experiments grounding-probe          # CPU, ~5 min: how fast MCM learns zones (lab/grounding_probe.py)
+    python -m lab.experiments qata --root data/qata --minutes 2.5        # GPU, bf16 (both runs ~6 min on an H200)
+    python -m lab.experiments qata --root data/qata --cpu-small --minutes 3   # reduced, CPU
 
 The CPU protocol on QaTa (held-out test patients, variants x seeds at equal minutes) is its own
-command: python -m tmc.lab.qata_protocol (tmc/lab/qata_protocol.py).
+command: python -m lab.qata_protocol (lab/qata_protocol.py).
 
 Put the QaTa subset under `data/qata` (git-ignored) first. The GPU run needs torch and transformers
 only (a random BERT-base with the shipped vocabulary).
@@ -35,8 +35,8 @@ import argparse
 import json
 from pathlib import Path
 
-from tmc.lab.demo_probes import caption_swap, zone_probe
-from tmc.lab.runs import REPO, machine, run_train, summarise
+from lab.demo_probes import caption_swap, zone_probe
+from lab.runs import REPO, machine, run_train, summarise
 
 
 # The demo's ablations: name → extra train.py flags.
@@ -117,7 +117,7 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
            "demo_long": "demo-long", "demo_text_encoder": "text-encoder",
            "demo_mcm_attention": "mcm-attention", "demo_mcm_attention_long": "mcm-attention-long",
            "demo_default": "demo-default", "demo_recipe": "demo-recipe"}[name]
-    command = (f"python -m tmc.lab.experiments {cli} --seeds {' '.join(map(str, seeds))} "
+    command = (f"python -m lab.experiments {cli} --seeds {' '.join(map(str, seeds))} "
                f"--threads {threads} --parallel {parallel}")
     n_test = runs[next(iter(runs))][0]["n_images"]  # read from the runs, not assumed from the split
     data = (f"Demo test split ({n_test} synthetic images, 64²)" if demo is None else
@@ -149,7 +149,7 @@ def qata(root: str, minutes: float, cpu_small: bool, seeds: list[int]) -> dict:
     runs = {v: [run_train(folder / f"{v}-s{s}", [*common, "--seed", str(s), *flags], score_split="val")
                 for s in seeds]
             for v, flags in (("full", []), ("no-text", ["--no-text"]))}
-    command = (f"python -m tmc.lab.experiments qata --root {root} --minutes {minutes}"
+    command = (f"python -m lab.experiments qata --root {root} --minutes {minutes}"
                + (" --cpu-small" if cpu_small else ""))
     note = ("Real QaTa-COV19 subset, scored on its 500 'valid' images (also used for selection). "
             "Text encoder: randomly initialised BERT (no pretrained weights can be downloaded here); "
@@ -164,10 +164,10 @@ PROBE_SETTINGS = (("dense", None, 1500), ("lesions-1x1", 1, 1500), ("lesions-2x2
 
 
 def grounding_probe(seeds: list[int], parallel: int) -> dict:
-    """Dice curves of `tmc.lab.grounding_probe.run_probe` per setting and seed, one thread per run."""
+    """Dice curves of `lab.grounding_probe.run_probe` per setting and seed, one thread per run."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tmc.lab.grounding_probe import run_probe
+    from lab.grounding_probe import run_probe
 
     folder = REPO / "results" / "grounding_probe"
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def grounding_probe(seeds: list[int], parallel: int) -> dict:
     with ProcessPoolExecutor(max_workers=parallel, initializer=_one_thread) as pool:
         futures = [pool.submit(run_probe, lesion, steps, seed) for _, lesion, steps, seed in jobs]
         results = [f.result() for f in futures]
-    out = {"command": f"python -m tmc.lab.experiments grounding-probe --seeds {' '.join(map(str, seeds))}",
+    out = {"command": f"python -m lab.experiments grounding-probe --seeds {' '.join(map(str, seeds))}",
            "machine": machine(), "note": "held-out Dice of the probe at each evaluation step", "settings": {}}
     for (name, *_), result in zip(jobs, results):
         out["settings"].setdefault(name, []).append(result)
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
         # The image-only model cannot read the caption, so one seed shows where it stops.
         demo_grid("demo_default", {"default": [], "no-text": ["--no-text"]}, args.seeds, args.threads,
                   args.parallel, budget=[], seeds_of={"no-text": args.seeds[:1]})
-        caption_swap(REPO / "results" / "demo_default", command="python -m tmc.lab.experiments demo-default")
+        caption_swap(REPO / "results" / "demo_default", command="python -m lab.experiments demo-default")
     elif args.experiment == "demo-recipe":
         from datasets.registry import prepare
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tmc.metrics import mean_std
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:

@@ -1,7 +1,7 @@
 """Rebuild the result tables of README.md and results/README.md from the files in results/.
 
-    python -m tmc.lab.report            # rewrite every generated table in place
-    python -m tmc.lab.report --check    # exit 1 if a document's tables differ from the files
+    python -m lab.report            # rewrite every generated table in place
+    python -m lab.report --check    # exit 1 if a document's tables differ from the files
 
 A generated table sits between `<!-- table:NAME -->` and `<!-- end table -->`; NAME is a key of
 TABLES. So every figure in those tables is read from a JSON file that a command wrote, never retyped.
@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "results/README.md")
 # The README's own tables, in order (its speed section and its results summary); every other table
 # sits in results/README.md, once.
@@ -26,6 +26,12 @@ BINDS = 0.95
 # train.py flags that set the data and the budget, the same for every row of a grid.
 COMMON_FLAGS = {"--dataset", "--seed", "--time-limit", "--root", "--image-size", "--reader-options", "--epochs",
                 "--patience", "--plateau-patience"}
+
+
+def command_of(record: dict) -> str:
+    """The command a results file records, as it is run today: the research tools were once the
+    package tmc.lab and are now lab/ at the top of the repository."""
+    return record["command"].replace("tmc.lab.", "lab.").replace("tmc/lab/", "lab/")
 
 
 def _load(results: Path, name: str) -> dict:
@@ -98,7 +104,7 @@ def grid(results: Path, name: str, binding: bool = False, shuffled: bool = False
             row.append(", ".join(f"{float((results.parent / r['run'] / 'wall_time_s.txt').read_text()):.0f}"
                                  for r in v["runs"]))
         rows.append(row)
-    note = f"\n`{summary['command']}`; {summary['machine']}. {summary['note']}\n"
+    note = f"\n`{command_of(summary)}`; {summary['machine']}. {summary['note']}\n"
     if shuffled:
         every = _load(results, f"{name}/caption_swap.json")["every_blob_dice"]
         note += f"Segmenting every blob, targets and distractors alike, scores Dice {every:.3f}.\n"
@@ -135,7 +141,7 @@ def grounding_probe(results: Path) -> str:
             cells.append("" if None in at else
                          f"{statistics.fmean(at):.2f} (" + ", ".join(f"{d:.2f}" for d in at) + ")")
         rows.append([setting, ", ".join(str(r["seed"]) for r in runs), *cells])
-    return _table(["setting", "seeds", *(f"{s} steps" for s in steps)], rows) + f"\n`{summary['command']}`\n"
+    return _table(["setting", "seeds", *(f"{s} steps" for s in steps)], rows) + f"\n`{command_of(summary)}`\n"
 
 
 def qata(results: Path, name: str) -> str:
@@ -154,7 +160,7 @@ def qata(results: Path, name: str) -> str:
                          f"{rate:.0f}"])
     header = ["run (seed 0)", "Dice (per image)", "IoU (per image)", "Dice (global)", "IoU (global)",
               "epochs / steps", "training images/s"]
-    command = re.sub(r"--root \S+", "--root QATA_FOLDER", summary["command"])
+    command = re.sub(r"--root \S+", "--root QATA_FOLDER", command_of(summary))
     return _table(header, rows) + f"\n`{command}`; {summary['machine']}. {summary['note']}\n"
 
 
@@ -169,7 +175,7 @@ def loose_runs(results: Path, name: str) -> str:
 
 
 def bench_gpu(results: Path) -> str:
-    """The GPU benchmark rows, one JSON per row written by `python -m tmc.lab.bench --suite`."""
+    """The GPU benchmark rows, one JSON per row written by `python -m lab.bench --suite`."""
     rows = []
     for f in sorted((results / "bench_gpu").glob("*.json")):
         r = json.loads(f.read_text())
@@ -186,7 +192,7 @@ def bench_gpu(results: Path) -> str:
 
 
 def bench_cpu(results: Path, name: str) -> str:
-    """Two checkouts' CPU speed side by side (`bash tmc/lab/bench_cpu.sh`): per preset, training
+    """Two checkouts' CPU speed side by side (`bash lab/bench_cpu.sh`): per preset, training
     images/s of each alternating run, and after / before per pair of runs that saw the same load."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for f in sorted((results / name).glob("*.json")):  # <label>-<preset>-<rep>.json
@@ -206,17 +212,17 @@ def bench_cpu(results: Path, name: str) -> str:
               "fastest step, before / after (mean of pairs)"]
     first = runs[("tiny", "after")][0]
     return (_table(header, rows) + f"\n{first['device_name']}, a synthetic batch of {first['batch']} "
-            f"(`tmc.lab.bench.make_batch`), {first['dtype']}, torch {first['torch_version']}; "
+            f"(`lab.bench.make_batch`), {first['dtype']}, torch {first['torch_version']}; "
             f"{len(runs[('tiny', 'after')])} runs of each, alternating.\n")
 
 
 def op_count(results: Path) -> str:
-    """Kernel-launching ops per training step, per part (`python -m tmc.lab.op_count --json`)."""
+    """Kernel-launching ops per training step, per part (`python -m lab.op_count --json`)."""
     r = _load(results, "op_count/paper.json")
     rows = [[part, f"{n:,}"] for part, n in r["per_part"].items()]
     rows.append(["**total**", f"**{r['total']:,}**"])
     syncs = "none" if not r["syncs"] else ", ".join(r["syncs"])
-    return _table(["part", "ops"], rows) + f"\n`{r['command']}`; host-device syncs: {syncs}.\n"
+    return _table(["part", "ops"], rows) + f"\n`{command_of(r)}`; host-device syncs: {syncs}.\n"
 
 
 def model_size(results: Path) -> str:
@@ -259,21 +265,21 @@ def summary(results: Path) -> str:
 
 
 def qata_protocol(results: Path, name: str) -> str:
-    """The QaTa protocol's tables (tmc.lab.qata_protocol.tables) from its summary.json."""
-    from tmc.lab.qata_protocol import tables
+    """The QaTa protocol's tables (lab.qata_protocol.tables) from its summary.json."""
+    from lab.qata_protocol import tables
 
     summary = _load(results, f"{name}/summary.json")
-    return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{summary['command']}`.\n"
+    return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{command_of(summary)}`.\n"
 
 
 def qata_ablations(results: Path) -> str:
     """Each variant of the QaTa protocol against the recipe, seed by seed."""
-    from tmc.lab.qata_protocol import ablation_table
+    from lab.qata_protocol import ablation_table
 
     base = _load(results, "qata_cpu/protocol/summary.json")
     variants = _load(results, "qata_cpu/protocol_variants/summary.json")
     return (ablation_table(base, variants) + f"\nMachine: {variants['machine']}. Commands: "
-            f"`{base['command']}` and `{variants['command']}`.\n")
+            f"`{command_of(base)}` and `{command_of(variants)}`.\n")
 
 
 TABLES = {
@@ -327,7 +333,7 @@ def main(argv=None) -> int:
                 path.write_text(new)
     if stale:
         print(("stale tables in " if args.check else "rewrote ") + ", ".join(stale)
-              + (": run `python -m tmc.lab.report`" if args.check else ""))
+              + (": run `python -m lab.report`" if args.check else ""))
     return 1 if stale and args.check else 0
 
 

@@ -1,9 +1,9 @@
 """How many kernels one training step launches, and where: the cost that sets the pace of a
 launch-bound GPU step.
 
-    python -m tmc.lab.op_count --config paper            # per part, and the most frequent ops
-    python -m tmc.lab.op_count --config tiny --amp off
-    python -m tmc.lab.op_count --config paper --json results/op_count/paper.json   # also as JSON
+    python -m lab.op_count --config paper            # per part, and the most frequent ops
+    python -m lab.op_count --config tiny --amp off
+    python -m lab.op_count --config paper --json results/op_count/paper.json   # also as JSON
 
 Why count: on one H200 (results/bench_gpu) the paper preset's eager training step took 173 ms at
 batch 8 and 159 ms at batch 32, while its kernels kept the GPU busy for only 52 ms at batch 32. The
@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
-from tmc.lab.bench import PARTS, make_batch, make_model, make_train_step, step_inputs
+from lab.bench import PARTS, make_batch, make_model, make_train_step, step_inputs
 
 # Aten ops that only make a new view of the same memory: no kernel.
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     r = count_training_step(args.config, args.batch, args.amp)
     if args.json:
-        command = "python -m tmc.lab.op_count " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m lab.op_count " + " ".join(argv if argv is not None else sys.argv[1:])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, **r}, indent=1) + "\n")
     print(f"TMC preset {r['preset']!r}, amp {r['amp']}: {r['total']} kernel-launching aten ops per training step")

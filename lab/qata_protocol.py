@@ -1,6 +1,6 @@
 """The QaTa-COV19 protocol: does the caption improve the mask on real chest X-rays?
 
-    python -m tmc.lab.qata_protocol --root ../shared/data/qata --minutes 25 --seeds 0 1 2 \\
+    python -m lab.qata_protocol --root ../shared/data/qata --minutes 25 --seeds 0 1 2 \\
         --variants best no-text --threads 1 --parallel 2
 
 Data: the QaTa subset in the SGSeg layout (2000 `train`, 500 `valid` images) under
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmc.lab.runs import REPO, machine, result_file, run_train, spread
+from lab.runs import REPO, machine, result_file, run_train, spread
 
 # Every run: these train.py flags, then the --minutes budget, the seed, --train-flags, the variant.
 # The rest of the recipe (augmentation, loss, lr, 50-step epochs) is what `--dataset qata --preset
@@ -302,7 +302,7 @@ def prepare_cache(flags: list[str]) -> None:
 
     train_over, model_over = explicit_overrides(build_parser().parse_args(flags))
     cfg = resolve_train_config(train_over)
-    model_cfg = resolve_model_config(cfg.preset, model_over, cfg.dataset)
+    model_cfg = resolve_model_config(cfg.preset, model_over)
     prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
             cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.split_seed,
             skip_bad=cfg.skip_bad, **parse_reader_options(cfg.reader_options))
@@ -358,7 +358,7 @@ def main(argv=None) -> dict:
         done = run / "protocol.json"
         runs.setdefault(v, []).append(json.loads(done.read_text()) if done.is_file()
                                       else score_run(run, _shown(run_flags(args, v, s)), args.shuffle_seed))
-    command = "python -m tmc.lab.qata_protocol " + " ".join(shlex.quote(a) for a in _shown(args.argv))
+    command = "python -m lab.qata_protocol " + " ".join(shlex.quote(a) for a in _shown(args.argv))
     n_test = runs[args.variants[0]][0]["test"]["n_images"]
     note = (f"Test split: the layout's held-out images ({n_test}); "
             f"validation: 1/8 of the training patients. {args.minutes:g} min of training per run, "

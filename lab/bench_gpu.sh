@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, in one go (about 10 minutes on one H100/H200):
-#   1. tmc.lab.bench rows: eager / torch.compile / whole step in one CUDA graph (--graph-step) at batch 8
+#   1. lab.bench rows: eager / torch.compile / whole step in one CUDA graph (--graph-step) at batch 8
 #      and 32, inference eager at batch 64 and 1, peak memory;
 #   2. train.py on QaTa, eager against --cuda-graphs, the same steps: the loss curves should agree.
-# Usage: bash tmc/lab/bench_gpu.sh OUT_DIR QATA_ROOT
+# Usage: bash lab/bench_gpu.sh OUT_DIR QATA_ROOT
 set -euo pipefail
-out=${1:?usage: bash tmc/lab/bench_gpu.sh OUT_DIR QATA_ROOT}
-qata=${2:?usage: bash tmc/lab/bench_gpu.sh OUT_DIR QATA_ROOT}
+out=${1:?usage: bash lab/bench_gpu.sh OUT_DIR QATA_ROOT}
+qata=${2:?usage: bash lab/bench_gpu.sh OUT_DIR QATA_ROOT}
 mkdir -p "$out"
-python -m tmc.lab.op_count --config paper | tee "$out/op_count.txt"
-python -m tmc.lab.bench --suite "$out/bench" \
+python -m lab.op_count --config paper | tee "$out/op_count.txt"
+python -m lab.bench --suite "$out/bench" \
     --rows train_b8_eager,train_b8_graphstep,train_b32_eager,train_b32_graphstep,infer_eager,train_b8_compile \
     2>&1 | tee "$out/bench.log"
 for mode in eager cuda-graphs; do

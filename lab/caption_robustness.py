@@ -1,12 +1,12 @@
 """Does the model read what a caption says, however it is worded? One checkpoint, four captions.
 
-    python -m tmc.lab.caption_robustness results/qata_captions/varied-s{0,1,2} \\
+    python -m lab.caption_robustness results/qata_captions/varied-s{0,1,2} \\
         results/qata_captions/no-text-s{0,1,2} --out results/qata_captions
 
 Each run folder's best.pt is scored on its run's test split (the cache rebuilt from config.json)
 with every test image's caption replaced by:
   template   the dataset's own caption;
-  reworded   the same facts from the held-out report rewriter (tmc/lab/report_captions.py, never
+  reworded   the same facts from the held-out report rewriter (lab/report_captions.py, never
              used for training or selection; seed --reword-seed, redrawn where it would be cut
              at the model's T tokens);
   empty      no caption ("");
@@ -26,9 +26,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from tmc.lab.qata_protocol import _fmt, _ms, _scores, caption_permutation, predict, run_cache
-from tmc.lab.report_captions import report_caption
-from tmc.lab.runs import REPO, machine
+from lab.qata_protocol import _fmt, _ms, _scores, caption_permutation, predict, run_cache
+from lab.report_captions import report_caption
+from lab.runs import REPO, machine
 
 CONDITIONS = ("template", "reworded", "empty", "shuffled")
 
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
         results.setdefault(variant_of(run), []).append(r)
         print(f"{run.name}: " + "  ".join(f"{c} {r[c]['dice']:.4f}/{r[c]['dice_global']:.4f}"
                                           for c in CONDITIONS), flush=True)
-    command = "python -m tmc.lab.caption_robustness " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m lab.caption_robustness " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     summary, table = summarize_runs(results, command, args.split)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "captions" if args.split == "test" else f"captions_{args.split}"
