@@ -212,8 +212,13 @@ def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path
     """Segment one 2D image file; writes a 0/255 PNG at the input's own size."""
     from PIL import Image
 
-    from datasets.images import read_image
+    from datasets.images import high_bit_depth, read_image
 
+    mode = high_bit_depth(Path(path))
+    if mode:
+        print(f"note: {path} has {mode} pixels, scaled by their own min and max as the training cache "
+              f"does for such files; an 8-bit export of the same picture maps 0-255 and can segment "
+              f"differently; fix: give the image in the bit depth the model was trained on")
     mask = segment_images(segment, [read_image(Path(path))], size)[0]  # (H, W)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,12 +234,13 @@ def predict_volume(path: str | Path, segment, size: int, out: str | Path, intens
     For NIfTI input the mask has the input's shape, voxel order and affine; for DICOM, the RAS+
     grid of `read_dicom_series` (the same voxels as the series).
     """
-    from datasets.volumes import (axial_slice_to_image, image_to_axial_slice, read_dicom_series,
-                                  read_nifti, volume_intensity, write_nifti_like)
+    from datasets.volumes import (axial_slice_to_image, check_finite, image_to_axial_slice,
+                                  read_dicom_series, read_nifti, volume_intensity, write_nifti_like)
 
     path = Path(path)
     is_nifti = path.is_file()
     volume, affine = read_nifti(path) if is_nifti else read_dicom_series(path, series_uid)  # (X, Y, Z)
+    check_finite(np.asarray(volume), path)
     unit = volume_intensity(np.asarray(volume), intensity, ct_window)  # (X, Y, Z) in [0, 1]
     views = [axial_slice_to_image(unit[:, :, z]) for z in range(unit.shape[2])]  # (H, W) each
     masks = segment_images(segment, views, size, batch_size)

@@ -195,7 +195,7 @@ def validate_sample(s: Sample) -> None:
     if img.shape != mask.shape:
         raise DatasetError(f"{where}: image size {img.shape} and mask size {mask.shape} differ; "
                            f"expected the mask to match its image pixel for pixel; fix: re-export "
-                           f"the mask at the image's size or skip it with skip_bad=True")
+                           f"the mask at the image's size or skip it with --skip-bad")
     if mask.dtype != bool:
         raise DatasetError(f"{where}: mask dtype {mask.dtype}; expected bool from the reader")
     if not np.isfinite(img).all() or img.min() < -1e-4 or img.max() > 1 + 1e-4:
@@ -218,8 +218,9 @@ def _carve_validation(rows: list[dict], ratios, seed: int) -> None:
 
 
 def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
-            partial: bool = False) -> None:
-    """Fill row["split"] in place, check leaks and (unless `partial`) empty splits."""
+            partial: bool = False, locate=None) -> None:
+    """Fill row["split"] in place, check leaks and (unless `partial`) empty splits; `locate(source)`
+    names a sample's place in the user's files (a CSV line) in messages."""
     if split_mode == "paper":
         table = assign_splits([r["case"] for r in rows], [r["stratum"] for r in rows],
                               ratios=ratios, seed=seed)
@@ -229,10 +230,14 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
         for r in rows:
             if r["split"] is None and partial:
                 continue
+            if r["split"] is None and locate is not None:
+                raise DatasetError(f"{locate(r['source'])}: empty split cell while other rows give "
+                                   f"one; fix: write train, val or test in it, or --split-mode "
+                                   f"paper to split by case")
             if r["split"] is None:
                 raise DatasetError(f"{r['source']}: the layout gives this sample no split; "
-                                   f"expected train/val/test from the folders; fix: use "
-                                   f"split_mode='paper'")
+                                   f"expected train/val/test from the folders; fix: "
+                                   f"--split-mode paper")
             r["split"] = normalise_split(r["split"], r["source"])
         if split_mode == "layout-val":
             _carve_validation(rows, ratios, seed)
@@ -248,11 +253,11 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
             continue
         if split_mode == "layout" and s == "test":
             warnings.warn(f"{where}: the layout has no test split; train/val only (use "
-                          f"split_mode='paper' for a 7:1:2 patient split)", stacklevel=3)
+                          f"--split-mode paper for a 7:1:2 patient split)", stacklevel=3)
             continue
         fix = {"paper": "add more cases or change ratios",
-               "layout": f"use split_mode='paper' or give the layout a '{s}' split",
-               "layout-val": "use split_mode='paper', or a layout with a held-out (val or test) "
+               "layout": f"use --split-mode paper or give the layout a '{s}' split",
+               "layout-val": "use --split-mode paper, or a layout with a held-out (val or test) "
                              "split besides train"}[split_mode]
         raise DatasetError(f"{where}: the {s} split is empty ({n_cases} cases, split_mode="
                            f"{split_mode!r}, counts {counts}); expected samples in train, val and "
@@ -353,7 +358,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         if not rows:
             raise DatasetError(f"{where}: no usable samples ({len(skipped)} skipped); expected at "
                                f"least one image with a mask")
-        _assign(rows, split_mode, ratios, seed, where, partial)
+        _assign(rows, split_mode, ratios, seed, where, partial, getattr(reader, "locate", None))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

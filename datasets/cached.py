@@ -59,7 +59,7 @@ class SegmentationSet(Dataset):
         self.indices = [i for i, r in enumerate(rows) if split is None or r["split"] == split]
         if not self.indices:
             raise DatasetError(f"{self.cache_dir}: the {split} split is empty (counts "
-                               f"{self.meta['counts']}); fix: rebuild with split_mode='paper'")
+                               f"{self.meta['counts']}); fix: rebuild with --split-mode paper")
         self.rows = [rows[i] for i in self.indices]
         self._images = self._masks = None
 

@@ -73,14 +73,28 @@ class CsvReader:
                                f"with a header row image, mask, text") from e
         missing = [c for c in _REQUIRED if c not in header]
         if missing:
+            sep = next((c for c in (";", "\t", "|") if len(header) == 1 and c in header[0]), None)
+            how = (f"; fix: save it with commas between the columns ({sep!r} separates them here)"
+                   if sep else "")
             raise DatasetError(f"{self.csv_path}: missing column(s) {missing} (header {header}); "
-                               f"expected image, mask, text and optionally case, split, stratum")
+                               f"expected image, mask, text and optionally case, split, stratum{how}")
+        # A caption with unquoted commas spills into extra cells: joined back when text is the last
+        # column (nothing can shift), refused otherwise (the pieces would land in case/split).
+        text_last = header[-1] == "text"
         self.rows: list[_Row] = []
         self._problems: dict[int, str] = {}
         folder, seen = self.csv_path.parent, {}
         for i, raw in enumerate(table):
             line = i + 2  # 1-based, after the header
+            surplus = raw.pop(None, None)  # cells beyond the header (csv.DictReader's restkey)
             r = {str(k).strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+            if surplus and text_last:
+                r["text"] = ",".join([raw[reader.fieldnames[-1]] or ""] + surplus).strip()
+            elif surplus:
+                self._problems[line] = (f"{self.csv_path}:{line}: {len(header) + len(surplus)} cells "
+                                        f"for {len(header)} columns, likely a caption with commas; "
+                                        f"fix: quote the caption (\"a, b\") or make text the last "
+                                        f"column")
             if not r.get("image") or not r.get("mask"):
                 self._problems[line] = (f"{self.csv_path}:{line}: empty image or mask cell; "
                                         f"expected both paths")
@@ -105,6 +119,11 @@ class CsvReader:
             raise DatasetError(f"{self.csv_path}: no rows; expected one row per image")
         # The user wrote the split: datasets.registry.resolve_split_mode keeps it.
         self.declares_splits = any(r.split for r in self.rows)
+
+    def locate(self, source: str) -> str:
+        """`csv:line` of the row whose image is `source` (for messages about a row)."""
+        line = next((r.line for r in self.rows if str(r.image) == source), None)
+        return f"{self.csv_path}:{line}" if line else source
 
     def sources(self) -> list[Path]:
         files = {self.csv_path}

@@ -34,14 +34,14 @@ from PIL import Image
 
 from datasets.records import DatasetError
 
-__all__ = ["RASTER_SUFFIXES", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "is_dicom", "read_image", "read_mask", "read_image_and_mask", "load_samples", "binarise_mask",
+__all__ = ["RASTER_SUFFIXES", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "is_dicom", "read_image", "high_bit_depth", "read_mask", "read_image_and_mask", "load_samples", "binarise_mask",
            "image_key"]
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 _LOSSY = (".jpg", ".jpeg")
-_FIX_IMAGE = "fix: re-export it as an 8-bit PNG, or skip it with skip_bad=True"
+_FIX_IMAGE = "fix: re-export it as an 8-bit PNG (--skip-bad passes over it while caching)"
 
 
 def image_key(name: str) -> str:
@@ -149,6 +149,15 @@ def read_image(path: Path) -> np.ndarray:
     lo, hi = float(arr.min()), float(arr.max())
     out = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     return out.astype(np.float32)
+
+
+def high_bit_depth(path: Path) -> str | None:
+    """The PIL mode of a 16/32-bit raster file (scaled by its own range in `read_image`), else None."""
+    try:
+        with Image.open(path) as im:
+            return im.mode if im.mode in ("I", "F") or im.mode.startswith("I;16") else None
+    except Exception:  # not a raster file: read_image says why
+        return None
 
 
 def binarise_mask(arr: np.ndarray, path: Path) -> np.ndarray:

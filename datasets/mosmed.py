@@ -316,7 +316,7 @@ class MosmedPlusReader:
                 if image.shape != mask.shape:
                     raise DatasetError(f"{image_path} and {mask_path}: image {image.shape} and mask "
                                        f"{mask.shape} differ in size; fix: pair each image with its "
-                                       "own mask, or skip it with skip_bad=True")
+                                       "own mask, or skip it with --skip-bad")
             except DatasetError as e:
                 yield e  # the cache builder stops or skips (skip_bad) with this message
                 continue

@@ -118,5 +118,5 @@ def check_no_leak(rows: Iterable[dict], where: str = "") -> None:
         shown = "; ".join(f"{c}: {'/'.join(s)}" for c, s in sorted(leaks.items())[:5])
         raise DatasetError(f"{where or 'dataset'}: {len(leaks)} case(s) appear in more than one "
                            f"split ({shown}{'; ...' if len(leaks) > 5 else ''}); expected each "
-                           f"patient/case in one split only; fix: use split_mode='paper' or correct "
+                           f"patient/case in one split only; fix: use --split-mode paper or correct "
                            f"the layout's split lists")

@@ -143,6 +143,16 @@ def window(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- NIfTI
+def check_finite(volume: np.ndarray, where) -> None:
+    """Refuse a volume with NaN or infinite voxels: every intensity mode would map them silently
+    (min-max to an all-zero volume, a CT window to an undefined cast)."""
+    bad = ~np.isfinite(volume)
+    if bad.any():
+        raise DatasetError(f"{where}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite; "
+                           f"expected finite intensities; fix: replace them (e.g. numpy.nan_to_num "
+                           f"with the background value) and save the volume again")
+
+
 def volume_intensity(volume: np.ndarray, mode: str, ct_window=None) -> np.ndarray:
     """Map a volume to [0, 1] as the training cache did: CT window (None = the MosMed reader's
     LUNG_WINDOW) or MR percentiles (Duke reader); "minmax" for anything else."""
@@ -327,14 +337,15 @@ def _pick_series(folder: Path, series_uid: str | None) -> DicomSeries:
         raise DatasetError(f"{folder}: no DICOM image series found; fix: pass the folder that "
                            "holds the .dcm files")
     if series_uid is not None:
+        keys = ", ".join(s.key for s in found)
         found = [s for s in found if series_uid in (s.key, s.uid)]
         if not found:
-            raise DatasetError(f"{folder}: no series {series_uid!r}; fix: use a key from "
-                               "list_dicom_series(folder)")
+            raise DatasetError(f"{folder}: no series {series_uid!r}; fix: --series-uid with one of "
+                               f"{keys}")
     if len(found) > 1:
         listing = "; ".join(f"{s.key} ({s.description!r}, {len(s.files)} images)" for s in found)
-        raise DatasetError(f"{folder}: {len(found)} series found: {listing}; fix: pass "
-                           "series_uid=<one of these keys>")
+        raise DatasetError(f"{folder}: {len(found)} series found: {listing}; fix: choose "
+                           "one with --series-uid KEY")
     return found[0]
 
 

@@ -6,6 +6,9 @@ nearest neighbour. Reading files (PNG, DICOM, NIfTI) is the caller's part (eval.
 """
 from __future__ import annotations
 
+import unicodedata
+import warnings
+
 import numpy as np
 import torch
 
@@ -14,13 +17,42 @@ from tmc.metrics import THRESHOLD
 from tmc.precision import autocast
 
 
+# ---------------------------------------------------------------------------- prediction
+
+def _foreign(word: str) -> bool:
+    """A word with a letter outside the Latin script, or a symbol the vocabulary lacks (emoji)."""
+    return any((ch.isalpha() and "LATIN" not in unicodedata.name(ch, "")) or unicodedata.category(ch) == "So"
+               for ch in word)
+
+
+def check_caption(text: str, ids: list[int], tokenizer) -> None:
+    """Refuse a caption the English text model cannot read (no letter or digit, or no English word);
+    warn naming the words it reads as [UNK] or as letters of another script."""
+    if not any(ch.isalnum() for ch in text):
+        raise ValueError(f"--text {text!r}: no letters or digits; fix: write the caption in words, "
+                         f"or leave --text out to segment from the image alone")
+    words = text.split()
+    foreign = [w for w in words if _foreign(w) or tokenizer.unk_token_id in ids
+               and tokenizer.unk_token_id in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    if len(foreign) == len(words):
+        raise ValueError(f"--text {text!r}: no English word (the text model reads English; other "
+                         f"scripts and emoji become [UNK] or stray letters); fix: an English "
+                         f"caption, or leave --text out")
+    if foreign:
+        warnings.warn(f"--text: {len(foreign)} word(s) the English text model cannot read: {foreign}; "
+                      f"fix: English words for them", stacklevel=3)
+
+
 def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
     """A function (B, 1, S, S) images in [0, 1] → (B, 1, S, S) bool masks for one caption.
 
     A blank or missing caption is no caption: the text-guided model reads "" ([CLS] [SEP]), which
     it is trained on (train.py --caption-dropout), and segments from the image alone."""
     text = (text or "").strip()
-    tokens = {k: v.to(device) for k, v in model.tokenize([text]).items()}  # (1, T) each
+    tokens = model.tokenize([text])  # (1, T) each
+    if text and model.text is not None:
+        check_caption(text, tokens["input_ids"][0].tolist(), model.text.tokenizer)
+    tokens = {k: v.to(device) for k, v in tokens.items()}
 
     @torch.no_grad()
     def segment(images: torch.Tensor) -> torch.Tensor:
