@@ -76,6 +76,9 @@ def dataset_settings(ckpt: dict, args) -> dict:
     return {"dataset": dataset, "root": root, "own": own, "split_mode": mode,
             "partial": not as_trained,
             "cache_dir": args.cache_dir or (tc.get("cache_dir", "") if as_trained else ""),
+            # A cache the user names is read, never replaced: it may be another run's.
+            "keep": ("eval.py leaves it as it is; fix: another --cache-dir (a new folder), or leave "
+                     "--cache-dir out") if args.cache_dir else None,
             "seed": tc.get("split_seed", tc.get("seed", 0)), "skip_bad": tc.get("skip_bad", False),
             "reader_options": args.reader_options or (tc.get("reader_options", "")
                                                       if dataset == tc.get("dataset") else "")}
@@ -93,7 +96,8 @@ def split_loader(settings: dict, image_size: int, split: str, batch_size: int, w
     cache = prepare(settings["dataset"], settings["root"] or None, image_size=image_size,
                     cache_dir=settings["cache_dir"] or None, split_mode=settings["split_mode"],
                     seed=settings["seed"], skip_bad=settings["skip_bad"], progress=progress,
-                    partial=settings["partial"], **parse_reader_options(settings["reader_options"]))
+                    partial=settings["partial"], keep=settings["keep"],
+                    **parse_reader_options(settings["reader_options"]))
     rows = load_index(cache)
     wanted = None if split == "all" else split
     if not any(wanted is None or r["split"] == wanted for r in rows):

@@ -34,6 +34,7 @@ Duplicate keys and samples with inconsistent arrays are caught here, for every r
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -116,7 +117,26 @@ def is_fresh(cache_dir: Path, fingerprint: str, parts: dict | None = None) -> tu
     for name in ("images.npy", "masks.npy", "index.json"):
         if not (cache_dir / name).is_file():
             return False, f"{name} missing"
+    size = (meta.get("settings") or {}).get("image_size")
+    if isinstance(meta.get("n"), int) and isinstance(size, int):
+        for name in ("images.npy", "masks.npy"):  # an interrupted copy leaves a short file
+            if (cache_dir / name).stat().st_size != _HEADER_BYTES + meta["n"] * size * size:
+                return False, f"{name} has the wrong size (truncated or damaged)"
     return True, ""
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_error(e: OSError, cache_dir: Path, need_mb: float) -> DatasetError:
+    """The message for a cache that could not be written (full disk, read-only folder, ...)."""
+    if _disk_full(e):
+        return DatasetError(f"{cache_dir}: the disk is full while writing the cache; nothing was "
+                            f"kept; fix: free about {need_mb:.0f} MB there, or --cache-dir on a "
+                            f"disk with room")
+    return DatasetError(f"{cache_dir}: cannot write the cache ({e.strerror or e}); nothing was kept; "
+                        f"fix: --cache-dir in a folder you can write (or TMC_CACHE=FOLDER)")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -268,7 +288,7 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
 
 def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: str = "paper",
                 ratios=(0.7, 0.1, 0.2), seed: int = 0, skip_bad: bool = False,
-                progress: bool = True, partial: bool = False) -> Path:
+                progress: bool = True, partial: bool = False, keep: str | None = None) -> Path:
     """Build (or reuse, if its fingerprint matches) the cache of `reader` in `cache_dir`.
 
     Args:
@@ -282,6 +302,8 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         skip_bad: skip files the reader reports as bad (and print them) instead of stopping.
         progress: show a tqdm bar.
         partial: allow empty splits and samples without a split (evaluation of any folder).
+        keep: refuse to replace a cache of other settings in `cache_dir`, with this text as the fix
+            (a folder the user named for reading).
 
     Returns:
         cache_dir as a Path.
@@ -302,14 +324,21 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         print(f"rebuilding cache {cache_dir}: {why}")
 
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    if keep is not None and (cache_dir / "meta.json").exists():
+        raise DatasetError(f"{cache_dir}: holds a cache of other settings ({why}); {keep}")
     _remove_orphan_builds(cache_dir)
+    need_mb = 2 * len(reader) * image_size * image_size / 1e6  # images + masks, one frame each
     tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+        images, masks = _ArrayWriter(tmp / "images.npy", image_size), _ArrayWriter(tmp / "masks.npy",
+                                                                                   image_size)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, cache_dir, need_mb) from e
     t0 = time.time()
     rows, skipped, seen = [], [], {}
-    images, masks = _ArrayWriter(tmp / "images.npy", image_size), _ArrayWriter(tmp / "masks.npy",
-                                                                               image_size)
     try:
         bar = tqdm(total=len(reader), desc=f"caching {reader.name}", unit="file",
                    disable=not progress, file=sys.stderr)
@@ -346,11 +375,16 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         masks.close()
     except BaseException as e:
         for w in (images, masks):
-            w.f.close()
+            try:
+                w.f.close()
+            except OSError:  # flushing the buffer onto a full disk fails again: drop it
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, DatasetError) and skip_bad:
             e.add_note("(skip_bad could not skip it: the reader raised the error instead of "
                        "yielding it, or the whole dataset is unusable)")
+        if (isinstance(e, OSError) and e.filename is None) or _disk_full(e):  # a write, not a read
+            raise _write_error(e, cache_dir, need_mb) from e
         raise
 
     where = f"{reader.name} ({cache_dir})"
@@ -370,9 +404,13 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
             "text_from_mask": sum(r["text_from_mask"] for r in rows), "skipped": skipped,
             "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "build_seconds": round(time.time() - t0, 2)}
-    _write_json(tmp / "index.json", rows)
-    _write_json(tmp / "meta.json", meta)
-    _swap_into_place(tmp, cache_dir, fp)
+    try:
+        _write_json(tmp / "index.json", rows)
+        _write_json(tmp / "meta.json", meta)
+        _swap_into_place(tmp, cache_dir, fp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, cache_dir, need_mb) from e
 
     if skipped:
         print(f"skipped {len(skipped)} bad file(s):")

@@ -111,7 +111,7 @@ def default_cache_dir(name: str, root, image_size: int, split_mode: str, seed: i
 
 def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_mode: str = "auto",
             seed: int = 0, skip_bad: bool = False, ratios=(0.7, 0.1, 0.2), progress: bool = True,
-            partial: bool = False, **options) -> Path:
+            partial: bool = False, keep: str | None = None, **options) -> Path:
     """Build or reuse the cache of a dataset and return its folder.
 
     Args:
@@ -127,6 +127,7 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
         ratios: (train, val, test).
         progress: tqdm bar.
         partial: allow empty splits and unsplit samples (evaluating a folder; see build_cache).
+        keep: refuse to replace a cache of other settings in `cache_dir` (see build_cache).
         **options: reader settings.
     """
     from datasets.cache import build_cache
@@ -139,4 +140,4 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
                                       partial)
     return build_cache(reader, cache_dir, image_size=image_size, split_mode=split_mode,
                        ratios=ratios, seed=seed, skip_bad=skip_bad, progress=progress,
-                       partial=partial)
+                       partial=partial, keep=keep)

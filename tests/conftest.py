@@ -19,3 +19,43 @@ def qata_root() -> Path:
     if not root.exists():
         pytest.skip(f"real QaTa subset not found at {root}")
     return root
+
+
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                              capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _unmount(folder: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs) to fill up; skipped where mounting is not allowed."""
+    folder = tmp_path / "small_disk"
+    if not _mount_tmpfs(folder, "size=1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights); the injected "
+                    "ENOSPC tests cover the same code")
+    yield folder
+    _unmount(folder)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro; chmod does not stop root)."""
+    folder = tmp_path / "read_only"
+    if not _mount_tmpfs(folder, "ro,size=1m"):
+        pytest.skip("cannot mount a read-only tmpfs here (needs root and mount rights); the "
+                    "injected EROFS tests cover the same code")
+    yield folder
+    _unmount(folder)
