@@ -213,7 +213,8 @@ def map_prefetch(fn, items, workers: int = 2, window: int = 32):
     if workers <= 1:
         yield from map(fn, items)
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         pending = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -221,6 +222,8 @@ def map_prefetch(fn, items, workers: int = 2, window: int = 32):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:  # Ctrl-C or an error: the reads not yet started are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_samples(load, items):

@@ -58,6 +58,10 @@ def main(argv=None) -> int:
         for note in getattr(e, "__notes__", []):
             print(note, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no cache was written (its temporary folder is removed, an earlier cache "
+              "is kept); run the same command again to build it", file=sys.stderr)
+        return 130
     print(path)
     return 0
 

@@ -95,3 +95,26 @@ def test_eval_does_not_rebuild_a_cache_the_user_names(tmp_path):
                                            r"eval\.py leaves it as it is; fix: another --cache-dir"):
         evaluate.split_loader(settings, SIZE, "test", 2, 0, __import__("torch").device("cpu"), False)
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    from datasets import prepare as prepare_cli
+
+    csv_path, _ = _make_set(tmp_path / "data", n_cases=10, per_case=1)
+    real_load = CsvReader.load
+    calls = []
+
+    def load(self, row):
+        calls.append(row)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_load(self, row)
+
+    monkeypatch.setattr(CsvReader, "load", load)
+    (tmp_path / "caches").mkdir()
+    code = prepare_cli.main(["--dataset", "csv", "--root", str(csv_path), "--cache-dir",
+                             str(tmp_path / "caches" / "c"), "--no-progress"])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: no cache was written" in err and "Traceback" not in err
+    assert list((tmp_path / "caches").iterdir()) == []
