@@ -14,6 +14,7 @@ test_metrics.json and, with --snapshot-steps, step<N>.pt. A fresh run needs an e
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -30,10 +31,10 @@ from datasets.cached import SegmentationSet
 from datasets.captions import CaptionVariation
 from datasets.loaders import eval_loader, make_generator, train_loader
 from datasets.records import DatasetError
-from datasets.registry import check_reader_options, prepare
+from datasets.registry import check_reader_options, check_root, prepare
 from tmc.augment import augment_training_batch
-from tmc.checkpoint import (load_checkpoint, save_checkpoint, training_checkpoint, upgrade_optimizer_state,
-                            weights_checkpoint)
+from tmc.checkpoint import (CheckpointWriteError, load_checkpoint, save_checkpoint, training_checkpoint,
+                            upgrade_optimizer_state, weights_checkpoint)
 from tmc.config import ModelConfig
 from tmc.distributed import (Dist, barrier, broadcast_buffers, broadcast_object, cleanup_distributed,
                              gather_lists, init_distributed)
@@ -42,8 +43,9 @@ from tmc.engine import (NonFiniteGuard, NonFiniteLossError, capture_rng, default
 from tmc.model import build_model
 from tmc.optim import make_optimizer, make_scheduler, step_scheduler
 from tmc.precision import make_scaler, resolve_amp
-from tmc.run_folder import (EarlyStop, default_out, drop_metrics_after, epoch_record, held_files,
-                            occupied_message, resolve_configs, summary_line, write_config)
+from tmc.run_folder import (LOCK_NAME, EarlyStop, RunFolderBusy, RunLock, default_out, drop_metrics_after,
+                            epoch_record, held_files, occupied_message, resolve_configs, summary_line,
+                            write_config, write_text_atomic)
 from tmc.step import CudaGraphStep
 from tmc.train_config import (TrainConfig, build_parser, check_train_config, explicit_overrides,
                               parse_reader_options)
@@ -77,10 +79,15 @@ def make_loaders(cfg: TrainConfig, model_cfg: ModelConfig, dist: Dist, device: t
     """Build or reuse the cache (rank 0 first), then one loader per split."""
     cache = None
     if dist.is_main:
-        cache = prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
-                        cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode, seed=cfg.split_seed,
-                        skip_bad=cfg.skip_bad, progress=cfg.progress,
-                        **parse_reader_options(cfg.reader_options))
+        try:
+            cache = prepare(cfg.dataset, cfg.root or None, image_size=model_cfg.image_size,
+                            cache_dir=cfg.cache_dir or None, split_mode=cfg.split_mode,
+                            seed=cfg.split_seed, skip_bad=cfg.skip_bad, progress=cfg.progress,
+                            **parse_reader_options(cfg.reader_options))
+        except DatasetError:
+            raise
+        except ValueError as e:  # a reader setting the reader refuses (e.g. --reader-options layout=)
+            raise RunError(f"--reader-options {cfg.reader_options!r}: {e}") from None
     cache = Path(broadcast_object(str(cache) if cache else None, dist))
     sets = {}
     for split in ("train", "val", "test"):
@@ -129,6 +136,7 @@ class Run:
     total_steps: int = 0
     saved_epoch: int = 0  # the epoch last.pt holds
     saved_time: float = 0.0  # when last.pt was written
+    lock: Any = None  # RunLock on `out` (rank 0), released when the run ends
 
 
 def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
@@ -136,13 +144,34 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     """Prepare the run folder, build, resume, train epoch by epoch, test best.pt."""
     t_start = time.time()
     seed_everything(cfg.seed)
-    r = Run(cfg, model_cfg, dist, device, prepare_out(cfg, model_cfg, ckpt, dist, device), t_start)
+    out, lock = prepare_out(cfg, model_cfg, ckpt, dist, device)
+    r = Run(cfg, model_cfg, dist, device, out, t_start, lock=lock)
+    try:
+        return train(r, ckpt)
+    except BaseException:
+        if ckpt is None and dist.is_main:
+            forget_start(out)
+        raise
+    finally:
+        lock.release()
+
+
+def forget_start(out: Path) -> None:
+    """A fresh run that stops before its first epoch leaves no config.json: a plain rerun then
+    starts in the same --out."""
+    if {p.name for p in out.iterdir()} <= {"config.json", LOCK_NAME}:
+        (out / "config.json").unlink(missing_ok=True)
+
+
+def train(r: Run, ckpt: dict | None) -> dict:
+    """Build, resume, train epoch by epoch, test best.pt."""
+    cfg = r.cfg
     build(r, ckpt)
     if ckpt is not None:
         resume(r, ckpt)
     r.step = build_step(r)  # after resuming: bf16 copies of the loaded weights
     r.guard = NonFiniteGuard(cfg.max_nonfinite)
-    r.deadline = t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
+    r.deadline = r.t_start + 60 * cfg.time_limit if cfg.time_limit > 0 else None
     r.completed = r.saved_epoch = r.start_epoch - 1
     r.saved_time = time.time()
     train_epochs(r)
@@ -150,8 +179,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
 
 
 def prepare_out(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
-                device: torch.device) -> Path:
-    """The run folder, checked free (or resumed), with config.json written; settles --amp and --workers."""
+                device: torch.device) -> tuple[Path, RunLock | NoLock]:
+    """The run folder, locked, checked free (or resumed), with config.json written; settles --amp
+    and --workers."""
     out = Path(broadcast_object(str(Path(cfg.out) if cfg.out else default_out(cfg)), dist))
     cfg.out = str(out)
     cfg.amp, amp_note = resolve_amp(cfg.amp, device)
@@ -159,17 +189,39 @@ def prepare_out(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dis
     if cfg.workers < 0:
         cfg.workers = default_workers()
         log(dist, f"workers: {cfg.workers} (the CPU cores available, at most 4; --workers N to choose)")
-    held = held_files(out) if dist.is_main else []  # also removes a killed save's temporaries
-    held = broadcast_object(held if ckpt is None else [], dist)  # every rank stops together
-    if held:
-        raise RunError(occupied_message(out, held))
+    lock, why = NoLock(), None
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:
-            drop_metrics_after(out / "metrics.jsonl", ckpt["epoch"])
-        resolved = write_config(out, cfg, model_cfg, dist.world_size, device, torch.__version__)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(out)
+        except RunFolderBusy as e:
+            why = str(e)
+        except OSError as e:
+            why = f"--out {out}: cannot write there ({e.strerror or e}); fix: --out a folder you can write"
+    held = held_files(out) if dist.is_main and why is None else []  # also removes a killed save's temporaries
+    held = broadcast_object(held if ckpt is None else [], dist)  # every rank stops together
+    why = broadcast_object(why or (occupied_message(out, held) if held else None), dist)
+    if why:
+        lock.release()
+        raise RunError(why)
+    if dist.is_main:
+        try:
+            if ckpt is not None:
+                drop_metrics_after(out / "metrics.jsonl", ckpt["epoch"])
+            resolved = write_config(out, cfg, model_cfg, dist.world_size, device, torch.__version__)
+        except OSError as e:
+            lock.release()
+            raise RunError(f"--out {out}: cannot write config.json ({e.strerror or e}); fix: "
+                           f"{'free space there' if e.errno == errno.ENOSPC else '--out a folder you can write'}") from None
         print("resolved configuration:\n" + json.dumps(resolved, indent=2), flush=True)
-    return out
+    return out, lock
+
+
+class NoLock:
+    """What ranks other than 0 hold: the run folder is rank 0's to lock."""
+
+    def release(self) -> None:
+        pass
 
 
 def build(r: Run, ckpt: dict | None) -> None:
@@ -211,6 +263,15 @@ def resume(r: Run, ckpt: dict) -> None:
     restore_rng(states[r.dist.rank % len(states)], r.generators)
     r.start_epoch = ckpt["epoch"] + 1
     r.total_steps = ckpt["metrics"].get("total_steps", 0)
+    if not (r.out / "best.pt").exists() and r.early.best_epoch:  # deleted since: write a new one
+        note, stale = "", r.out / "test_metrics.json"
+        if r.dist.is_main and stale.exists():  # it scored the missing best.pt
+            stale.replace(r.out / "test_metrics.old.json")
+            note = "; test_metrics.json (of that best.pt) is kept as test_metrics.old.json"
+        log(r.dist, f"{r.out / 'best.pt'} is missing: its best val Dice ({r.early.best:.4f}, epoch "
+                    f"{r.early.best_epoch}) is forgotten, so the next validation writes a new best.pt "
+                    f"and the test step scores it{note}")
+        r.early = EarlyStop(bad_epochs=r.early.bad_epochs)
     log(r.dist, f"resumed from {r.out / 'last.pt'} at epoch {ckpt['epoch']} (best val Dice "
                 f"{r.early.best:.4f} at epoch {r.early.best_epoch})")
 
@@ -246,13 +307,20 @@ def train_epochs(r: Run) -> None:
             barrier(r.dist)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         if r.dist.is_main:
-            # Mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact).
-            save_checkpoint(r.out / "last.pt", last_checkpoint(r, r.completed, [capture_rng(r.generators)],
-                                                               interrupted=True))
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-            print(f"\n{how}: saved {r.out / 'last.pt'}; continue with "
-                  f"python train.py --out {r.out} --resume", file=sys.stderr, flush=True)
+            try:  # mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact)
+                save_checkpoint(r.out / "last.pt", last_checkpoint(r, r.completed, [capture_rng(r.generators)],
+                                                                   interrupted=True))
+                print(f"\n{how}: saved {r.out / 'last.pt'}; continue with "
+                      f"python train.py --out {r.out} --resume", file=sys.stderr, flush=True)
+            except CheckpointWriteError as w:
+                print(f"\n{how}: {w}", file=sys.stderr, flush=True)
         raise
+    except OSError as e:  # a full disk or a folder gone read-only: the files written so far stay whole
+        what = str(e) if isinstance(e, CheckpointWriteError) else (
+            f"{r.out}: cannot write ({e.strerror or e}); fix: free space there")
+        raise RunError(f"stopped: {what}; last.pt holds epoch {r.saved_epoch}: continue with "
+                       f"python train.py --out {r.out} --resume") from None
     except NonFiniteLossError as e:
         raise RunError(f"stopped: {e}") from None
     except torch.OutOfMemoryError:
@@ -343,6 +411,8 @@ def finish(r: Run) -> dict:
               "best_val_dice": r.early.best, "best_epoch": r.early.best_epoch}
     if r.cfg.test_at_end and len(r.test_loader.dataset) and (out / "best.pt").exists():
         result["test"] = test_best(r.raw, out, r.test_loader, r.cfg, r.dist, r.device)
+    elif r.cfg.test_at_end and len(r.test_loader.dataset):
+        log(r.dist, f"no test step: {out / 'best.pt'} does not exist (no epoch was validated)")
     return result
 
 
@@ -354,7 +424,7 @@ def test_best(raw, out: Path, test_loader, cfg: TrainConfig, dist: Dist, device)
     s = summarize(records)
     s.pop("cases")
     if dist.is_main:
-        (out / "test_metrics.json").write_text(json.dumps(s, indent=2) + "\n")
+        write_text_atomic(out / "test_metrics.json", json.dumps(s, indent=2) + "\n")
         print(f"test Dice {s['dice']:.4f} mIoU {s['miou']:.4f} ({s['protocol']} mean over "
               f"{s['n_cases'] if s['protocol'] == 'per-case' else s['n_images']}; global Dice "
               f"{s['dice_global']:.4f}; {s['empty_rule']})", flush=True)
@@ -378,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg, model_cfg, ckpt = resolve_configs(train_over, model_over)
             check_train_config(cfg)
             check_reader_options(cfg.dataset, parse_reader_options(cfg.reader_options))
+            check_root(cfg.dataset, cfg.root)
         except ValueError as e:
             raise RunError(str(e)) from None
         return run(cfg, model_cfg, ckpt, dist, device)

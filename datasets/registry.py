@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datasets.records import Reader
 
-__all__ = ["DATASETS", "REPO", "reader_option_names", "check_reader_options", "make_reader", "resolve_split_mode", "default_cache_dir", "prepare"]
+__all__ = ["DATASETS", "REPO", "reader_option_names", "check_reader_options", "check_root", "make_reader", "resolve_split_mode", "default_cache_dir", "prepare"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,13 @@ def check_reader_options(name: str, options: dict) -> None:
                          f"{', '.join(valid) or 'none'}")
 
 
+def check_root(name: str, root) -> None:
+    """ValueError when dataset `name` needs --root and none is given."""
+    module, cls, root_arg = DATASETS[name]
+    if not root and name != "demo":
+        raise ValueError(f"--dataset {name} needs its data: --root PATH ({root_arg})")
+
+
 def make_reader(name: str, root=None, **options) -> Reader:
     """The reader of dataset `name` for the folder (or CSV file) `root`.
 
@@ -76,9 +83,8 @@ def make_reader(name: str, root=None, **options) -> Reader:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     check_reader_options(name, options)
+    check_root(name, root)
     module, cls, root_arg = DATASETS[name]
-    if not root and name != "demo":
-        raise ValueError(f"dataset {name!r} needs a root ({root_arg}); fix: pass --root PATH")
     reader_cls = getattr(importlib.import_module(module), cls)
     return reader_cls(**{root_arg: root or None}, **{k: _coerce(v) for k, v in options.items()})
 

@@ -9,6 +9,7 @@ Everything is tensors, numbers, strings, lists and dicts, so `torch.load(weights
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -26,6 +27,22 @@ MODEL_KEYS = ("model", "model_config")  # what rebuilding a model needs
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint; the message names it and the fix."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, read-only folder); the file at the path
+    is left as it was. The message names it and the fix."""
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: torch's writer turns the file's ENOSPC into a RuntimeError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,19 +76,30 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
     A crash or Ctrl-C mid-write leaves the previous file at `path` untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The pid in the name lets `remove_orphan_temporaries` tell a dead writer's file from a live one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The pid in the name lets `remove_orphan_temporaries` tell a dead writer's file from a live one.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        cause = _os_error(e) if isinstance(e, (OSError, RuntimeError)) else None
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            why, fix = "the disk is full", f"free space in {path.parent}"
+        else:
+            why, fix = f"cannot write there ({cause.strerror or cause})", "a folder you can write"
+        error = CheckpointWriteError(f"{path}: {why}; {kept}; fix: {fix}")
+        error.errno = cause.errno
+        raise error from None
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,7 @@ def drop_metrics_after(path: Path, epoch: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a kill: dropped as well
     if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -96,14 +95,81 @@ def default_out(cfg: TrainConfig) -> Path:
 
 
 def held_files(out: Path) -> list[str]:
-    """What a fresh run would overwrite in `out` (after removing the temporaries of a killed save)."""
+    """What a fresh run would overwrite in `out` (after removing the temporaries of a killed save).
+
+    A lone config.json is a start that failed before its first epoch: nothing of it is lost, so it
+    is not held."""
     if not out.is_dir():
         return []
     removed = remove_orphan_temporaries(out)  # of a save killed mid-write (kill -9)
     if removed:
         print(f"removed {len(removed)} unfinished checkpoint file(s) left by a killed run: "
               f"{', '.join(p.name for p in removed)}", flush=True)
-    return sorted(p.name for p in out.iterdir())
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    if held == ["config.json"]:
+        print(f"{out / 'config.json'}: left by a start that never finished an epoch; replaced", flush=True)
+        return []
+    return held
+
+
+LOCK_NAME = ".train.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on `.train.lock`), so two train.py never write one
+    --out. The OS drops it when the process ends, however it ends, so a stale file locks nothing."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = Path(out) / LOCK_NAME, None
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the held-files check alone guards the folder
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunFolderBusy(f"{out}: another train.py (pid {owner}) is writing to this run "
+                                    f"folder; fix: wait for it to end, or another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:  # released and removed by its holder meanwhile
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter then finds a new file
+            os.close(self.fd)
+            self.fd = None
+
+
+class RunFolderBusy(RuntimeError):
+    """--out is locked by another live train.py."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary in the same folder and a rename: a full disk or a
+    kill leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def occupied_message(out: Path, held: list[str]) -> str:
@@ -117,7 +183,7 @@ def write_config(out: Path, cfg, model_cfg, world_size: int, device, torch_versi
     """config.json: the resolved settings of the run (every default filled in)."""
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                 "world_size": world_size, "device": str(device), "torch": torch_version}
-    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    write_text_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
     return resolved
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -247,9 +248,9 @@ def check_train_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected at least 1")
     for name in ("lr", "text_lr", "weight_decay", "eval_batch_size", "grad_clip", "time_limit",
                  "checkpoint_minutes", "min_lr"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a value "
-                             f">= 0")
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:  # nan < 0 is False
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite value >= 0")
     if cfg.workers < -1:
         raise ValueError(f"--workers {cfg.workers}: expected a count, or -1 for the default")
 

@@ -475,7 +475,9 @@ def test_one_checkpoint_message_for_files_that_are_not_checkpoints(tmp_path, con
 @pytest.mark.parametrize("flags, message", [
     (["--image-size", "100"], r"--image-size 100 is not a multiple of 32.*fix: --image-size 96 or 128"),
     (["--batch-size", "0"], r"--batch-size 0: expected at least 1"),
-    (["--lr", "-0.001"], r"--lr -0.001: expected a value >= 0"),
+    (["--lr", "-0.001"], r"--lr -0.001: expected a finite value >= 0"),
+    (["--lr", "nan"], r"--lr nan: expected a finite value >= 0"),
+    (["--dataset", "qata", "--root", "", "--reader-options", ""], r"--dataset qata needs its data: --root PATH"),
     (["--epochs", "0"], r"--epochs 0: expected at least 1"),
     (["--reader-options", "n=24,sise=64"], r"demo has no setting sise; valid: n, size, seed"),
 ])
