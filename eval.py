@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -224,10 +226,7 @@ def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path
               f"does for such files; an 8-bit export of the same picture maps 0-255 and can segment "
               f"differently; fix: give the image in the bit depth the model was trained on")
     mask = segment_images(segment, [read_image(Path(path))], size)[0]  # (H, W)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(out)
-    return out
+    return write_output(out, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp))
 
 
 def predict_volume(path: str | Path, segment, size: int, out: str | Path, intensity: str = "ct",
@@ -249,7 +248,28 @@ def predict_volume(path: str | Path, segment, size: int, out: str | Path, intens
     views = [axial_slice_to_image(unit[:, :, z]) for z in range(unit.shape[2])]  # (H, W) each
     masks = segment_images(segment, views, size, batch_size)
     mask = np.stack([image_to_axial_slice(m) for m in masks], axis=2)  # (X, Y, Z)
-    return write_nifti_like(mask, affine, out, like=path if is_nifti else None)
+    return write_output(out, lambda tmp: write_nifti_like(mask, affine, tmp, like=path if is_nifti else None))
+
+
+def write_output(out: str | Path, write) -> Path:
+    """Call write(tmp) for a temporary beside `out` (same extension), then rename it to `out`: a full
+    disk or a kill never leaves half a mask, nor replaces an earlier one with it."""
+    out = Path(out)
+    tmp = out.with_name(f".{os.getpid()}.{out.name}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = "the disk is full" if full else f"cannot write there ({e.strerror or e})"
+        fail(f"--out {out}: {why}; nothing was written; fix: "
+             + ("free space there" if full else "--out in a folder you can write"))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
 
 
 # ---------------------------------------------------------------------------- command line

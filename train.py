@@ -43,7 +43,7 @@ from tmc.engine import (NonFiniteGuard, NonFiniteLossError, capture_rng, default
 from tmc.model import build_model
 from tmc.optim import make_optimizer, make_scheduler, step_scheduler
 from tmc.precision import make_scaler, resolve_amp
-from tmc.run_folder import (LOCK_NAME, EarlyStop, RunFolderBusy, RunLock, default_out, drop_metrics_after,
+from tmc.run_folder import (START_FILES, EarlyStop, RunFolderBusy, RunLock, default_out, drop_metrics_after,
                             epoch_record, held_files, occupied_message, resolve_configs, summary_line,
                             write_config, write_text_atomic)
 from tmc.step import CudaGraphStep
@@ -136,7 +136,6 @@ class Run:
     total_steps: int = 0
     saved_epoch: int = 0  # the epoch last.pt holds
     saved_time: float = 0.0  # when last.pt was written
-    lock: Any = None  # RunLock on `out` (rank 0), released when the run ends
 
 
 def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
@@ -145,7 +144,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
     t_start = time.time()
     seed_everything(cfg.seed)
     out, lock = prepare_out(cfg, model_cfg, ckpt, dist, device)
-    r = Run(cfg, model_cfg, dist, device, out, t_start, lock=lock)
+    r = Run(cfg, model_cfg, dist, device, out, t_start)
     try:
         return train(r, ckpt)
     except BaseException:
@@ -157,10 +156,11 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dist: Dist,
 
 
 def forget_start(out: Path) -> None:
-    """A fresh run that stops before its first epoch leaves no config.json: a plain rerun then
-    starts in the same --out."""
-    if {p.name for p in out.iterdir()} <= {"config.json", LOCK_NAME}:
-        (out / "config.json").unlink(missing_ok=True)
+    """A fresh run that stops before its first checkpoint leaves no config.json or metrics.jsonl:
+    a plain rerun then starts in the same --out."""
+    if not any(out.glob("*.pt")):
+        for name in START_FILES:
+            (out / name).unlink(missing_ok=True)
 
 
 def train(r: Run, ckpt: dict | None) -> dict:
@@ -198,7 +198,8 @@ def prepare_out(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dis
             why = str(e)
         except OSError as e:
             why = f"--out {out}: cannot write there ({e.strerror or e}); fix: --out a folder you can write"
-    held = held_files(out) if dist.is_main and why is None else []  # also removes a killed save's temporaries
+    # held_files also removes a killed save's temporaries and a start's files that no checkpoint followed
+    held = held_files(out, fresh=ckpt is None) if dist.is_main and why is None else []
     held = broadcast_object(held if ckpt is None else [], dist)  # every rank stops together
     why = broadcast_object(why or (occupied_message(out, held) if held else None), dist)
     if why:
@@ -211,8 +212,8 @@ def prepare_out(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: dict | None, dis
             resolved = write_config(out, cfg, model_cfg, dist.world_size, device, torch.__version__)
         except OSError as e:
             lock.release()
-            raise RunError(f"--out {out}: cannot write config.json ({e.strerror or e}); fix: "
-                           f"{'free space there' if e.errno == errno.ENOSPC else '--out a folder you can write'}") from None
+            fix = "free space there" if e.errno == errno.ENOSPC else "--out a folder you can write"
+            raise RunError(f"--out {out}: cannot write config.json ({e.strerror or e}); fix: {fix}") from None
         print("resolved configuration:\n" + json.dumps(resolved, indent=2), flush=True)
     return out, lock
 
@@ -309,8 +310,8 @@ def train_epochs(r: Run) -> None:
         if r.dist.is_main:
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
             try:  # mid-epoch weights: resuming restarts epoch `completed + 1` from them (not bit-exact)
-                save_checkpoint(r.out / "last.pt", last_checkpoint(r, r.completed, [capture_rng(r.generators)],
-                                                                   interrupted=True))
+                save_checkpoint(r.out / "last.pt", last_checkpoint(
+                    r, r.completed, [capture_rng(r.generators)], interrupted=True))
                 print(f"\n{how}: saved {r.out / 'last.pt'}; continue with "
                       f"python train.py --out {r.out} --resume", file=sys.stderr, flush=True)
             except CheckpointWriteError as w:
@@ -319,8 +320,10 @@ def train_epochs(r: Run) -> None:
     except OSError as e:  # a full disk or a folder gone read-only: the files written so far stay whole
         what = str(e) if isinstance(e, CheckpointWriteError) else (
             f"{r.out}: cannot write ({e.strerror or e}); fix: free space there")
-        raise RunError(f"stopped: {what}; last.pt holds epoch {r.saved_epoch}: continue with "
-                       f"python train.py --out {r.out} --resume") from None
+        then = (f"last.pt holds epoch {r.saved_epoch}: continue with python train.py --out {r.out} "
+                f"--resume" if (r.out / "last.pt").exists() else
+                "no checkpoint was saved yet: run the same command again once there is room")
+        raise RunError(f"stopped: {what}; {then}") from None
     except NonFiniteLossError as e:
         raise RunError(f"stopped: {e}") from None
     except torch.OutOfMemoryError:

@@ -94,11 +94,15 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def held_files(out: Path) -> list[str]:
+# What a run writes before its first checkpoint: without a checkpoint beside them, they record a
+# start that failed or was killed, and a fresh run replaces them.
+START_FILES = ("config.json", "metrics.jsonl")
+
+
+def held_files(out: Path, fresh: bool = True) -> list[str]:
     """What a fresh run would overwrite in `out` (after removing the temporaries of a killed save).
 
-    A lone config.json is a start that failed before its first epoch: nothing of it is lost, so it
-    is not held."""
+    A start's files with no checkpoint (START_FILES) lose nothing: a fresh run removes them."""
     if not out.is_dir():
         return []
     removed = remove_orphan_temporaries(out)  # of a save killed mid-write (kill -9)
@@ -106,8 +110,10 @@ def held_files(out: Path) -> list[str]:
         print(f"removed {len(removed)} unfinished checkpoint file(s) left by a killed run: "
               f"{', '.join(p.name for p in removed)}", flush=True)
     held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
-    if held == ["config.json"]:
-        print(f"{out / 'config.json'}: left by a start that never finished an epoch; replaced", flush=True)
+    if fresh and held and set(held) <= set(START_FILES):
+        for name in held:
+            (out / name).unlink()
+        print(f"removed {', '.join(held)} of a start in {out} that saved no checkpoint", flush=True)
         return []
     return held
 

@@ -1,5 +1,6 @@
 """Bad input gives one clear message naming the file (and CSV line) or flag, and the fix."""
 import csv
+import errno
 
 import numpy as np
 import pytest
@@ -147,3 +148,30 @@ def test_unknown_words_in_a_caption_are_named(tiny_model):
 
     with pytest.warns(UserWarning, match=r"2 word\(s\) the English text model cannot read: \['肺', '😷'\]"):
         make_segmenter(tiny_model, "left lung 肺 😷", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------- writing the mask
+
+def test_a_full_disk_writing_a_mask_keeps_the_earlier_one(tmp_path, monkeypatch):
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x_mask.png").write_bytes(b"an earlier mask")
+
+    def full(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(SystemExit, match=r"--out .*x_mask\.png: the disk is full; nothing was written; "
+                                         r"fix: free space there"):
+        evaluate.predict_image(tmp_path / "x.png", lambda im: im > 0.5, 8, tmp_path / "out" / "x_mask.png")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_mask.png"]
+    assert (tmp_path / "out" / "x_mask.png").read_bytes() == b"an earlier mask"
+
+
+def test_a_read_only_mask_folder_is_named(tmp_path, read_only_dir):
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit, match=r"cannot write there \(Read-only file system\).*fix: --out in a "
+                                         r"folder you can write"):
+        evaluate.predict_image(tmp_path / "x.png", lambda im: im > 0.5, 8, read_only_dir / "m.png")

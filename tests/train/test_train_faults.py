@@ -79,16 +79,34 @@ def test_a_full_disk_during_training_stops_with_one_message(demo_dirs, tmp_path,
 
     monkeypatch.setattr(train, "save_checkpoint", full_on_best)
     with pytest.raises(SystemExit, match=r"stopped: .*best.pt: the disk is full; no best.pt was written; "
-                                         r"fix: free space; last.pt holds epoch 0: continue with .*--resume"):
+                                         r"fix: free space; no checkpoint was saved yet: run the same "
+                                         r"command again once there is room"):
         train.main(_argv(demo_dirs, tmp_path / "run", 2))
-    assert not (tmp_path / "run" / "best.pt").exists() and _hidden(tmp_path / "run") == []
+    assert list((tmp_path / "run").iterdir()) == []  # nothing half-written, nothing that blocks a rerun
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    calls = []
+
+    def full_in_epoch_2(path, ckpt):  # epoch 1 writes best.pt and last.pt; the third save fails
+        calls.append(path.name)
+        if len(calls) == 3:
+            err = CheckpointWriteError(f"{path}: the disk is full; the previous {path.name} is kept")
+            err.errno = errno.ENOSPC
+            raise err
+        return real(path, ckpt)
+
+    monkeypatch.setattr(train, "save_checkpoint", full_in_epoch_2)
+    with pytest.raises(SystemExit, match=r"stopped: .*the disk is full.*; last.pt holds epoch 1: continue "
+                                         r"with python train.py --out .*run2 --resume"):
+        train.main(_argv(demo_dirs, tmp_path / "run2", 3, "--checkpoint-minutes", "0"))
+    assert load_checkpoint(tmp_path / "run2" / "best.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "run2" / "last.pt")["epoch"] == 1 and _hidden(tmp_path / "run2") == []
 
 
 def test_a_real_full_disk_during_training(demo_dirs, small_disk):
-    with pytest.raises(SystemExit, match=r"stopped: .*the disk is full.*fix: free space"):
+    with pytest.raises(SystemExit, match=r"stopped: .*the disk is full.*fix: free space.*run the same "
+                                         r"command again"):
         train.main(_argv(demo_dirs, small_disk / "run", 1))
-    assert [p.name for p in (small_disk / "run").iterdir()] in (["config.json", "metrics.jsonl"],
-                                                                ["metrics.jsonl", "config.json"])
+    assert list((small_disk / "run").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- failed starts
@@ -108,10 +126,13 @@ def test_a_failed_start_leaves_a_folder_a_plain_rerun_accepts(demo_dirs, tmp_pat
         train.main(_argv(demo_dirs, out, 1) + ["--dataset", "csv", "--root", str(tmp_path / "no.csv"),
                                                "--reader-options", ""])
     assert list(out.iterdir()) == []  # no config.json: nothing says a run is here
-    (out / "config.json").write_text("{}")  # as a start killed before its first epoch leaves it
+    (out / "config.json").write_text("{}")  # as a start killed before its first checkpoint leaves them
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
     result = train.main(_argv(demo_dirs, out, 1))
     assert load_checkpoint(result["best"])["epoch"] == 1
     assert json.loads((out / "config.json").read_text())["train"]["dataset"] == "demo"
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert "val_dice" in json.loads((out / "metrics.jsonl").read_text())
 
 
 # ---------------------------------------------------------------------------- --resume without best.pt
