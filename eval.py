@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
 import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -34,13 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from datasets.predict_files import predict_image, predict_volume, volume_reading
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.distributed import pick_device
 from tmc.engine import default_workers, predict_records, summarize
 from tmc.metrics import THRESHOLD, combine_runs, paired_test
 from tmc.choices import AmpMode, SplitMode
 from tmc.precision import resolve_amp
-from tmc.predict import make_segmenter, segment_images
+from tmc.predict import make_segmenter
 from tmc.visualize import OverlayWriter
 from tmc.train_config import parse_reader_options
 
@@ -212,66 +211,6 @@ def evaluate_sets(args, device: torch.device) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------------------- prediction
-
-def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path:
-    """Segment one 2D image file; writes a 0/255 PNG at the input's own size."""
-    from PIL import Image
-
-    from datasets.images import high_bit_depth, read_image
-
-    mode = high_bit_depth(Path(path))
-    if mode:
-        print(f"note: {path} has {mode} pixels, scaled by their own min and max as the training cache "
-              f"does for such files; an 8-bit export of the same picture maps 0-255 and can segment "
-              f"differently; fix: give the image in the bit depth the model was trained on")
-    mask = segment_images(segment, [read_image(Path(path))], size)[0]  # (H, W)
-    return write_output(out, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp))
-
-
-def predict_volume(path: str | Path, segment, size: int, out: str | Path, intensity: str = "ct",
-                   batch_size: int = 8, series_uid: str | None = None,
-                   ct_window=None) -> Path:
-    """Segment every axial slice of a NIfTI file or DICOM series folder; write a NIfTI mask.
-
-    For NIfTI input the mask has the input's shape, voxel order and affine; for DICOM, the RAS+
-    grid of `read_dicom_series` (the same voxels as the series).
-    """
-    from datasets.volumes import (axial_slice_to_image, check_finite, image_to_axial_slice,
-                                  read_dicom_series, read_nifti, volume_intensity, write_nifti_like)
-
-    path = Path(path)
-    is_nifti = path.is_file()
-    volume, affine = read_nifti(path) if is_nifti else read_dicom_series(path, series_uid)  # (X, Y, Z)
-    check_finite(np.asarray(volume), path)
-    unit = volume_intensity(np.asarray(volume), intensity, ct_window)  # (X, Y, Z) in [0, 1]
-    views = [axial_slice_to_image(unit[:, :, z]) for z in range(unit.shape[2])]  # (H, W) each
-    masks = segment_images(segment, views, size, batch_size)
-    mask = np.stack([image_to_axial_slice(m) for m in masks], axis=2)  # (X, Y, Z)
-    return write_output(out, lambda tmp: write_nifti_like(mask, affine, tmp, like=path if is_nifti else None))
-
-
-def write_output(out: str | Path, write) -> Path:
-    """Call write(tmp) for a temporary beside `out` (same extension), then rename it to `out`: a full
-    disk or a kill never leaves half a mask, nor replaces an earlier one with it."""
-    out = Path(out)
-    tmp = out.with_name(f".{os.getpid()}.{out.name}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        why = "the disk is full" if full else f"cannot write there ({e.strerror or e})"
-        fail(f"--out {out}: {why}; nothing was written; fix: "
-             + ("free space there" if full else "--out in a folder you can write"))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
-
-
 # ---------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,11 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = predict_image(args.image, segment, cfg.image_size,
                                 args.out or Path(args.image).stem + "_mask.png")
         else:
-            tc = ckpt.get("train_config", {})
-            from datasets.volumes import default_intensity
-
-            mode = default_intensity(tc.get("dataset")) if args.intensity == "auto" else args.intensity
-            window = parse_reader_options(tc.get("reader_options", "")).get("window")  # None: lung
+            mode, window = volume_reading(ckpt.get("train_config", {}), args.intensity)
             name = Path(args.volume).name.split(".")[0]
             out = predict_volume(args.volume, segment, cfg.image_size, args.out or f"{name}_mask.nii.gz",
                                  intensity=mode, batch_size=args.batch_size, series_uid=args.series_uid,

@@ -40,7 +40,26 @@ def check_caption(text: str, ids: list[int], tokenizer) -> None:
                          f"caption, or leave --text out")
     if foreign:
         warnings.warn(f"--text: {len(foreign)} word(s) the English text model cannot read: {foreign}; "
-                      f"fix: English words for them", stacklevel=3)
+                      f"fix: English words for them", stacklevel=4)
+
+
+def _forward(model, images: torch.Tensor, tokens: dict, device: torch.device, amp: str,
+             attention: bool):
+    """(B, 1, S, S) bool masks, and with `attention` MCM's {stage: (B, N_i, L)} weights (else None)."""
+    batch = {k: v.expand(images.shape[0], *v.shape[1:]) for k, v in tokens.items()}  # (B, T[, d])
+    with autocast(device, amp):
+        out = model(images.to(device), **batch, return_attention=attention)
+    masks = (torch.sigmoid(out["logits"].float()) > THRESHOLD).cpu()  # (B, 1, S, S)
+    return masks, out.get("attention") if attention else None
+
+
+def _tokens(model, text: str | None, device: torch.device) -> dict:
+    """One caption's tokens, (1, T) each; a blank or missing caption is ""."""
+    text = (text or "").strip()
+    tokens = model.tokenize([text])  # (1, T) each
+    if text and model.text is not None:
+        check_caption(text, tokens["input_ids"][0].tolist(), model.text.tokenizer)
+    return {k: v.to(device) for k, v in tokens.items()}
 
 
 def make_segmenter(model, text: str | None, device: torch.device, amp: str = "off"):
@@ -48,20 +67,36 @@ def make_segmenter(model, text: str | None, device: torch.device, amp: str = "of
 
     A blank or missing caption is no caption: the text-guided model reads "" ([CLS] [SEP]), which
     it is trained on (train.py --caption-dropout), and segments from the image alone."""
-    text = (text or "").strip()
-    tokens = model.tokenize([text])  # (1, T) each
-    if text and model.text is not None:
-        check_caption(text, tokens["input_ids"][0].tolist(), model.text.tokenizer)
-    tokens = {k: v.to(device) for k, v in tokens.items()}
+    tokens = _tokens(model, text, device)
 
     @torch.no_grad()
     def segment(images: torch.Tensor) -> torch.Tensor:
-        batch = {k: v.expand(images.shape[0], *v.shape[1:]) for k, v in tokens.items()}  # (B, T[, d])
-        with autocast(device, amp):
-            logits = model(images.to(device), **batch)["logits"]  # (B, 1, S, S)
-        return (torch.sigmoid(logits.float()) > THRESHOLD).cpu()
+        return _forward(model, images, tokens, device, amp, attention=False)[0]
 
     return segment
+
+
+@torch.no_grad()
+def explain_image(model, text: str | None, image: np.ndarray, size: int, device: torch.device,
+                  amp: str = "off") -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """One image's mask and where each MCM stage's text looked, from one forward pass.
+
+    The mask is `segment_images`' for the same caption (MCM's output does not depend on whether its
+    weights are returned).
+
+    Returns:
+        mask (H, W) bool at the image's size; the model's input (S, S) float in [0, 1];
+        {stage: (S, S) float in [0, 1]} heatmaps (tmc.visualize.attention_heatmap of that stage
+        alone), empty for a model without MCM.
+    """
+    from tmc.visualize import attention_heatmap
+
+    tokens = _tokens(model, text, device)
+    x = model_input(image, size)  # (1, 1, S, S)
+    masks, attention = _forward(model, x, tokens, device, amp, attention=True)
+    heat = {stage: attention_heatmap({stage: a}, tokens.get("attention_mask"), (size, size))[0].numpy()
+            for stage, a in sorted((attention or {}).items())}
+    return resize_mask(masks[0, 0].numpy(), image.shape), x[0, 0].numpy(), heat
 
 
 def segment_images(segment, images: list[np.ndarray], size: int, batch_size: int = 8) -> list[np.ndarray]:

@@ -163,7 +163,7 @@ def test_a_full_disk_writing_a_mask_keeps_the_earlier_one(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full)
-    with pytest.raises(SystemExit, match=r"--out .*x_mask\.png: the disk is full; nothing was written; "
+    with pytest.raises(DatasetError, match=r"--out .*x_mask\.png: the disk is full; nothing was written; "
                                          r"fix: free space there"):
         evaluate.predict_image(tmp_path / "x.png", lambda im: im > 0.5, 8, tmp_path / "out" / "x_mask.png")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_mask.png"]
@@ -172,6 +172,6 @@ def test_a_full_disk_writing_a_mask_keeps_the_earlier_one(tmp_path, monkeypatch)
 
 def test_a_read_only_mask_folder_is_named(tmp_path, read_only_dir):
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "x.png")
-    with pytest.raises(SystemExit, match=r"cannot write there \(Read-only file system\).*fix: --out in a "
+    with pytest.raises(DatasetError, match=r"cannot write there \(Read-only file system\).*fix: --out in a "
                                          r"folder you can write"):
         evaluate.predict_image(tmp_path / "x.png", lambda im: im > 0.5, 8, read_only_dir / "m.png")
