@@ -138,6 +138,8 @@ def segment_image(model: Model, image_path, caption: str, gt_path=None, out_dir:
 
     The mask PNG is what `eval.py --image IMAGE --text CAPTION --out m.png` writes."""
     net = model.require()
+    if not image_path:
+        raise Problem("no image yet; fix: drop an image file above, or pick one of the demo examples")
     image = read_upload(image_path, max_pixels)  # (H, W)
     gt = read_upload(gt_path, max_pixels, mask=True) if gt_path else None
     if gt is not None and gt.shape != image.shape:
@@ -165,6 +167,8 @@ def segment_volume_file(model: Model, path, caption: str, intensity: str = "auto
     """A NIfTI file or a zip of a DICOM series → {"unit" (X, Y, Z), "mask" (X, Y, Z), "nifti", "info"};
     the .nii.gz is what `eval.py --volume` writes (the input's grid)."""
     net = model.require()
+    if not path:
+        raise Problem("no volume yet; fix: drop a .nii/.nii.gz file or a .zip of one DICOM series")
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="tmc-app-"))
     source = volume_folder(path, out_dir)
     mode, window = volume_reading(model.train_config, intensity)

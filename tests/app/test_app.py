@@ -115,6 +115,8 @@ def test_bad_files_get_a_message_and_the_server_goes_on(server, tmp_path):
     _, _, info, nifti = server.predict(gradio_client.handle_file(str(tmp_path / "ct.mha")), "",
                                     "auto", api_name="/segment_volume")  # state stays on the server
     assert "ct.mha: a volume of another kind" in info and "fix:" in info and nifti is None
+    _, _, info, _ = server.predict(None, CAPTION, None, api_name="/segment_image")
+    assert "no image yet; fix:" in info
     _, _, _, mask_png = _call(server, _image(tmp_path), "")  # still serving
     assert Path(mask_png).is_file()
 
