@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.predict_files import predict_image, predict_volume, volume_reading
+from datasets.registry import parse_reader_options
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.distributed import pick_device
 from tmc.engine import default_workers, predict_records, summarize
@@ -41,7 +42,6 @@ from tmc.choices import AmpMode, SplitMode
 from tmc.precision import resolve_amp
 from tmc.predict import make_segmenter
 from tmc.visualize import OverlayWriter
-from tmc.train_config import parse_reader_options
 
 def fail(message: str):
     raise SystemExit(f"eval.py: {message}")

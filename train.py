@@ -31,7 +31,7 @@ from datasets.cached import SegmentationSet
 from datasets.captions import CaptionVariation
 from datasets.loaders import eval_loader, make_generator, train_loader
 from datasets.records import DatasetError
-from datasets.registry import check_reader_options, check_root, prepare
+from datasets.registry import check_reader_options, check_root, parse_reader_options, prepare
 from tmc.augment import augment_training_batch
 from tmc.checkpoint import (CheckpointWriteError, load_checkpoint, save_checkpoint, training_checkpoint,
                             upgrade_optimizer_state, weights_checkpoint)
@@ -47,8 +47,7 @@ from tmc.run_folder import (START_FILES, EarlyStop, RunFolderBusy, RunLock, defa
                             epoch_record, held_files, occupied_message, resolve_configs, summary_line,
                             write_config, write_text_atomic)
 from tmc.step import CudaGraphStep
-from tmc.train_config import (TrainConfig, build_parser, check_train_config, explicit_overrides,
-                              parse_reader_options)
+from tmc.train_config import TrainConfig, build_parser, check_train_config, explicit_overrides
 
 
 class RunError(SystemExit):
@@ -250,7 +249,7 @@ def build(r: Run, ckpt: dict | None) -> None:
     if cfg.augment != "none":
         r.augment_fn = functools.partial(augment_training_batch, mode=cfg.augment)
     if r.model_cfg.use_text and cfg.captions == "varied":
-        r.caption_fn = CaptionVariation(dropout=cfg.caption_dropout)
+        r.caption_fn = CaptionVariation(pool=cfg.caption_pool, dropout=cfg.caption_dropout)
 
 
 def resume(r: Run, ckpt: dict) -> None:

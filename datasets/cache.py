@@ -220,8 +220,6 @@ def validate_sample(s: Sample) -> None:
         raise DatasetError(f"{where}: mask dtype {mask.dtype}; expected bool from the reader")
     if not np.isfinite(img).all() or img.min() < -1e-4 or img.max() > 1 + 1e-4:
         raise DatasetError(f"{where}: image values outside [0, 1]; expected a normalised image")
-    if s.text is not None and not str(s.text).strip():
-        raise DatasetError(f"{where}: empty text; expected a caption, or None to generate one")
 
 
 def _carve_validation(rows: list[dict], ratios, seed: int) -> None:
@@ -401,7 +399,8 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     meta = {"fingerprint": fp, "dataset": reader.name, **parts, "n": len(rows), "counts": counts,
             "unsplit": sum(r["split"] is None for r in rows),
             "cases": cases,
-            "text_from_mask": sum(r["text_from_mask"] for r in rows), "skipped": skipped,
+            "text_from_mask": sum(r["text_from_mask"] for r in rows),
+            "no_caption": sum(not r["text"] for r in rows), "skipped": skipped,
             "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "build_seconds": round(time.time() - t0, 2)}
     try:
@@ -416,6 +415,10 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
         print(f"skipped {len(skipped)} bad file(s):")
         for msg in skipped:
             print(f"  {msg}")
+    if meta["no_caption"]:
+        print(f"{meta['no_caption']} of {len(rows)} samples have no caption (an empty text cell) and "
+              f"are read as no caption: the model segments them from the image alone; fix, if they "
+              f"should have one: fill the text cells, or derive captions with text_from_mask=True")
     print(f"cached {len(rows)} samples ({counts}, cases {cases}) in {meta['build_seconds']} s "
           f"→ {cache_dir}")
     return cache_dir

@@ -13,12 +13,12 @@ BMP or DICOM (datasets/images.py says how each is converted). Masks: binary 0/1 
 * split: train / val (valid) / test. A CSV whose split column holds any value is split by it
   (split_mode "auto", the default, resolves to "layout"; every row then needs one); "paper" ignores
   the column, with a warning.
-* text: an empty cell is an error for that row, unless text_from_mask=True, in which case the cache
-  writes a QaTa-style caption from the mask (datasets/text_from_mask.py). Such a caption is derived
-  from the label, so say so when you report results on it.
+* text: an empty cell is no caption (the model segments that image from the image alone; the cache
+  build counts such rows and says so), unless text_from_mask=True, in which case the cache writes a
+  QaTa-style caption from the mask (datasets/text_from_mask.py). Such a caption is derived from the
+  label, so say so when you report results on it.
 
-Bad rows (missing or unreadable files, size mismatch, non-binary mask, missing text, duplicate
-image) are yielded as DatasetErrors (see datasets/cache.py), so skip_bad can pass over them.
+Bad rows (missing or unreadable files, size mismatch, non-binary mask, duplicate image) are yielded as DatasetErrors (see datasets/cache.py), so skip_bad can pass over them.
 """
 from __future__ import annotations
 
@@ -142,11 +142,8 @@ class CsvReader:
         if r.line in self._problems:
             raise DatasetError(self._problems[r.line])
         image, mask = read_image_and_mask(r.image, r.mask, f" ({self.csv_path.name} line {r.line})")
-        if not r.text and not self.text_from_mask:
-            raise DatasetError(f"{self.csv_path}:{r.line}: empty text for {r.image.name}; expected "
-                               f"a caption; fix: fill the text cell, or pass text_from_mask=True to "
-                               f"derive one from the mask")
-        return Sample(key=r.key, image=image, mask=mask, text=r.text or None, case=r.case,
+        text = r.text.strip() or (None if self.text_from_mask else "")  # None: caption from the mask
+        return Sample(key=r.key, image=image, mask=mask, text=text, case=r.case,
                       split=r.split or None, stratum=r.stratum, source=str(r.image))
 
     def __iter__(self):

@@ -5,6 +5,7 @@ Shape key: H, W image rows and columns; X, Y, Z volume axes in RAS+ voxel order;
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -25,7 +26,8 @@ def write_output(out: str | Path, write) -> Path:
         write(tmp)
         os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only folder the temporary never existed
+            tmp.unlink()
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         why = "the disk is full" if full else f"cannot write there ({e.strerror or e})"
         raise DatasetError(f"--out {out}: {why}; nothing was written; fix: "
@@ -73,7 +75,7 @@ def volume_reading(train_config: dict, intensity: str = "auto") -> tuple[str, tu
     """How a run scales volumes: (intensity mode, CT window or None = the lung window); `intensity`
     other than "auto" overrides the run's dataset (MosMed ct, Duke mr)."""
     from datasets.volumes import default_intensity
-    from tmc.train_config import parse_reader_options
+    from datasets.registry import parse_reader_options
 
     mode = default_intensity(train_config.get("dataset")) if intensity == "auto" else intensity
     return mode, parse_reader_options(train_config.get("reader_options", "")).get("window")

@@ -6,7 +6,7 @@ evaluation read only the cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 

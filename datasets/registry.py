@@ -54,6 +54,32 @@ def reader_option_names(name: str) -> list[str]:
     return [p for p in params if p not in ("self", root_arg)]
 
 
+def parse_reader_options(text: str) -> dict:
+    """"phase=post_1,window=-1000:200" → {"phase": "post_1", "window": (-1000, 200)}: numbers and
+    true/false are converted, a:b becomes a tuple."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--reader-options item {item!r} is not key=value; "
+                             f"fix: e.g. --reader-options phase=post_1")
+        key, value = (s.strip() for s in item.split("=", 1))
+        parts = [_scalar(v) for v in value.split(":")]
+        out[key] = tuple(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def _scalar(text: str):
+    """"3" → 3, "0.5" → 0.5, "true"/"false" → bool, anything else stays a string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
 def check_reader_options(name: str, options: dict) -> None:
     """ValueError naming the unknown --reader-options keys and the valid ones."""
     if name not in DATASETS:

@@ -112,7 +112,7 @@ def caption_permutation(n: int, seed: int) -> np.ndarray:
 def run_cache(run: Path) -> Path:
     """The cache a run trained on, rebuilt from its config.json (reused when up to date)."""
     from datasets.registry import prepare
-    from tmc.train_config import parse_reader_options
+    from datasets.registry import parse_reader_options
 
     config = json.loads((run / "config.json").read_text())
     tc, image_size = config["train"], config["model"]["image_size"]
@@ -296,9 +296,8 @@ def run_flags(args, variant: str, seed: int) -> list[str]:
 
 def prepare_cache(flags: list[str]) -> None:
     """Build the cache a run with these flags trains on, once, before runs share it."""
-    from datasets.registry import prepare
-    from tmc.train_config import (build_parser, explicit_overrides, parse_reader_options,
-                                  resolve_model_config, resolve_train_config)
+    from datasets.registry import parse_reader_options, prepare
+    from tmc.train_config import build_parser, explicit_overrides, resolve_model_config, resolve_train_config
 
     train_over, model_over = explicit_overrides(build_parser().parse_args(flags))
     cfg = resolve_train_config(train_over)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "results/README.md")
-# The README's own tables, in order (its speed section and its results summary); every other table
+# The README's own tables, in order (caption robustness and the results summary); every other table
 # sits in results/README.md, once.
-README_TABLES = ("op-count", "bench-cpu-ops", "bench-cpu-ops-prev", "bench-cpu-windows", "summary")
+README_TABLES = ("qata-captions", "summary")
 BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- end table -->)", re.S)
 BINDS = 0.95
 # train.py flags that set the data and the budget, the same for every row of a grid.
@@ -250,11 +250,14 @@ def summary(results: Path) -> str:
                             "minilm-sigmoid")):
         d = variant(name, v)
         rows.append([label, _ms(d["dice"]["values"]), str(d["dice"]["n"]), f"`results/{name}`"])
-    for name, v, label in (
-            ("qata_cpu/protocol_variants", "softmax", "`--preset small` (frozen MiniLM, softmax: the default)"),
-            ("qata_cpu/protocol", "best", "the same with sigmoid word weights"),
-            ("qata_cpu/protocol", "no-text", "`--preset small --no-text`")):
-        d = variant(name, v)["dice"]
+    caps = _load(results, "qata_captions/captions_summary.json")["variants"]
+    for d, label, name in (
+            (caps["sentence"]["template"]["dice"], "`--preset small` (the default: varied training captions)",
+             "qata_captions"),
+            (variant("qata_cpu/protocol_variants", "softmax")["dice"],
+             "`--preset small --captions literal --no-text-sentence` (the paper's captions)",
+             "qata_cpu/protocol_variants"),
+            (caps["no-text"]["template"]["dice"], "`--preset small --no-text`", "qata_captions")):
         rows.append([f"QaTa-COV19, held-out test patients, {label}, 20 min on one CPU thread",
                      f"{d['mean']:.3f} ± {d['std']:.3f}", str(len(d["values"])), f"`results/{name}`"])
     for v in ("full", "no-text"):
@@ -282,8 +285,30 @@ def qata_ablations(results: Path) -> str:
             f"`{command_of(base)}` and `{command_of(variants)}`.\n")
 
 
+CAPTION_LABELS = {"sentence": "varied (the default), `--text-sentence`", "tokens": "varied, [CLS] at token 0",
+                  "literal": "`--captions literal` (the paper)", "no-text": "image-only (`--no-text`)"}
+
+
+def captions(results: Path, name: str) -> str:
+    """Dice with the template, held-out reworded, no and another image's caption, per training
+    variant (`python -m lab.caption_robustness`)."""
+    from lab.caption_robustness import CONDITIONS
+
+    summary = _load(results, name)
+    rows = []
+    for variant, s in summary["variants"].items():
+        cells = [f"{s[c]['dice']['mean']:.3f} ± {s[c]['dice']['std']:.3f} / "
+                 f"{s[c]['dice_global']['mean']:.3f} ± {s[c]['dice_global']['std']:.3f}" for c in CONDITIONS]
+        rows.append([CAPTION_LABELS.get(variant, variant), str(s["seeds"])] + cells)
+    return (_table(["training captions", "seeds"] + [f"{c} caption" for c in CONDITIONS], rows)
+            + f"\nDice per image / global, mean ± std over seeds. Machine: {summary['machine']}. "
+              f"Command: `{command_of(summary)}`.\n")
+
+
 TABLES = {
     "summary": summary,
+    "qata-captions": lambda r: captions(r, "qata_captions/captions_summary.json"),
+    "qata-captions-val": lambda r: captions(r, "qata_captions/captions_val_summary.json"),
     "model-size": model_size,
     "demo-default": lambda r: grid(r, "demo_default", shuffled=True, wall=True),
     "demo-recipe": lambda r: grid(r, "demo_recipe", wall=True),

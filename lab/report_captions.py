@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 from datasets.captions import ChestFacts, breast_facts, chest_facts
-from datasets.text_from_mask import LEVELS, number_word
+from datasets.text_from_mask import number_word
 
 __all__ = ["FINDINGS", "LEVEL_ADJECTIVES", "LEVEL_NOUNS", "report_caption", "report_chest", "report_breast"]
 

@@ -50,6 +50,8 @@ class TrainConfig:
         "dataset's own captions (the paper)"))
     caption_dropout: float = option(0.2, "share of training captions replaced by no caption "
                                          "(--captions varied)")
+    caption_pool: int = option(24, "fixed rewordings drawn from per training caption "
+                                   "(--captions varied)")
     workers: int = option(-1, "DataLoader worker processes (-1 = the CPU cores available, at most 4)")
     # --- optimisation (paper §4.2) ---
     lr: float = option(3e-4, "Adam learning rate (paper: 3e-4 QaTa/Duke, 1e-3 MosMed)")
@@ -107,8 +109,9 @@ class TrainConfig:
 # The paper's settings per dataset (§4.2); anything not listed keeps the dataclass default. Departures
 # from the paper are listed, with their evidence, in README.md and results/README.md.
 DATASET_DEFAULTS: dict[str, dict] = {
-    # demo: a few CPU minutes, the same result on any machine (no time limit)
-    "demo": dict(preset="demo", augment="text-consistent", lr=1e-3, batch_size=16, epochs=40,
+    # demo: a few CPU minutes, the same result on any machine (no time limit); its synthetic
+    # captions are the only words it is asked, so it keeps them literal
+    "demo": dict(preset="demo", captions="literal", augment="text-consistent", lr=1e-3, batch_size=16, epochs=40,
                  lr_schedule="cosine", patience=40, workers=0, max_steps_per_epoch=0, time_limit=0.0,
                  seg_loss="bce+dice"),
     # qata: augmentation that keeps the captions true (tmc/augment.py)
@@ -242,7 +245,7 @@ def resolve_model_config(preset: str, overrides: dict) -> ModelConfig:
 def check_train_config(cfg: TrainConfig) -> None:
     """ValueError naming the flag and the fix, before any work (the cache build takes minutes).
     The reader options are the dataset reader's to check (datasets.registry.check_reader_options)."""
-    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs}
+    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "caption_pool": cfg.caption_pool}
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected at least 1")
@@ -251,31 +254,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:  # nan < 0 is False
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite value >= 0")
+    if not 0.0 <= cfg.caption_dropout <= 1.0:  # also refuses nan
+        raise ValueError(f"--caption-dropout {cfg.caption_dropout}: expected a share in [0, 1]")
     if cfg.workers < -1:
         raise ValueError(f"--workers {cfg.workers}: expected a count, or -1 for the default")
-
-
-def parse_reader_options(text: str) -> dict:
-    """"phase=post_1,window=-1000:200" → {"phase": "post_1", "window": (-1000, 200)}: numbers and
-    true/false are converted, a:b becomes a tuple."""
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        if "=" not in item:
-            raise ValueError(f"--reader-options item {item!r} is not key=value; "
-                             f"fix: e.g. --reader-options phase=post_1")
-        key, value = (s.strip() for s in item.split("=", 1))
-        parts = [_scalar(v) for v in value.split(":")]
-        out[key] = tuple(parts) if len(parts) > 1 else parts[0]
-    return out
-
-
-def _scalar(text: str):
-    """"3" → 3, "0.5" → 0.5, "true"/"false" → bool, anything else stays a string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text

@@ -115,21 +115,21 @@ def test_resize_settings_and_stale_cache_rebuilt(tmp_path, capsys):
 
 
 def _break_some(folder, csv_path):
-    """Four bad rows: corrupt image, size mismatch, non-binary mask, missing text."""
+    """Three bad rows (corrupt image, size mismatch, non-binary mask) and one without a caption."""
     rows = _read_csv(csv_path)
     (folder / "img" / "p00_0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     Image.fromarray(np.zeros((SIZE + 2, SIZE), np.uint8)).save(folder / "lab" / "p01_0.png")
     grey = np.arange(SIZE * SIZE, dtype=np.uint8).reshape(SIZE, SIZE)
     Image.fromarray(grey).save(folder / "lab" / "p02_0.png")
-    rows[6]["text"] = ""  # p03_0
+    rows[6]["text"] = ""  # p03_0: no caption, a valid input
     _write_csv(csv_path, rows)
-    return ["p00_0.png", "p01_0.png", "p02_0.png", "p03_0.png"]
+    return ["p00_0.png", "p01_0.png", "p02_0.png"]
 
 
 def test_bad_inputs_raise_naming_the_file_and_skip_bad_lists_them(tmp_path, capsys):
     csv_path, _ = _make_set(tmp_path / "d", n_cases=10)
     bad = _break_some(tmp_path / "d", csv_path)
-    for name, expect in zip(bad, ("cannot read", "differs", "distinct values", "empty text")):
+    for name, expect in zip(bad, ("cannot read", "differs", "distinct values")):
         rows = [r for r in _read_csv(csv_path) if name in r["image"]]
         _write_csv(tmp_path / "one.csv", [{**r, "image": "d/" + r["image"], "mask": "d/" + r["mask"]}
                                           for r in rows])
@@ -140,8 +140,10 @@ def test_bad_inputs_raise_naming_the_file_and_skip_bad_lists_them(tmp_path, caps
     cache = build_cache(CsvReader(csv_path), tmp_path / "c", SIZE, skip_bad=True, progress=False)
     out = capsys.readouterr().out
     meta = load_meta(cache)
-    assert meta["n"] == 16 and len(meta["skipped"]) == 4
-    assert "skipped 4 bad file(s)" in out and all(name in out for name in bad)
+    assert meta["n"] == 17 and len(meta["skipped"]) == 3 and meta["no_caption"] == 1
+    assert "skipped 3 bad file(s)" in out and all(name in out for name in bad)
+    assert "1 of 17 samples have no caption" in out and "fix, if they should have one" in out
+    assert next(r for r in load_index(cache) if r["key"] == "img/p03_0")["text"] == ""
 
     cache = build_cache(CsvReader(csv_path, text_from_mask=True), tmp_path / "c2", SIZE,
                         skip_bad=True, progress=False)
