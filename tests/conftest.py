@@ -39,23 +39,22 @@ def _unmount(folder: Path) -> None:
     subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=20)
 
 
+def _tmpfs(folder: Path, options: str, what: str, covered_by: str):
+    """Yield `folder` as a mounted tmpfs, unmounted afterwards; skip where mounting is not allowed."""
+    if not _mount_tmpfs(folder, options):
+        pytest.skip(f"cannot mount {what} here (needs root and mount rights); the injected "
+                    f"{covered_by} tests cover the same code")
+    yield folder
+    _unmount(folder)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 1 MiB file system (tmpfs) to fill up; skipped where mounting is not allowed."""
-    folder = tmp_path / "small_disk"
-    if not _mount_tmpfs(folder, "size=1m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount rights); the injected "
-                    "ENOSPC tests cover the same code")
-    yield folder
-    _unmount(folder)
+    yield from _tmpfs(tmp_path / "small_disk", "size=1m", "a tmpfs", "ENOSPC")
 
 
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A real read-only file system (a tmpfs mounted ro; chmod does not stop root)."""
-    folder = tmp_path / "read_only"
-    if not _mount_tmpfs(folder, "ro,size=1m"):
-        pytest.skip("cannot mount a read-only tmpfs here (needs root and mount rights); the "
-                    "injected EROFS tests cover the same code")
-    yield folder
-    _unmount(folder)
+    yield from _tmpfs(tmp_path / "read_only", "ro,size=1m", "a read-only tmpfs", "EROFS")

@@ -67,14 +67,19 @@ def test_a_real_full_disk_saving_a_checkpoint(small_disk):
     assert torch.load(small_disk / "best.pt")["epoch"] == 1 and _hidden(small_disk) == []
 
 
+def _disk_full(message: str) -> CheckpointWriteError:
+    """The error save_checkpoint raises when the disk fills (torch's chained ENOSPC read back)."""
+    err = CheckpointWriteError(message)
+    err.errno = errno.ENOSPC
+    return err
+
+
 def test_a_full_disk_during_training_stops_with_one_message(demo_dirs, tmp_path, monkeypatch):
     real = train.save_checkpoint
 
     def full_on_best(path, ckpt):
         if path.name == "best.pt":
-            err = CheckpointWriteError(f"{path}: the disk is full; no best.pt was written; fix: free space")
-            err.errno = errno.ENOSPC
-            raise err
+            raise _disk_full(f"{path}: the disk is full; no best.pt was written; fix: free space")
         return real(path, ckpt)
 
     monkeypatch.setattr(train, "save_checkpoint", full_on_best)
@@ -89,9 +94,7 @@ def test_a_full_disk_during_training_stops_with_one_message(demo_dirs, tmp_path,
     def full_in_epoch_2(path, ckpt):  # epoch 1 writes best.pt and last.pt; the third save fails
         calls.append(path.name)
         if len(calls) == 3:
-            err = CheckpointWriteError(f"{path}: the disk is full; the previous {path.name} is kept")
-            err.errno = errno.ENOSPC
-            raise err
+            raise _disk_full(f"{path}: the disk is full; the previous {path.name} is kept")
         return real(path, ckpt)
 
     monkeypatch.setattr(train, "save_checkpoint", full_in_epoch_2)
