@@ -249,7 +249,8 @@ def build(r: Run, ckpt: dict | None) -> None:
     if cfg.augment != "none":
         r.augment_fn = functools.partial(augment_training_batch, mode=cfg.augment)
     if r.model_cfg.use_text and cfg.captions == "varied":
-        r.caption_fn = CaptionVariation(pool=cfg.caption_pool, dropout=cfg.caption_dropout)
+        r.caption_fn = CaptionVariation(pool=cfg.caption_pool, dropout=cfg.caption_dropout,
+                                        keep=cfg.caption_keep)
 
 
 def resume(r: Run, ckpt: dict) -> None:

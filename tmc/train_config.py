@@ -50,6 +50,8 @@ class TrainConfig:
         "dataset's own captions (the paper)"))
     caption_dropout: float = option(0.2, "share of training captions replaced by no caption "
                                          "(--captions varied)")
+    caption_keep: float = option(0.25, "share of the captioned training captions kept word for "
+                                       "word (--captions varied)")
     caption_pool: int = option(24, "fixed rewordings drawn from per training caption "
                                    "(--captions varied)")
     workers: int = option(-1, "DataLoader worker processes (-1 = the CPU cores available, at most 4)")
@@ -254,7 +256,9 @@ def check_train_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:  # nan < 0 is False
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected a finite value >= 0")
-    if not 0.0 <= cfg.caption_dropout <= 1.0:  # also refuses nan
-        raise ValueError(f"--caption-dropout {cfg.caption_dropout}: expected a share in [0, 1]")
+    for name in ("caption_dropout", "caption_keep"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:  # also refuses nan
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a share in [0, 1]")
     if cfg.workers < -1:
         raise ValueError(f"--workers {cfg.workers}: expected a count, or -1 for the default")
