@@ -479,6 +479,9 @@ def test_one_checkpoint_message_for_files_that_are_not_checkpoints(tmp_path, con
     (["--lr", "nan"], r"--lr nan: expected a finite value >= 0"),
     (["--dataset", "qata", "--root", "", "--reader-options", ""], r"--dataset qata needs its data: --root PATH"),
     (["--epochs", "0"], r"--epochs 0: expected at least 1"),
+    (["--caption-pool", "0"], r"--caption-pool 0: expected at least 1"),
+    (["--caption-dropout", "1.5"], r"--caption-dropout 1.5: expected a share in \[0, 1\]"),
+    (["--caption-keep", "nan"], r"--caption-keep nan: expected a share in \[0, 1\]"),
     (["--reader-options", "n=24,sise=64"], r"demo has no setting sise; valid: n, size, seed"),
 ])
 def test_bad_flags_stop_before_any_work(tmp_path, flags, message):
