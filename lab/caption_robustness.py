@@ -69,10 +69,9 @@ def score_run(run: Path, reword_seed: int = 0, shuffle_seed: int = 0, split: str
     from tmc.checkpoint import model_from_checkpoint
 
     written = run / ("captions.json" if split == "test" else f"captions_{split}.json")
-    if written.is_file():  # scored before with the same seeds: read, not repeated
-        old = json.loads(written.read_text())
-        if (old.get("split"), old.get("reword_seed"), old.get("shuffle_seed")) == (split, reword_seed, shuffle_seed):
-            return old
+    old = _scored(written, split, reword_seed, shuffle_seed)
+    if old:  # scored before with the same seeds: read, not repeated
+        return old
     test = SegmentationSet(run_cache(run), split)
     model, cfg = model_from_checkpoint(run / "best.pt")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -94,6 +93,15 @@ def score_run(run: Path, reword_seed: int = 0, shuffle_seed: int = 0, split: str
             out[c] = _scores(predict(model, Captioned(test, texts)))
     written.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _scored(written: Path, split: str, reword_seed: int, shuffle_seed: int) -> dict | None:
+    """The scores in `written` when they were made on `split` with these seeds, else None."""
+    if not written.is_file():
+        return None
+    old = json.loads(written.read_text())
+    same = (old.get("split"), old.get("reword_seed"), old.get("shuffle_seed")) == (split, reword_seed, shuffle_seed)
+    return old if same else None
 
 
 def variant_of(run: Path) -> str:
@@ -119,15 +127,17 @@ def summarize_runs(results: dict[str, list[dict]], command: str, split: str = "t
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path, help="run folders holding best.pt and config.json")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders holding best.pt and config.json (or, once scored, their captions*.json)")
     p.add_argument("--out", type=Path, required=True, help="folder for the summary and the table")
     p.add_argument("--reword-seed", type=int, default=0)
     p.add_argument("--shuffle-seed", type=int, default=0)
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="val: the runs' validation split, for choosing between variants")
     args = p.parse_args(argv)
-    for run in args.runs:
-        if not (run / "best.pt").is_file():
+    stem = "captions" if args.split == "test" else f"captions_{args.split}"
+    for run in args.runs:  # a run scored before with these seeds needs only its captions*.json
+        if not (run / "best.pt").is_file() and not _scored(run / f"{stem}.json", args.split, args.reword_seed,
+                                                             args.shuffle_seed):
             sys.exit(f"{run}: no best.pt; fix: pass the folder of a finished run")
     results: dict[str, list[dict]] = {}
     for run in args.runs:
@@ -138,7 +148,6 @@ def main(argv=None) -> None:
     command = "python -m lab.caption_robustness " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     summary, table = summarize_runs(results, command, args.split)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "captions" if args.split == "test" else f"captions_{args.split}"
     (args.out / f"{stem}_summary.json").write_text(json.dumps({"command": command, "machine": machine(),
                                                                 "variants": summary}, indent=2) + "\n")
     (args.out / f"{stem}_table.md").write_text(table)

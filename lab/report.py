@@ -286,7 +286,9 @@ def qata_ablations(results: Path) -> str:
 
 
 CAPTION_LABELS = {"sentence": "varied (the default), `--text-sentence`", "tokens": "varied, [CLS] at token 0",
-                  "literal": "`--captions literal` (the paper)", "no-text": "image-only (`--no-text`)"}
+                  "literal": "`--captions literal` (the paper)", "no-text": "image-only (`--no-text`)",
+                  "finetune": "varied, encoder fine-tuned (`--no-freeze-text --text-lr 3e-5 --lr-schedule cosine-time`)",
+                  "keep50-drop30": "varied, `--caption-keep 0.5 --caption-dropout 0.3`"}
 
 
 def captions(results: Path, name: str) -> str:
@@ -305,8 +307,18 @@ def captions(results: Path, name: str) -> str:
               f"Command: `{command_of(summary)}`.\n")
 
 
+def caption_probe(results: Path) -> str:
+    """Zone read-out of the text encoder's feature, template against report words (`python -m
+    lab.caption_probe`)."""
+    from lab.caption_probe import table
+
+    probe = _load(results, "caption_probe/probe.json")
+    return table(probe, command_of(probe))
+
+
 TABLES = {
     "summary": summary,
+    "caption-probe": caption_probe,
     "qata-captions": lambda r: captions(r, "qata_captions/captions_summary.json"),
     "qata-captions-val": lambda r: captions(r, "qata_captions/captions_val_summary.json"),
     "model-size": model_size,
