@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 TMC = sorted((REPO / "tmc").glob("*.py"))
 DATASETS = sorted((REPO / "datasets").glob("*.py"))
 # The training loop, its CLI config and what only they use: train.py / eval.py import these.
-TRAINING = ("tmc.engine", "tmc.step", "tmc.train_config", "tmc.optim", "tmc.run_folder")
+TRAINING = ("tmc.engine", "tmc.step", "tmc.train_config", "tmc.optim", "tmc.run_folder",
+            "tmc.epoch_loop")
 CORE = [p for p in TMC if f"tmc.{p.stem}" not in TRAINING]
 RULES = {  # who: what it must not import
     "tmc": ("datasets", "lab"),

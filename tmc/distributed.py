@@ -26,6 +26,11 @@ class Dist:
         return self.rank == 0
 
 
+def log(dist: Dist, *args) -> None:
+    if dist.is_main:
+        print(*args, flush=True)
+
+
 def pick_device(name: str = "", dist: Dist | None = None) -> torch.device:
     """`name` ("cpu", "cuda", "cuda:1", "mps") or the best available; one GPU per rank under torchrun."""
     dist = dist or Dist()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from tmc import epoch_loop
 from tmc.checkpoint import load_checkpoint, save_checkpoint
 from tmc.config import ModelConfig, get_config
 from tmc.engine import (NonFiniteGuard, NonFiniteLossError, capture_rng, make_train_step, restore_rng,
@@ -185,13 +186,13 @@ def test_resume_continues_exactly(demo_dirs, tmp_path):
 def test_last_pt_every_checkpoint_minutes_and_at_the_end_best_pt_weights_only(demo_dirs, tmp_path,
                                                                              monkeypatch):
     written = []
-    real_save = train.save_checkpoint
+    real_save = epoch_loop.save_checkpoint
 
     def recording_save(path, ck):
         written.append((path.name, ck["epoch"]))
         return real_save(path, ck)
 
-    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    monkeypatch.setattr(epoch_loop, "save_checkpoint", recording_save)
     train.main(_argv(demo_dirs, tmp_path / "rare", 3))  # default: every 5 minutes, and when it stops
     assert [e for name, e in written if name == "last.pt"] == [3]
     best_epochs = [e for name, e in written if name == "best.pt"]
@@ -250,7 +251,7 @@ def test_ctrl_c_saves_last_and_out_of_memory_explains(demo_dirs, tmp_path, monke
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupt)
+    monkeypatch.setattr(epoch_loop, "train_one_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train.main(_argv(demo_dirs, tmp_path / "int", 3))
     ck = load_checkpoint(tmp_path / "int" / "last.pt")
@@ -259,7 +260,7 @@ def test_ctrl_c_saves_last_and_out_of_memory_explains(demo_dirs, tmp_path, monke
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(train, "train_one_epoch", oom)
+    monkeypatch.setattr(epoch_loop, "train_one_epoch", oom)
     with pytest.raises(SystemExit, match="--batch-size.*--amp bf16"):
         train.main(_argv(demo_dirs, tmp_path / "oom", 1))
 
@@ -400,7 +401,7 @@ def test_sigterm_saves_last_pt_like_ctrl_c(demo_dirs, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
             return {}
 
-        monkeypatch.setattr(train, "train_one_epoch", terminate)
+        monkeypatch.setattr(epoch_loop, "train_one_epoch", terminate)
         with pytest.raises(KeyboardInterrupt):
             train.main(_argv(demo_dirs, tmp_path / "term", 3))
         ck = load_checkpoint(tmp_path / "term" / "last.pt")

@@ -8,6 +8,7 @@ import torch
 
 import train
 from datasets.records import DatasetError
+from tmc import epoch_loop
 from tmc.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from tmc.run_folder import LOCK_NAME, RunLock
 from tests.train.test_train import _argv
@@ -75,20 +76,20 @@ def _disk_full(message: str) -> CheckpointWriteError:
 
 
 def test_a_full_disk_during_training_stops_with_one_message(demo_dirs, tmp_path, monkeypatch):
-    real = train.save_checkpoint
+    real = epoch_loop.save_checkpoint
 
     def full_on_best(path, ckpt):
         if path.name == "best.pt":
             raise _disk_full(f"{path}: the disk is full; no best.pt was written; fix: free space")
         return real(path, ckpt)
 
-    monkeypatch.setattr(train, "save_checkpoint", full_on_best)
+    monkeypatch.setattr(epoch_loop, "save_checkpoint", full_on_best)
     with pytest.raises(SystemExit, match=r"stopped: .*best.pt: the disk is full; no best.pt was written; "
                                          r"fix: free space; no checkpoint was saved yet: run the same "
                                          r"command again once there is room"):
         train.main(_argv(demo_dirs, tmp_path / "run", 2))
     assert list((tmp_path / "run").iterdir()) == []  # nothing half-written, nothing that blocks a rerun
-    monkeypatch.setattr(train, "save_checkpoint", real)
+    monkeypatch.setattr(epoch_loop, "save_checkpoint", real)
     calls = []
 
     def full_in_epoch_2(path, ckpt):  # epoch 1 writes best.pt and last.pt; the third save fails
@@ -97,7 +98,7 @@ def test_a_full_disk_during_training_stops_with_one_message(demo_dirs, tmp_path,
             raise _disk_full(f"{path}: the disk is full; the previous {path.name} is kept")
         return real(path, ckpt)
 
-    monkeypatch.setattr(train, "save_checkpoint", full_in_epoch_2)
+    monkeypatch.setattr(epoch_loop, "save_checkpoint", full_in_epoch_2)
     with pytest.raises(SystemExit, match=r"stopped: .*the disk is full.*; last.pt holds epoch 1: continue "
                                          r"with python train.py --out .*run2 --resume"):
         train.main(_argv(demo_dirs, tmp_path / "run2", 3, "--checkpoint-minutes", "0"))
