@@ -38,54 +38,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from tmc.config import PRESETS, get_config
-from tmc.losses import caption_positive_mask, multistage_alignment_loss, segmentation_loss
-from tmc.engine import compute_loss
-from tmc.model import build_model, count_parameters
-from tmc.step import CudaGraphStep, TrainStep
+from lab.flops import count_flops, forward_flops
+from lab.workload import DTYPES, autocast, make_batch, make_model, make_train_step, step_inputs
+from tmc.config import PRESETS
+from tmc.model import count_parameters
+from tmc.step import CudaGraphStep
 
 PAPER_PARAMS = 242.8e6
 PAPER_GFLOPS = 145.7
-ALIGN_WEIGHT = 0.1  # λ of the paper (§4.2)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
-# Top-level module names → the parts of count_parameters (text_proj belongs to MCM there).
-PARTS = {"swin": ("swin",), "text_encoder": ("text",), "mcm": ("mcm", "text_proj"),
-         "alignment": ("align",), "decoder": ("decoder",)}
-CAPTIONS = [
-    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
-    "Unilateral pulmonary infection, one infected area, middle left lung.",
-    "Bilateral pulmonary infection, three infected areas, all over the right lung.",
-    "No lung infection is visible.",
-]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def make_model(preset: str, text_model: str | None = None, image_size: int | None = None):
-    """(cfg, model) of a preset; the paper preset gets a random BERT-base-shaped encoder by default."""
-    overrides = {"text_model": text_model} if text_model else {}
-    if image_size:
-        overrides["image_size"] = image_size
-    if preset == "paper" and not text_model:
-        overrides["text_model"] = "random:12x768"  # BERT-base's shape; no download needed
-    cfg = get_config(preset, **overrides)
-    return cfg, build_model(cfg)
-
-
-def make_batch(model, image_size: int, batch: int, device, channels_last: bool = False):
-    """Synthetic (image (B,1,H,W), mask (B,1,H,W), tokens {(B,T)}, positive_mask (B,B)) on `device`."""
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(batch, 1, image_size, image_size, generator=g).to(device)
-    mask = (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.7).float().to(device)
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
-    tokens = {k: v.to(device) for k, v in model.tokenize(captions).items()}
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    return image, mask, tokens, caption_positive_mask(captions, device=device)
-
 
 def time_calls(fn, warmup: int, iters: int, device: torch.device) -> list[float]:
     """Seconds of each of `iters` calls of fn() (CUDA events on GPU, perf_counter on CPU)."""
@@ -114,44 +78,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int = 1
     return 2 * n**3 / min(time_calls(lambda: a @ b, warmup=2, iters=iters, device=device))
 
 
-def part_flops(counts: dict[str, dict], root: str = "TMC") -> dict[str, int]:
-    """FLOPs per part from FlopCounterMode.get_flop_counts(); valid for a forward pass only.
-
-    Only modules called through __call__ appear (Swin runs through `forward_stage`: `TMC.swin.layers.0` is
-    there, `TMC.swin` is not), so a part is its entry or the sum of its outermost descendants that are.
-    The rest (TMC.forward itself, a loss) is "other". Not for backward, where ModuleTracker credits a
-    module with whatever autograd interleaves between its output's and its input's gradients.
-    """
-    totals = {name: sum(ops.values()) for name, ops in counts.items()}
-
-    def module(prefix: str) -> int:
-        if prefix in totals:
-            return totals[prefix]
-        inside = [k for k in totals if k.startswith(prefix + ".")]
-        return sum(totals[k] for k in inside if not any(k.startswith(o + ".") for o in inside))
-
-    parts = {part: sum(module(f"{root}.{child}") for child in children) for part, children in PARTS.items()}
-    parts["other"] = totals.get("Global", 0) - sum(parts.values())
-    return parts
-
-
-def count_flops(fn) -> tuple[int, dict[str, int]]:
-    """(total FLOPs, FLOPs per part) of fn(), attention counted through the math SDPA backend."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops(), part_flops(counter.get_flop_counts())
-
-
-def forward_flops(model, image_size: int, batch: int = 1, per_part: bool = False):
-    """Forward FLOPs (2·MAC) of one batch with a T-token caption [and their split per part]."""
-    image, _, tokens, _ = make_batch(model, image_size, batch, next(model.parameters()).device)
-    was_training = model.training
-    with torch.no_grad():
-        total, parts = count_flops(lambda: model.eval()(image, **tokens))
-    model.train(was_training)
-    return (total, parts) if per_part else total
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -163,41 +89,11 @@ def device_name(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
-def autocast(device: torch.device, amp: str):
-    return contextlib.nullcontext() if amp == "off" else torch.autocast(device.type, dtype=DTYPES[amp])
-
-
 def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------- one benchmark row
-
-def paper_loss(model, batch, amp: str, form: str) -> torch.Tensor:
-    """Forward pass and the paper's objective under autocast, the way training ran before tmc.step: the
-    reference its bf16 working weights are compared against (tests)."""
-    image, mask, tokens, positive = batch
-    with autocast(image.device, amp):
-        out = model(image, **tokens)
-        align = multistage_alignment_loss(out["alignment"], form, positive, device=image.device)
-        return segmentation_loss(out["logits"].float(), mask) + ALIGN_WEIGHT * align
-
-
-def step_inputs(batch) -> dict:
-    """A make_batch tuple as tmc.step.TrainStep's batch dict."""
-    image, mask, tokens, positive = batch
-    return {"image": image, "mask": mask, **tokens, "positives": positive}
-
-
-def make_train_step(model, optimizer, scaler, amp: str, form: str, compiled: bool = False) -> TrainStep:
-    """train.py's step with the paper's objective, segmentation_loss + λ·multistage_alignment_loss:
-    bf16 working weights for --amp bf16 (autocast under torch.compile), autocast for fp16."""
-    def loss_fn(out, b):
-        return compute_loss(out, b["mask"], b["positives"], "bce", ALIGN_WEIGHT, form)
-
-    precision = {"off": "off", "fp16": "autocast-fp16", "bf16": "autocast-bf16" if compiled else "bf16"}[amp]
-    return TrainStep(model, optimizer, loss_fn, precision=precision, scaler=scaler)
-
 
 def setup(args) -> SimpleNamespace:
     """What one row needs: device, amp, cfg, `model` (eager: FLOPs are counted on it), `run` (the model

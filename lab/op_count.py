@@ -32,7 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.module_tracker import ModuleTracker
 
-from lab.bench import PARTS, make_batch, make_model, make_train_step, step_inputs
+from lab.flops import PARTS
+from lab.workload import make_batch, make_model, make_train_step, step_inputs
 
 # Aten ops that only make a new view of the same memory: no kernel.
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",

@@ -1,4 +1,5 @@
-"""lab.bench: FLOP accounting against hand counts, and the JSON a CPU run writes (fields, types, sanity).
+"""lab.flops: FLOP accounting against hand counts; lab.bench: the JSON a CPU run writes (fields, types,
+sanity).
 
 No timing is asserted, only that times are positive and the derived figures are consistent.
 """
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab import bench
+from lab import bench, flops
 from tmc.config import tiny_config
 from tmc.model import build_model
 
@@ -55,7 +56,7 @@ def test_part_flops_match_a_hand_count_including_modules_called_by_method():
     B = 3
     x, t = torch.randn(B, 8), torch.randn(B, 4)
     lin = lambda i, o: 2 * B * i * o  # noqa: E731  (2 FLOPs per multiply-add)
-    total, parts = bench.count_flops(lambda: TMC()(x, t))
+    total, parts = flops.count_flops(lambda: TMC()(x, t))
     assert parts == {
         "swin": lin(8, 8) + lin(8, 16),
         "text_encoder": lin(4, 8),
@@ -70,7 +71,7 @@ def test_part_flops_match_a_hand_count_including_modules_called_by_method():
 def test_fused_attention_is_counted():
     B, nH, N, Dh = 2, 3, 49, 16
     q, k, v = (torch.randn(B, nH, N, Dh) for _ in range(3))
-    total, _ = bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    total, _ = flops.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
     assert total == 2 * (2 * B * nH * N * N * Dh)  # q·kᵀ and weights·v
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from lab.bench import make_batch, make_train_step, paper_loss, step_inputs
+from lab.workload import make_batch, make_train_step, paper_loss, step_inputs
 from tmc.config import tiny_config
 from tmc.model import build_model
 from lab.op_count import OpCounter
@@ -31,7 +31,7 @@ def _no_dropout(model):
 @pytest.mark.parametrize("amp", ["bf16", "off"])
 def test_step_loss_equals_the_autocast_loss_of_before(amp):
     """The loss of a fixed batch through TrainStep (bf16: working weights, no autocast) equals the
-    loss computed the old way (bench.paper_loss: fp32 model under autocast) within bf16 noise; fp32
+    loss computed the old way (workload.paper_loss: fp32 model under autocast) within bf16 noise; fp32
     equals it to float rounding. Gradients agree in direction too."""
     cfg, model, data = _tiny()
     _no_dropout(model)
