@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from tmc.config import ModelConfig
+from tmc.model import build_model
+from tmc.text import FusedSelfAttention
 
 MODEL_KEYS = ("model", "model_config")  # what rebuilding a model needs
 
@@ -155,8 +157,6 @@ def upgrade_optimizer_state(state: dict, saved_model_keys, optimizer, model) -> 
     """Adam's state_dict saved while each BERT self-attention held query, key and value as three
     Linears (their keys in `saved_model_keys`), renumbered for `optimizer` over today's `model`, where
     FusedSelfAttention joins them: the moments are joined as its weights are. Other states unchanged."""
-    from tmc.text import FusedSelfAttention
-
     joined_names = FusedSelfAttention.JOINED  # query, key, value
     if not any(k.endswith(f"attention.self.{joined_names[0]}.weight") for k in saved_model_keys):
         return state
@@ -208,8 +208,6 @@ def model_from_checkpoint(checkpoint: dict | str | Path, map_location="cpu"):
     Returns:
         (model in eval mode, ModelConfig)
     """
-    from tmc.model import build_model
-
     if not isinstance(checkpoint, dict):
         checkpoint = load_checkpoint(checkpoint, map_location, require=MODEL_KEYS)
     cfg = ModelConfig.from_dict(checkpoint["model_config"])

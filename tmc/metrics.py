@@ -226,7 +226,7 @@ def combine_runs(summaries: list[dict]) -> dict:
 
 def paired_test(a: dict, b: dict) -> dict:
     """Paired t-test on per-case Dice (each case already averaged over its set's runs)."""
-    from scipy.stats import ttest_rel
+    from scipy.stats import ttest_rel  # deferred: scipy takes seconds to import, only --compare needs it
 
     cases = [c for c in a["cases"] if c in b["cases"]
              and math.isfinite(a["cases"][c]["dice"]) and math.isfinite(b["cases"][c]["dice"])]

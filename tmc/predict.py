@@ -15,6 +15,7 @@ import torch
 from tmc.grid import model_input, resize_mask
 from tmc.metrics import THRESHOLD
 from tmc.precision import autocast
+from tmc.visualize import attention_heatmap
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -89,8 +90,6 @@ def explain_image(model, text: str | None, image: np.ndarray, size: int, device:
         {stage: (S, S) float in [0, 1]} heatmaps (tmc.visualize.attention_heatmap of that stage
         alone), empty for a model without MCM.
     """
-    from tmc.visualize import attention_heatmap
-
     tokens = _tokens(model, text, device)
     x = model_input(image, size)  # (1, 1, S, S)
     masks, attention = _forward(model, x, tokens, device, amp, attention=True)

@@ -10,6 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): the held-files check alone guards the folder
+    fcntl = None
+
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, remove_orphan_temporaries
 from tmc.config import ModelConfig
 from tmc.train_config import TrainConfig, resolve_model_config, resolve_train_config
@@ -127,9 +132,7 @@ class RunLock:
 
     def __init__(self, out: Path):
         self.path, self.fd = Path(out) / LOCK_NAME, None
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): the held-files check alone guards the folder
+        if fcntl is None:  # no flock (Windows)
             return
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

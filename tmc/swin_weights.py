@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 SCHEMES = ("official", "timm", "transformers5", "transformers4")
 DERIVED = ("relative_position_index", "attn_mask")  # rebuilt by the model, never loaded
@@ -99,8 +100,6 @@ def _read(source) -> tuple[dict, str]:
             raise FileNotFoundError(f"{path}: no such Swin weight file; "
                                     "fix: check the path (ModelConfig.swin_weights)")
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(str(path))
         else:
             try:

