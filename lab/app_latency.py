@@ -17,6 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from PIL import Image
+
+import app
+from datasets.demo import render_demo_image
+from tmc.checkpoint import save_checkpoint, text_config_of
+from tmc.config import get_config
+from tmc.model import build_model
+
 CAPTIONS = ("Unilateral pulmonary infection, one infected area, lower right lung.",
             "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.")
 
@@ -27,15 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=20, help="timed calls (after 2 warm-up calls)")
     args = p.parse_args(argv)
 
-    import torch
+    # deferred: Gradio's client (requirements-app.txt) is heavy to import
     from gradio_client import Client, handle_file
-    from PIL import Image
-
-    import app
-    from datasets.demo import render_demo_image
-    from tmc.checkpoint import save_checkpoint, text_config_of
-    from tmc.config import get_config
-    from tmc.model import build_model
 
     torch.manual_seed(0)
     cfg = get_config(args.preset)

@@ -47,6 +47,7 @@ def wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
 
 
 def browser(profile: Path):
+    # deferred: selenium is an optional install (not in the requirements files)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -59,6 +60,7 @@ def browser(profile: Path):
 
 def segment_with(driver, caption: str, timeout: float = 120) -> float:
     """Replace the caption, press Enter, wait until the page shows its result; seconds taken."""
+    # deferred: selenium is an optional install (not in the requirements files)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -94,6 +96,7 @@ def main(argv=None) -> None:
             image = sorted(examples.glob("demo_*.png"))[args.index]
             driver = browser(Path(tmp) / "profile")
             driver.get(f"http://127.0.0.1:{port}/")
+            # deferred: selenium is an optional install (not in the requirements files)
             from selenium.webdriver.common.by import By
             from selenium.webdriver.support.ui import WebDriverWait
 

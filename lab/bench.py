@@ -38,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.profiler import ProfilerActivity, profile as torch_profile
 
 from lab.flops import count_flops, forward_flops
 from lab.workload import DTYPES, autocast, make_batch, make_model, make_train_step, step_inputs
@@ -226,8 +227,6 @@ def label_parts(model) -> list:
 
 def profile(args, steps: int = 3, rows: int = 20) -> str:
     """Top ops by self device (CUDA, else CPU) time over a few training steps, then forward time per part."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     s = setup(args)
     for _ in range(max(args.warmup, 1)):
         s.step()

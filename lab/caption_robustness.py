@@ -65,6 +65,7 @@ def test_captions(texts: list[str], condition: str, fits, reword_seed: int = 0,
 def score_run(run: Path, reword_seed: int = 0, shuffle_seed: int = 0, split: str = "test") -> dict:
     """Every condition's scores for one finished run on `split`, also written to <run>/captions.json
     (captions_val.json for the validation split, the one a choice between variants may read)."""
+    # deferred: these load torch (seconds); lab.report imports this module for its CONDITIONS alone
     from datasets.cached import SegmentationSet
     from tmc.checkpoint import model_from_checkpoint
 

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.demo import render_demo_image
+from datasets.registry import prepare
+from datasets.text_from_mask import LEVELS, SIDES, caption_from_zones, mask_zones
 from lab.runs import REPO, machine
+from tmc.metrics import confusion, dice_from_counts
 
 
 def demo_test_split(demo: dict | None = None):
     """The test split of the 64² demo (or of `demo`, e.g. DEMO96): its items, images (N, 1, S, S) and
     masks of every blob, targets and distractors alike (N, S, S) bool, re-rendered by
     datasets.demo.render_demo_image."""
+    # deferred: these load torch (seconds); lab.experiments imports this module to launch runs
     import torch
-
     from datasets.cached import SegmentationSet
-    from datasets.demo import render_demo_image
-    from datasets.registry import prepare
 
     size = demo["image_size"] if demo else 64
     root = str(demo["root"]) if demo else ""
@@ -44,10 +46,9 @@ def caption_swap(folder: Path, seed: int = 0, command: str = "python -m lab.expe
     """Test Dice of every text-guided demo run with its true captions and with the captions shuffled
     among the test images (a fixed permutation), on the default demo or on `demo`'s settings. The gap
     is how much the text steers the masks."""
+    # deferred: these load torch (seconds); lab.experiments imports this module to launch runs
     import torch
-
     from tmc.checkpoint import model_from_checkpoint
-    from tmc.metrics import confusion, dice_from_counts
 
     items, images, union = demo_test_split(demo)  # union: (N, S, S) every blob
     masks = torch.stack([it["mask"] for it in items]) > 0.5  # (N, 1, S, S)
@@ -96,9 +97,8 @@ def zone_table(model, images, blob_masks: list[list[np.ndarray]]) -> np.ndarray:
     images: (N, 1, S, S); blob_masks[i]: one (S, S) bool mask per blob of image i (targets and
     distractors alike). A model that binds words to places gives the identity.
     """
+    # deferred: torch takes seconds to load; lab.experiments imports this module to launch runs
     import torch
-
-    from datasets.text_from_mask import caption_from_zones, mask_zones
 
     captions = []
     for z in range(6):
@@ -125,9 +125,8 @@ def zone_attention(model, images, stage: int = 2) -> dict[str, float]:
     `images` (N, 1, S, S). "focus" is inside / outside: about 1 when every token reads the word
     alike (the caption broadcast to the whole image), well above 1 when the words are read where
     they point. A token belongs to the zone its centre lies in (thirds of the height × halves)."""
+    # deferred: torch takes seconds to load; lab.experiments imports this module to launch runs
     import torch
-
-    from datasets.text_from_mask import LEVELS, SIDES, caption_from_zones
 
     captions, word_ids = [], []
     tokenizer = model.text.tokenizer
@@ -177,8 +176,9 @@ def zone_probe(folders: list[str], demo: dict | None = None, summary: Path | Non
     the 64² demo (or of `demo`, e.g. DEMO96); the blobs come from re-rendering each test image
     (datasets.demo.render_demo_image). Written to `summary` (default:
     results/demo_zone_probe/summary.json, or demo96_zone_probe's)."""
-    from scipy import ndimage
+    from scipy import ndimage  # deferred: scipy takes seconds to load, only the zone probe needs it
 
+    # deferred: loads torch (seconds); lab.experiments imports this module to launch runs
     from tmc.checkpoint import model_from_checkpoint
 
     _, images, unions = demo_test_split(demo)

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+from datasets.registry import prepare
 from lab.demo_probes import caption_swap, zone_probe
 from lab.runs import REPO, machine, run_train, summarise
 
@@ -90,10 +92,6 @@ def demo_grid(name: str, variants: dict[str, list[str]], seeds: list[int], threa
     """Every variant × seed on the demo (or on the `demo` settings, e.g. DEMO96). `reuse` maps a
     variant to another grid's variant with the very same flags (its runs are read, not repeated);
     `seeds_of` gives a variant its own seeds."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from datasets.registry import prepare
-
     folder = REPO / "results" / name
     data_flags = []
     if demo is None:
@@ -165,8 +163,7 @@ PROBE_SETTINGS = (("dense", None, 1500), ("lesions-1x1", 1, 1500), ("lesions-2x2
 
 def grounding_probe(seeds: list[int], parallel: int) -> dict:
     """Dice curves of `lab.grounding_probe.run_probe` per setting and seed, one thread per run."""
-    from concurrent.futures import ProcessPoolExecutor
-
+    # deferred: loads torch (seconds to import); the other experiments only launch train.py
     from lab.grounding_probe import run_probe
 
     folder = REPO / "results" / "grounding_probe"
@@ -211,7 +208,7 @@ DEMO_MCM_ATTENTION_LONG_VARIANTS = {"minilm-sigmoid": DEMO_MCM_ATTENTION_VARIANT
 
 
 def _one_thread() -> None:
-    import torch
+    import torch  # deferred: torch takes seconds to load; only the probe's worker processes need it
 
     torch.set_num_threads(1)
 
@@ -240,8 +237,6 @@ def main(argv=None) -> None:
                   args.parallel, budget=[], seeds_of={"no-text": args.seeds[:1]})
         caption_swap(REPO / "results" / "demo_default", command="python -m lab.experiments demo-default")
     elif args.experiment == "demo-recipe":
-        from datasets.registry import prepare
-
         prepare("demo", str(DEMO_V1["root"]), image_size=64, **DEMO_V1["options"])  # before parallel runs
         demo_grid("demo_recipe", DEMO_RECIPE_VARIANTS, args.seeds, args.threads, args.parallel, budget=[])
     elif args.experiment == "demo-ablation":

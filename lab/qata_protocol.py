@@ -36,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.registry import parse_reader_options, prepare
 from lab.runs import REPO, machine, result_file, run_train, spread
+from tmc.metrics import global_scores, mean_scores
+from tmc.train_config import build_parser, explicit_overrides, resolve_model_config, resolve_train_config
 
 # Every run: these train.py flags, then the --minutes budget, the seed, --train-flags, the variant.
 # The rest of the recipe (augmentation, loss, lr, 50-step epochs) is what `--dataset qata --preset
@@ -70,8 +73,6 @@ def size_quartiles(records: list[dict]) -> list[dict]:
     Args:
         records: per-image dicts with key, tp, fp, fn (tmc.engine.predict_records).
     """
-    from tmc.metrics import global_scores, mean_scores
-
     if len(records) < 4:
         raise ValueError(f"size quartiles need at least 4 images, got {len(records)}")
     order = sorted(records, key=lambda r: (r["tp"] + r["fn"], r["key"]))
@@ -111,9 +112,6 @@ def caption_permutation(n: int, seed: int) -> np.ndarray:
 
 def run_cache(run: Path) -> Path:
     """The cache a run trained on, rebuilt from its config.json (reused when up to date)."""
-    from datasets.registry import prepare
-    from datasets.registry import parse_reader_options
-
     config = json.loads((run / "config.json").read_text())
     tc, image_size = config["train"], config["model"]["image_size"]
     return prepare(tc["dataset"], tc["root"] or None, image_size=image_size,
@@ -124,9 +122,9 @@ def run_cache(run: Path) -> Path:
 
 def predict(model, dataset, batch_size: int = 32) -> list[dict]:
     """Per-image tp/fp/fn of `model` on `dataset` (threshold 0.5, the model's input size)."""
+    # deferred: these load torch (seconds); lab.report imports this module for its tables alone
     import torch
     from torch.utils.data import DataLoader
-
     from tmc.engine import predict_records
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -135,7 +133,7 @@ def predict(model, dataset, batch_size: int = 32) -> list[dict]:
 
 
 def _scores(records: list[dict]) -> dict:
-    from tmc.engine import summarize
+    from tmc.engine import summarize  # deferred: loads torch (seconds); lab.report needs only the tables
 
     s = summarize(records)
     return {k: s[k] for k in (*METRICS, "n_images")}
@@ -145,6 +143,7 @@ def score_run(run: Path, flags: list[str], shuffle_seed: int = 0) -> dict:
     """Everything the protocol reports about one finished run (module docstring), written to
     <run>/protocol.json; `flags` are the run's train.py flags. The step<N>.pt snapshots are deleted
     once scored."""
+    # deferred: these load torch (seconds); lab.report imports this module for its tables alone
     from datasets.cached import SegmentationSet
     from tmc.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -296,9 +295,6 @@ def run_flags(args, variant: str, seed: int) -> list[str]:
 
 def prepare_cache(flags: list[str]) -> None:
     """Build the cache a run with these flags trains on, once, before runs share it."""
-    from datasets.registry import parse_reader_options, prepare
-    from tmc.train_config import build_parser, explicit_overrides, resolve_model_config, resolve_train_config
-
     train_over, model_over = explicit_overrides(build_parser().parse_args(flags))
     cfg = resolve_train_config(train_over)
     model_cfg = resolve_model_config(cfg.preset, model_over)
@@ -334,7 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    import torch
+    import torch  # deferred: torch takes seconds to load; lab.report imports this module for its tables
 
     args = parse_args(argv)
     folder = Path(args.out).resolve()

@@ -16,6 +16,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from lab.caption_robustness import CONDITIONS
+from lab.qata_protocol import ablation_table, tables
+
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "results/README.md")
 # The README's own tables, in order (caption robustness and the results summary); every other table
@@ -269,16 +272,12 @@ def summary(results: Path) -> str:
 
 def qata_protocol(results: Path, name: str) -> str:
     """The QaTa protocol's tables (lab.qata_protocol.tables) from its summary.json."""
-    from lab.qata_protocol import tables
-
     summary = _load(results, f"{name}/summary.json")
     return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{command_of(summary)}`.\n"
 
 
 def qata_ablations(results: Path) -> str:
     """Each variant of the QaTa protocol against the recipe, seed by seed."""
-    from lab.qata_protocol import ablation_table
-
     base = _load(results, "qata_cpu/protocol/summary.json")
     variants = _load(results, "qata_cpu/protocol_variants/summary.json")
     return (ablation_table(base, variants) + f"\nMachine: {variants['machine']}. Commands: "
@@ -294,8 +293,6 @@ CAPTION_LABELS = {"sentence": "varied (the default), `--text-sentence`", "tokens
 def captions(results: Path, name: str) -> str:
     """Dice with the template, held-out reworded, no and another image's caption, per training
     variant (`python -m lab.caption_robustness`)."""
-    from lab.caption_robustness import CONDITIONS
-
     summary = _load(results, name)
     rows = []
     for variant, s in summary["variants"].items():

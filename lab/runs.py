@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    import torch
+    import torch  # deferred: torch takes seconds to load; launching train.py runs needs none of it
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
