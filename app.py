@@ -14,7 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+from PIL import Image
+
+from datasets.demo import render_demo_image
+from datasets.splits import assign_splits
+from tmc.distributed import pick_device
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio is imported
 
@@ -31,11 +38,6 @@ def fail(message: str):
 def demo_examples(folder: Path, n: int = EXAMPLES) -> list[list[str]]:
     """[image, caption, ground truth] of the first `n` test images of the demo set (seed 0), rendered
     into `folder` exactly as `python train.py --dataset demo` writes them."""
-    from PIL import Image
-
-    from datasets.demo import render_demo_image
-    from datasets.splits import assign_splits
-
     names = [f"demo_{i:04d}" for i in range(600)]
     split = assign_splits(names, seed=0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ def _problem_page(message: str) -> str:
 
 def build_page(model: Model, examples: list[list[str]], max_pixels: int = MAX_PIXELS):
     """The Gradio Blocks: an Image tab and a Volume tab; every handler turns a Problem into a message."""
-    import gradio as gr
+    import gradio as gr  # deferred: Gradio (requirements-app.txt) takes seconds to load
 
     def on_image(image_file, caption, gt_file):
         try:
@@ -135,13 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, block: bool = True):
     args = build_parser().parse_args(argv)
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401  (deferred: an optional install, missing gets the fix below)
     except ImportError:
         fail("Gradio is not installed; fix: pip install -r requirements-app.txt")
-    import tempfile
-
-    from tmc.distributed import pick_device
-
     ckpt = Path(args.ckpt) if args.ckpt else newest_checkpoint()
     if ckpt is None:
         fail("no --ckpt given and no runs/*/best.pt here yet; fix: train one (python train.py "
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None, block: bool = True):
     where = "this machine only" if args.host in ("127.0.0.1", "localhost") else "other machines too"
     print(f"serving on http://{args.host}:{args.port} (bound to {args.host}: {where}); Ctrl-C stops",
           flush=True)
-    import gradio as gr
+    import gradio as gr  # deferred: Gradio (requirements-app.txt) takes seconds to load
 
     page.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
                 mcp_server=False, max_file_size="500mb", allowed_paths=[str(folder)],

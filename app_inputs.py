@@ -16,6 +16,7 @@ from PIL import Image
 from datasets.images import IMAGE_SUFFIXES, is_dicom, read_image, read_mask
 from datasets.predict_files import read_volume, segment_volume, volume_reading, write_mask_png
 from datasets.records import DatasetError
+from datasets.volumes import axial_slice_to_image, write_nifti_like
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.metrics import confusion, dice_from_counts
 from tmc.predict import explain_image, make_segmenter
@@ -75,7 +76,7 @@ def check_image_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Path:
                       f"fix: export the image as PNG")
     try:
         if is_dicom(path):
-            import pydicom
+            import pydicom  # deferred: pydicom takes a second to load, only DICOM files need it
 
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             w, h = int(ds.Columns), int(ds.Rows)
@@ -178,8 +179,6 @@ def segment_volume_file(model: Model, path, caption: str, intensity: str = "auto
         raise Problem(str(e).replace(str(source), _name(Path(path)))) from e
     segment = make_segmenter(net, caption, model.device)
     mask = segment_volume(unit, segment, model.cfg.image_size)
-    from datasets.volumes import write_nifti_like
-
     stem = Path(path).name.split(".")[0]
     nifti = write_nifti_like(mask, affine, out_dir / f"{stem}_mask.nii.gz", like=like)
     info = (f"**volume:** {'x'.join(map(str, unit.shape))} voxels ({mode} intensity), "
@@ -190,8 +189,6 @@ def segment_volume_file(model: Model, path, caption: str, intensity: str = "auto
 
 def volume_slice(unit: np.ndarray, mask: np.ndarray, z: int) -> Image.Image:
     """Axial slice z with the mask's contour, in display orientation."""
-    from datasets.volumes import axial_slice_to_image
-
     z = int(np.clip(z, 0, unit.shape[2] - 1))
     image, m = axial_slice_to_image(unit[:, :, z]), axial_slice_to_image(mask[:, :, z])  # (H, W)
     return overlay_contours(image, None, m, width=2, scale=_scale(max(image.shape)))

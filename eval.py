@@ -30,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
+from datasets.cached import SegmentationSet, load_index
+from datasets.loaders import eval_loader
 from datasets.predict_files import predict_image, predict_volume, volume_reading
-from datasets.registry import parse_reader_options
+from datasets.registry import check_reader_options, parse_reader_options, prepare
 from tmc.checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint, model_from_checkpoint
 from tmc.distributed import pick_device
 from tmc.engine import default_workers, predict_records, summarize
@@ -88,10 +91,6 @@ def dataset_settings(ckpt: dict, args) -> dict:
 def split_loader(settings: dict, image_size: int, split: str, batch_size: int, workers: int,
                  device: torch.device, progress: bool = True) -> tuple[DataLoader, int]:
     """The loader of one split (or "all") of the folder, and how many images the folder holds."""
-    from datasets.cached import SegmentationSet, load_index
-    from datasets.loaders import eval_loader
-    from datasets.registry import prepare
-
     if not settings["dataset"]:
         fail("the checkpoint names no dataset; fix: pass --dataset and --root")
     cache = prepare(settings["dataset"], settings["root"] or None, image_size=image_size,
@@ -268,13 +267,11 @@ def split_set_b(argv: list[str]) -> tuple[list[str], list[str]]:
 def _describe_mask(path: Path) -> str:
     """'224x224 pixels, 3.1% foreground' for a PNG; shape and foreground for a NIfTI."""
     if str(path).endswith((".nii", ".nii.gz")):
-        import nibabel as nib
+        import nibabel as nib  # deferred: nibabel takes a second to load, only NIfTI masks need it
 
         data = np.asarray(nib.load(str(path)).dataobj)
         size = "x".join(map(str, data.shape)) + " voxels"
     else:
-        from PIL import Image
-
         data = np.asarray(Image.open(path))
         size = f"{data.shape[1]}x{data.shape[0]} pixels"
     return f"{size}, {100 * float((data > 0).mean()):.1f}% foreground"
@@ -287,8 +284,6 @@ def check_flags(args) -> None:
     if args.batch_size < 1:
         fail(f"--batch-size {args.batch_size}: expected at least 1")
     if args.reader_options:
-        from datasets.registry import check_reader_options
-
         try:
             if args.dataset:
                 check_reader_options(args.dataset, parse_reader_options(args.reader_options))
