@@ -37,6 +37,11 @@ def command_of(record: dict) -> str:
     return record["command"].replace("tmc.lab.", "lab.").replace("tmc/lab/", "lab/")
 
 
+def qata_command(record: dict) -> str:
+    """The command, with the folder the QaTa-COV19 data sat in as a placeholder."""
+    return re.sub(r"--root \S+", "--root QATA_FOLDER", command_of(record))
+
+
 def _load(results: Path, name: str) -> dict:
     return json.loads((results / name).read_text())
 
@@ -163,8 +168,7 @@ def qata(results: Path, name: str) -> str:
                          f"{rate:.0f}"])
     header = ["run (seed 0)", "Dice (per image)", "IoU (per image)", "Dice (global)", "IoU (global)",
               "epochs / steps", "training images/s"]
-    command = re.sub(r"--root \S+", "--root QATA_FOLDER", command_of(summary))
-    return _table(header, rows) + f"\n`{command}`; {summary['machine']}. {summary['note']}\n"
+    return _table(header, rows) + f"\n`{qata_command(summary)}`; {summary['machine']}. {summary['note']}\n"
 
 
 def loose_runs(results: Path, name: str) -> str:
@@ -238,42 +242,54 @@ def model_size(results: Path) -> str:
             + f"\n{r['preset']} preset, {r['image_size']}², `{r['text_model']}`, T = {r['text_length']}.\n")
 
 
-def summary(results: Path) -> str:
-    """The README's headline: the demo's ablation, the best demo recipe, the real QaTa runs."""
-    def variant(name: str, v: str) -> dict:
-        return _load(results, f"{name}/summary.json")["variants"][v]
+def run_steps(run: Path) -> int:
+    """Training steps a run took, summed over its metrics.jsonl (an early stop shows here)."""
+    return sum(json.loads(line)["steps"] for line in (run / "metrics.jsonl").read_text().splitlines() if line)
 
-    rows = []
-    for label, name, v in (("demo, `python train.py --dataset demo` (frozen MiniLM, sigmoid word weights, 1,080 steps of 16)",
-                            "demo_default", "default"),
-                           ("demo, the same with `--no-text`", "demo_default", "no-text"),
-                           ("first demo, earlier default (random 2x64 BERT fine-tuned, softmax, 1000 steps)",
-                            "demo_ablation", "full"),
-                           ("first demo, sigmoid word weights + MiniLM, 4000 steps", "demo_mcm_attention_long",
-                            "minilm-sigmoid")):
-        d = variant(name, v)
-        rows.append([label, _ms(d["dice"]["values"]), str(d["dice"]["n"]), f"`results/{name}`"])
-    caps = _load(results, "qata_captions/captions_summary.json")["variants"]
-    for d, label, name in (
-            (caps["sentence"]["template"]["dice"], "`--preset small` (the default: varied training captions)",
-             "qata_captions"),
-            (variant("qata_cpu/protocol_variants", "softmax")["dice"],
-             "`--preset small --captions literal --no-text-sentence` (the paper's captions)",
-             "qata_cpu/protocol_variants"),
-            (caps["no-text"]["template"]["dice"], "`--preset small --no-text`", "qata_captions")):
-        rows.append([f"QaTa-COV19, held-out test patients, {label}, 20 min on one CPU thread",
-                     f"{d['mean']:.3f} ± {d['std']:.3f}", str(len(d["values"])), f"`results/{name}`"])
+
+def _steps(runs: list[Path]) -> str:
+    steps = [run_steps(r) for r in runs]
+    return f"{steps[0]:,}" if len(set(steps)) == 1 else " / ".join(f"{s:,}" for s in steps)
+
+
+def _minutes(run: Path) -> str:
+    return f"{json.loads((run / 'config.json').read_text())['train']['time_limit']:g} min"
+
+
+def summary(results: Path) -> str:
+    """The README's headline: the demo as the quick start runs it, the held-out QaTa runs, the GPU runs;
+    a run's time budget is read from its config.json, its steps from its metrics.jsonl."""
+    def row(label: str, dice: dict, runs: list[Path], name: str, plain_mean: bool = False) -> list[str]:
+        figure = f"{dice['mean']:.3f}" if plain_mean else f"{dice['mean']:.3f} ± {dice['std']:.3f}"
+        return [label.replace("BUDGET", _minutes(runs[0])), figure, str(len(dice["values"])), _steps(runs),
+                f"`results/{name}`"]
+
+    def grid_row(label: str, name: str, v: str, plain_mean: bool = False) -> list[str]:
+        d = _load(results, f"{name}/summary.json")["variants"][v]
+        return row(label, d["dice"], [results / name / Path(r["run"]).name for r in d["runs"]], name, plain_mean)
+
+    def captions_row(label: str, v: str) -> list[str]:
+        dice = _load(results, "qata_captions/captions_summary.json")["variants"][v]["template"]["dice"]
+        return row(label, dice, sorted((results / "qata_captions").glob(f"{v}-s*")), "qata_captions")
+
+    held_out = "QaTa-COV19, held-out test patients, at most BUDGET on one CPU thread, "
+    rows = [grid_row("demo, `python train.py --dataset demo` (frozen MiniLM, sigmoid word weights, batches of 16)",
+                     "demo_default", "default"),
+            grid_row("demo, the same with `--no-text`", "demo_default", "no-text"),
+            captions_row(held_out + "`--preset small` (the default: varied training captions)", "sentence"),
+            grid_row(held_out + "the paper's literal captions, [CLS] at token 0 "
+                     "(`python -m lab.qata_protocol --variants softmax`)", "qata_cpu/protocol_variants", "softmax"),
+            captions_row(held_out + "`--preset small --no-text`", "no-text")]
     for v in ("full", "no-text"):
-        d = variant("qata_gpu", v)
-        rows.append([f"QaTa subset, {v} (paper preset, 2.5 min on one GPU)", f"{d['dice']['mean']:.3f}",
-                     str(d["dice"]["n"]), "`results/qata_gpu`"])
-    return _table(["run", "test Dice (per image)", "seeds", "files"], rows)
+        rows.append(grid_row(f"QaTa subset, {v}, paper preset, BUDGET on one GPU, scored on validation images",
+                             "qata_gpu", v, plain_mean=True))
+    return _table(["run", "test Dice (per image)", "seeds", "training steps per seed", "files"], rows)
 
 
 def qata_protocol(results: Path, name: str) -> str:
     """The QaTa protocol's tables (lab.qata_protocol.tables) from its summary.json."""
     summary = _load(results, f"{name}/summary.json")
-    return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{command_of(summary)}`.\n"
+    return tables(summary) + f"\nMachine: {summary['machine']}. Command: `{qata_command(summary)}`.\n"
 
 
 def qata_ablations(results: Path) -> str:
@@ -281,7 +297,7 @@ def qata_ablations(results: Path) -> str:
     base = _load(results, "qata_cpu/protocol/summary.json")
     variants = _load(results, "qata_cpu/protocol_variants/summary.json")
     return (ablation_table(base, variants) + f"\nMachine: {variants['machine']}. Commands: "
-            f"`{command_of(base)}` and `{command_of(variants)}`.\n")
+            f"`{qata_command(base)}` and `{qata_command(variants)}`.\n")
 
 
 CAPTION_LABELS = {"sentence": "varied (the default), `--text-sentence`", "tokens": "varied, [CLS] at token 0",
