@@ -1,10 +1,13 @@
-"""Rebuild the result tables of README.md and results/README.md from the files in results/.
+"""Rebuild the result tables of README.md and results/README.md from the files in results/, and
+check every figure their prose quotes.
 
-    python -m lab.report            # rewrite every generated table in place
-    python -m lab.report --check    # exit 1 if a document's tables differ from the files
+    python -m lab.report            # rewrite every generated table and quoted figure in place
+    python -m lab.report --check    # exit 1 if a table or a quoted figure differs from the files
 
 A generated table sits between `<!-- table:NAME -->` and `<!-- end table -->`; NAME is a key of
 TABLES. So every figure in those tables is read from a JSON file that a command wrote, never retyped.
+A figure in the prose is a quote of lab/report_figures.py (lab/quotes.py), recomputed from its files;
+a figure that is neither fails the check.
 A run "binds all six zones" when the zone probe tells apart every pair of zone words at 0.95 or more.
 """
 from __future__ import annotations
@@ -16,8 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from lab import quotes
 from lab.caption_robustness import CONDITIONS
 from lab.qata_protocol import ablation_table, tables
+from lab.report_figures import QUOTES
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "results/README.md")
@@ -370,21 +375,25 @@ def render(text: str, results: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="report stale tables instead of rewriting them")
+    p.add_argument("--check", action="store_true", help="report stale tables and figures instead of mending them")
     args = p.parse_args(argv)
-    stale = []
+    stale, problems, results = [], [], REPO / "results"
     for doc in DOCUMENTS:
         path = REPO / doc
         text = path.read_text()
-        new = render(text, REPO / "results")
+        found, new = quotes.check(doc, render(text, results), QUOTES[doc], results)
         if new != text:
             stale.append(doc)
             if not args.check:
                 path.write_text(new)
+        # a rewrite mends stale tables and figures: what is left needs a hand (a quote, an unquoted figure)
+        problems += found if args.check else quotes.check(doc, new, QUOTES[doc], results)[0]
+    for line in problems:
+        print(line)
     if stale:
-        print(("stale tables in " if args.check else "rewrote ") + ", ".join(stale)
+        print(("stale tables or figures in " if args.check else "rewrote ") + ", ".join(stale)
               + (": run `python -m lab.report`" if args.check else ""))
-    return 1 if stale and args.check else 0
+    return 1 if problems or stale and args.check else 0
 
 
 if __name__ == "__main__":
