@@ -1,20 +1,10 @@
 """The preprocessing cache: every sample of a reader resized once and stored as uint8 arrays.
 
-Shape key: N samples, S the cache's square side (image_size).
-
-    <cache_dir>/images.npy   (N, S, S) uint8, image × 255 (bilinear, antialiased)
-    <cache_dir>/masks.npy    (N, S, S) uint8 in {0, 1} (nearest)
-    <cache_dir>/index.json   N rows: key, case, slice, text, text_from_mask, split, stratum, source
-    <cache_dir>/meta.json    settings, counts, skipped files and the fingerprint
-
-Non-square images are stretched to S × S, as LViT and GuideDecoder do. Samples stay in the reader's
-order, and each row carries its split.
-
-Fingerprint: a SHA-256 over the reader's name and options(), every source file's path, size and
-modification time (ns), and the preprocessing settings (size, split mode, ratios, seed, resize
-rules, caption rule, format version). A cache whose fingerprint differs is rebuilt, and the builder
-says why. A cache is never reused silently. The new cache is written to a temporary sibling folder
-and renamed into place, so an interrupted build never leaves a half-written cache behind.
+The folder's files, the fingerprint and when a cache counts as fresh: datasets/cache_format.py.
+Non-square images are stretched to S × S (the cache's side), as LViT and GuideDecoder do. Samples
+stay in the reader's order, and each row carries its split. A cache whose fingerprint differs is
+rebuilt, and the builder says why. The new cache is written to a temporary sibling folder and
+renamed into place, so an interrupted build never leaves a half-written cache behind.
 
 Splits: split_mode="paper" assigns cases 7:1:2 (`assign_splits`, stratified by Sample.stratum);
 "layout" keeps each Sample.split; "layout-val" is for a layout with one held-out split (e.g. the
@@ -35,8 +25,6 @@ Duplicate keys and samples with inconsistent arrays are caught here, for every r
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -45,85 +33,21 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tmc.grid import resize_image, resize_mask, to_uint8
+from datasets.cache_format import (ArrayWriter, cache_settings, fingerprint_of, fingerprint_parts,
+                                   is_fresh, write_json)
 from datasets.records import DatasetError, Reader, Sample
 from datasets.splits import SPLITS, assign_splits, check_no_leak, normalise_split
 from datasets.text_from_mask import caption_from_mask
 
-__all__ = ["FORMAT_VERSION", "SPLIT_MODES", "source_listing", "cache_fingerprint", "is_fresh",
-           "validate_sample", "build_cache"]
+__all__ = ["SPLIT_MODES", "validate_sample", "build_cache"]
 
-FORMAT_VERSION = 1
 SPLIT_MODES = ("paper", "layout", "layout-val")
-_HEADER_BYTES = 128  # reserved .npy header; the shape is written when N is known
 
 
-# ---------------------------------------------------------------------------- fingerprint
-
-def source_listing(paths) -> list[list]:
-    """[[absolute path, size, mtime_ns], ...] sorted by path; a missing file is an error."""
-    out = []
-    for p in paths:
-        p = Path(p).resolve()
-        try:
-            st = p.stat()
-        except OSError as e:
-            raise DatasetError(f"{p}: listed by the reader but cannot be read ({e})") from e
-        out.append([str(p), st.st_size, st.st_mtime_ns])
-    return sorted(out)
-
-
-def _settings(image_size: int, split_mode: str, ratios, seed: int, partial: bool = False) -> dict:
-    # `partial` is keyed only when set, so the caches training builds keep their fingerprints.
-    return {**({"partial_splits": True} if partial else {}),
-            "format": FORMAT_VERSION, "image_size": int(image_size), "split_mode": split_mode,
-            "ratios": [float(r) for r in ratios], "seed": int(seed),
-            "image_resize": "bilinear-antialias", "mask_resize": "nearest",
-            "caption": "caption_from_mask(style=lvit, side=image, count per side)"}
-
-
-def _fingerprint_parts(reader: Reader, settings: dict) -> dict:
-    listing = json.dumps(source_listing(reader.sources()))
-    return {"reader": reader.name, "reader_options": reader.options(), "settings": settings,
-            "sources_digest": hashlib.sha256(listing.encode()).hexdigest()}
-
-
-def cache_fingerprint(reader: Reader, settings: dict) -> str:
-    """SHA-256 hex of the reader's name, options, source listing and the settings."""
-    blob = json.dumps(_fingerprint_parts(reader, settings), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def is_fresh(cache_dir: Path, fingerprint: str, parts: dict | None = None) -> tuple[bool, str]:
-    """(True, "") if cache_dir holds a complete cache with this fingerprint, else (False, why).
-
-    `parts` (the fingerprint's ingredients) only makes the reason more precise.
-    """
-    cache_dir = Path(cache_dir)
-    meta_path = cache_dir / "meta.json"
-    if not meta_path.is_file():
-        return False, "no cache yet"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return False, "meta.json unreadable"
-    if meta.get("fingerprint") != fingerprint:
-        changed = [k for k, v in (parts or {}).items()
-                   if json.dumps(meta.get(k), sort_keys=True, default=str)
-                   != json.dumps(v, sort_keys=True, default=str)]
-        names = {"sources_digest": "source files (names, sizes or times)"}
-        return False, "changed: " + (", ".join(names.get(k, k) for k in changed) or "fingerprint")
-    for name in ("images.npy", "masks.npy", "index.json"):
-        if not (cache_dir / name).is_file():
-            return False, f"{name} missing"
-    size = (meta.get("settings") or {}).get("image_size")
-    if isinstance(meta.get("n"), int) and isinstance(size, int):
-        for name in ("images.npy", "masks.npy"):  # an interrupted copy leaves a short file
-            if (cache_dir / name).stat().st_size != _HEADER_BYTES + meta["n"] * size * size:
-                return False, f"{name} has the wrong size (truncated or damaged)"
-    return True, ""
-
+# ---------------------------------------------------------------------------- writing
 
 def _disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -137,38 +61,6 @@ def _write_error(e: OSError, cache_dir: Path, need_mb: float) -> DatasetError:
                             f"disk with room")
     return DatasetError(f"{cache_dir}: cannot write the cache ({e.strerror or e}); nothing was kept; "
                         f"fix: --cache-dir in a folder you can write (or TMC_CACHE=FOLDER)")
-
-
-# ---------------------------------------------------------------------------- writing
-
-class _ArrayWriter:
-    """Streams (S, S) uint8 frames into a .npy file; the header is completed on close."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path, self.size, self.n = path, size, 0
-        self.f = open(path, "wb")
-        self.f.write(b"\0" * _HEADER_BYTES)
-
-    def append(self, frame: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
-        self.n += 1
-
-    def close(self) -> None:
-        header = repr({"descr": "|u1", "fortran_order": False,
-                       "shape": (self.n, self.size, self.size)})
-        body = header.encode("latin1").ljust(_HEADER_BYTES - 10 - 1) + b"\n"
-        self.f.seek(0)
-        self.f.write(b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _remove_orphan_builds(cache_dir: Path) -> None:
@@ -306,14 +198,11 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     Returns:
         cache_dir as a Path.
     """
-    from tqdm import tqdm
-
     cache_dir = Path(cache_dir).resolve()
     if split_mode not in SPLIT_MODES:
         raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
-    settings = _settings(image_size, split_mode, ratios, seed, partial)
-    parts = _fingerprint_parts(reader, settings)
-    fp = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    parts = fingerprint_parts(reader, cache_settings(image_size, split_mode, ratios, seed, partial))
+    fp = fingerprint_of(parts)
     fresh, why = is_fresh(cache_dir, fp, parts)
     if fresh:
         print(f"cache up to date: {cache_dir}")
@@ -330,7 +219,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        images, masks = _ArrayWriter(tmp / "images.npy", image_size), _ArrayWriter(tmp / "masks.npy",
+        images, masks = ArrayWriter(tmp / "images.npy", image_size), ArrayWriter(tmp / "masks.npy",
                                                                                    image_size)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -404,8 +293,8 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
             "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "build_seconds": round(time.time() - t0, 2)}
     try:
-        _write_json(tmp / "index.json", rows)
-        _write_json(tmp / "meta.json", meta)
+        write_json(tmp / "index.json", rows)
+        write_json(tmp / "meta.json", meta)
         _swap_into_place(tmp, cache_dir, fp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import datasets.cache as cache_mod
 import eval as evaluate
 from datasets.cache import build_cache
+from datasets.cache_format import ArrayWriter
 from datasets.cached import SegmentationSet
 from datasets.csvset import CsvReader
 from datasets.records import DatasetError
@@ -39,7 +39,7 @@ def test_a_full_disk_during_the_build_says_so_and_leaves_nothing(tmp_path, monke
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    real_init = cache_mod._ArrayWriter.__init__
+    real_init = ArrayWriter.__init__
 
     def init(self, path, size):
         real_init(self, path, size)
@@ -47,7 +47,7 @@ def test_a_full_disk_during_the_build_says_so_and_leaves_nothing(tmp_path, monke
         self.f = FullFile(path, "r+b")
         self.f.seek(0, os.SEEK_END)
 
-    monkeypatch.setattr(cache_mod._ArrayWriter, "__init__", init)
+    monkeypatch.setattr(ArrayWriter, "__init__", init)
     out = tmp_path / "caches"
     out.mkdir()
     with pytest.raises(DatasetError, match=r"c: the disk is full while writing the cache; nothing "
