@@ -174,6 +174,135 @@ def _assign(rows: list[dict], split_mode: str, ratios, seed: int, where: str,
                            f"test; fix: {fix}")
 
 
+# ---------------------------------------------------------------------------- the build's steps
+
+def _open_writers(tmp: Path, image_size: int, cache_dir: Path,
+                  need_mb: float) -> tuple[ArrayWriter, ArrayWriter]:
+    """A fresh temporary folder `tmp` holding the image and mask writers."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        return ArrayWriter(tmp / "images.npy", image_size), ArrayWriter(tmp / "masks.npy", image_size)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, cache_dir, need_mb) from e
+
+
+def _check_item(item, seen: dict) -> None:
+    """Raise the DatasetError a reader yielded, or the one for an unusable or repeated sample."""
+    if isinstance(item, DatasetError):
+        raise item
+    validate_sample(item)
+    if item.key in seen:
+        raise DatasetError(f"{item.source}: duplicate key {item.key!r} (also "
+                           f"{seen[item.key]}); expected unique image names; fix: "
+                           f"rename or remove one of them")
+
+
+def _store(item: Sample, images: ArrayWriter, masks: ArrayWriter, image_size: int) -> dict:
+    """Append one sample's (S, S) frames to the writers; return its index.json row (with the
+    reader's split, which `_assign` settles)."""
+    generated = item.text is None or item.text_from_mask
+    text = caption_from_mask(item.mask) if item.text is None else str(item.text).strip()
+    images.append(to_uint8(resize_image(item.image, image_size)))
+    masks.append(resize_mask(item.mask, image_size).astype(np.uint8))
+    return {"key": item.key, "case": str(item.case), "slice": int(item.slice_index),
+            "text": text, "text_from_mask": generated, "split": item.split,
+            "stratum": str(item.stratum), "source": item.source}
+
+
+def _write_samples(reader: Reader, images: ArrayWriter, masks: ArrayWriter, image_size: int,
+                   skip_bad: bool, progress: bool) -> tuple[list[dict], list[str]]:
+    """Every usable sample of `reader`, in its order, into the writers (closed at the end).
+
+    Returns the index rows and the messages of the files skipped (skip_bad).
+    """
+    rows, skipped, seen = [], [], {}
+    bar = tqdm(total=len(reader), desc=f"caching {reader.name}", unit="file",
+               disable=not progress, file=sys.stderr)
+    last_source = None
+    for item in reader:
+        try:
+            _check_item(item, seen)
+        except DatasetError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            bar.update(1)
+            continue
+        seen[item.key] = item.source
+        rows.append(_store(item, images, masks, image_size))
+        # One tick per 2D file, or per volume for readers that yield slices of one source.
+        if item.slice_index < 0 or item.source.split("#")[0] != last_source:
+            bar.update(1)
+        last_source = item.source.split("#")[0]
+    bar.close()
+    images.close()
+    masks.close()
+    return rows, skipped
+
+
+def _write_arrays(reader: Reader, writers: tuple[ArrayWriter, ArrayWriter], tmp: Path,
+                  cache_dir: Path, need_mb: float, image_size: int, skip_bad: bool,
+                  progress: bool) -> tuple[list[dict], list[str]]:
+    """`_write_samples`; on any failure the temporary folder goes, and a failed write says so."""
+    try:
+        return _write_samples(reader, *writers, image_size, skip_bad, progress)
+    except BaseException as e:
+        for w in writers:
+            try:
+                w.f.close()
+            except OSError:  # flushing the buffer onto a full disk fails again: drop it
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DatasetError) and skip_bad:
+            e.add_note("(skip_bad could not skip it: the reader raised the error instead of "
+                       "yielding it, or the whole dataset is unusable)")
+        if (isinstance(e, OSError) and e.filename is None) or _disk_full(e):  # a write, not a read
+            raise _write_error(e, cache_dir, need_mb) from e
+        raise
+
+
+def _meta(fingerprint: str, reader: Reader, parts: dict, rows: list[dict], skipped: list[str],
+          t0: float) -> dict:
+    """meta.json: the fingerprint and its parts, the counts per split, what was skipped."""
+    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    cases = {s: len({r["case"] for r in rows if r["split"] == s}) for s in SPLITS}
+    return {"fingerprint": fingerprint, "dataset": reader.name, **parts, "n": len(rows),
+            "counts": counts,
+            "unsplit": sum(r["split"] is None for r in rows),
+            "cases": cases,
+            "text_from_mask": sum(r["text_from_mask"] for r in rows),
+            "no_caption": sum(not r["text"] for r in rows), "skipped": skipped,
+            "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "build_seconds": round(time.time() - t0, 2)}
+
+
+def _commit(tmp: Path, cache_dir: Path, rows: list[dict], meta: dict, need_mb: float) -> None:
+    """Write index.json and meta.json, then rename the temporary folder into place."""
+    try:
+        write_json(tmp / "index.json", rows)
+        write_json(tmp / "meta.json", meta)
+        _swap_into_place(tmp, cache_dir, meta["fingerprint"])
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, cache_dir, need_mb) from e
+
+
+def _report(meta: dict, cache_dir: Path) -> None:
+    """Print the skipped files, the samples without a caption and the counts of the new cache."""
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped'])} bad file(s):")
+        for msg in meta["skipped"]:
+            print(f"  {msg}")
+    if meta["no_caption"]:
+        print(f"{meta['no_caption']} of {meta['n']} samples have no caption (an empty text cell) and "
+              f"are read as no caption: the model segments them from the image alone; fix, if they "
+              f"should have one: fill the text cells, or derive captions with text_from_mask=True")
+    print(f"cached {meta['n']} samples ({meta['counts']}, cases {meta['cases']}) in "
+          f"{meta['build_seconds']} s → {cache_dir}")
+
+
 # ---------------------------------------------------------------------------- the builder
 
 def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: str = "paper",
@@ -216,63 +345,10 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     _remove_orphan_builds(cache_dir)
     need_mb = 2 * len(reader) * image_size * image_size / 1e6  # images + masks, one frame each
     tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        images, masks = ArrayWriter(tmp / "images.npy", image_size), ArrayWriter(tmp / "masks.npy",
-                                                                                   image_size)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(e, cache_dir, need_mb) from e
+    writers = _open_writers(tmp, image_size, cache_dir, need_mb)
     t0 = time.time()
-    rows, skipped, seen = [], [], {}
-    try:
-        bar = tqdm(total=len(reader), desc=f"caching {reader.name}", unit="file",
-                   disable=not progress, file=sys.stderr)
-        last_source = None
-        for item in reader:
-            try:
-                if isinstance(item, DatasetError):
-                    raise item
-                validate_sample(item)
-                if item.key in seen:
-                    raise DatasetError(f"{item.source}: duplicate key {item.key!r} (also "
-                                       f"{seen[item.key]}); expected unique image names; fix: "
-                                       f"rename or remove one of them")
-            except DatasetError as e:
-                if not skip_bad:
-                    raise
-                skipped.append(str(e))
-                bar.update(1)
-                continue
-            seen[item.key] = item.source
-            generated = item.text is None or item.text_from_mask
-            text = caption_from_mask(item.mask) if item.text is None else str(item.text).strip()
-            images.append(to_uint8(resize_image(item.image, image_size)))
-            masks.append(resize_mask(item.mask, image_size).astype(np.uint8))
-            rows.append({"key": item.key, "case": str(item.case), "slice": int(item.slice_index),
-                         "text": text, "text_from_mask": generated, "split": item.split,
-                         "stratum": str(item.stratum), "source": item.source})
-            # One tick per 2D file, or per volume for readers that yield slices of one source.
-            if item.slice_index < 0 or item.source.split("#")[0] != last_source:
-                bar.update(1)
-            last_source = item.source.split("#")[0]
-        bar.close()
-        images.close()
-        masks.close()
-    except BaseException as e:
-        for w in (images, masks):
-            try:
-                w.f.close()
-            except OSError:  # flushing the buffer onto a full disk fails again: drop it
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, DatasetError) and skip_bad:
-            e.add_note("(skip_bad could not skip it: the reader raised the error instead of "
-                       "yielding it, or the whole dataset is unusable)")
-        if (isinstance(e, OSError) and e.filename is None) or _disk_full(e):  # a write, not a read
-            raise _write_error(e, cache_dir, need_mb) from e
-        raise
+    rows, skipped = _write_arrays(reader, writers, tmp, cache_dir, need_mb, image_size, skip_bad,
+                                  progress)
 
     where = f"{reader.name} ({cache_dir})"
     try:
@@ -283,31 +359,7 @@ def build_cache(reader: Reader, cache_dir, image_size: int = 224, split_mode: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-    cases = {s: len({r["case"] for r in rows if r["split"] == s}) for s in SPLITS}
-    meta = {"fingerprint": fp, "dataset": reader.name, **parts, "n": len(rows), "counts": counts,
-            "unsplit": sum(r["split"] is None for r in rows),
-            "cases": cases,
-            "text_from_mask": sum(r["text_from_mask"] for r in rows),
-            "no_caption": sum(not r["text"] for r in rows), "skipped": skipped,
-            "n_sources": len(reader.sources()), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "build_seconds": round(time.time() - t0, 2)}
-    try:
-        write_json(tmp / "index.json", rows)
-        write_json(tmp / "meta.json", meta)
-        _swap_into_place(tmp, cache_dir, fp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(e, cache_dir, need_mb) from e
-
-    if skipped:
-        print(f"skipped {len(skipped)} bad file(s):")
-        for msg in skipped:
-            print(f"  {msg}")
-    if meta["no_caption"]:
-        print(f"{meta['no_caption']} of {len(rows)} samples have no caption (an empty text cell) and "
-              f"are read as no caption: the model segments them from the image alone; fix, if they "
-              f"should have one: fill the text cells, or derive captions with text_from_mask=True")
-    print(f"cached {len(rows)} samples ({counts}, cases {cases}) in {meta['build_seconds']} s "
-          f"→ {cache_dir}")
+    meta = _meta(fp, reader, parts, rows, skipped, t0)
+    _commit(tmp, cache_dir, rows, meta, need_mb)
+    _report(meta, cache_dir)
     return cache_dir
