@@ -21,7 +21,7 @@ Choices the paper leaves open (what this reader does):
   pre|post` and not `sub|mip|t2|stir|seg|loc|scout|cal`; a description naming its phase wins
   (`pre` → pre; `ph1`, `1st`, `post1` → post_1, ...); the rest are ordered by AcquisitionTime
   (then SeriesTime, SeriesNumber) and fill the remaining phases in order (earliest = pre).
-- Image: the DICOM series (grouped/ordered by datasets/volumes.py) when the patient's folder
+- Image: the DICOM series (grouped/ordered by datasets/dicom_series.py) when the patient's folder
   exists, else the MAMA-MIA image of that phase (`image_source="auto"`); clipped to its own
   0.1/99.9 percentiles and scaled to [0, 1] per volume.
 - Mask: MAMA-MIA expert segmentation (`> 0.5`). When it is not on the DICOM grid after both are
@@ -63,9 +63,10 @@ import numpy as np
 
 from datasets.records import DatasetError, Sample
 from datasets.tables import header_names, read_table
-from datasets.volumes import (DicomSeries, as_range, axial_slice_to_image, list_dicom_series,
-                              load_dicom_volume, percentile_normalise, read_nifti, read_nifti_pair,
-                              resample_nearest, spread_indices)
+from datasets.dicom_series import DicomSeries, list_dicom_series, load_dicom_volume
+from datasets.intensity import as_range, percentile_normalise
+from datasets.volumes import (axial_slice_to_image, read_nifti, read_nifti_pair, resample_nearest,
+                              spread_indices)
 
 PHASES = ("pre", "post_1", "post_2", "post_3", "post_4")
 SUBTYPES = {0: "luminal-like subtype", 1: "ER/PR-positive HER2-positive subtype",

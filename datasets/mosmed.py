@@ -46,8 +46,8 @@ import numpy as np
 from datasets.images import RASTER_SUFFIXES, image_key, read_image, read_mask
 from datasets.records import DatasetError, Sample
 from datasets.tables import header_names, read_table
-from datasets.volumes import (LUNG_WINDOW, as_range, axial_slice_to_image, read_nifti, read_nifti_pair,
-                              spread_indices, window)
+from datasets.intensity import LUNG_WINDOW, as_range, window
+from datasets.volumes import axial_slice_to_image, read_nifti, read_nifti_pair, spread_indices
 
 _NIFTI = re.compile(r"^(?P<id>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 _GRADE = re.compile(r"^CT-\d$", re.IGNORECASE)

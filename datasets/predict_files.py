@@ -62,7 +62,9 @@ def read_volume(path: str | Path, intensity: str = "ct", series_uid: str | None 
                 ct_window=None) -> tuple[np.ndarray, np.ndarray, Path | None]:
     """A NIfTI file or DICOM series folder as (X, Y, Z) floats in [0, 1], as the training cache
     scaled it; its affine; and the NIfTI file whose grid a mask keeps (None for DICOM: RAS+)."""
-    from datasets.volumes import check_finite, read_dicom_series, read_nifti, volume_intensity
+    from datasets.dicom_series import read_dicom_series
+    from datasets.intensity import check_finite, volume_intensity
+    from datasets.volumes import read_nifti
 
     path = Path(path)
     is_nifti = path.is_file()
@@ -74,7 +76,7 @@ def read_volume(path: str | Path, intensity: str = "ct", series_uid: str | None 
 def volume_reading(train_config: dict, intensity: str = "auto") -> tuple[str, tuple | None]:
     """How a run scales volumes: (intensity mode, CT window or None = the lung window); `intensity`
     other than "auto" overrides the run's dataset (MosMed ct, Duke mr)."""
-    from datasets.volumes import default_intensity
+    from datasets.intensity import default_intensity
     from datasets.registry import parse_reader_options
 
     mode = default_intensity(train_config.get("dataset")) if intensity == "auto" else intensity

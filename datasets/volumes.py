@@ -1,7 +1,6 @@
-"""CT/MR volumes (NIfTI files, DICOM series) in one orientation, and axial slices as 2D images.
+"""CT/MR volumes in one orientation (RAS+), NIfTI files, and axial slices as 2D images.
 
-Shape key: `X, Y, Z` volume axes in RAS+ voxel order, `H, W` image rows/columns, `R, Co` DICOM
-pixel rows/columns, `S` slices of a DICOM series.
+Shape key: `X, Y, Z` volume axes in RAS+ voxel order, `H, W` image rows/columns.
 
 Conventions (exact; the readers, the cache and `eval.py --volume` all rely on them):
 - Every volume is returned as an array (X, Y, Z) plus a 4x4 affine (voxel index → world mm) in
@@ -14,24 +13,19 @@ Conventions (exact; the readers, the cache and `eval.py --volume` all rely on th
   column 0 is the patient's Right, columns run right → left (the patient's right on the viewer's
   left). For a standard axial DICOM (IOP 1,0,0,0,1,0) it equals the stored `pixel_array`.
   `image_to_axial_slice(img)` = `img.T[::-1, ::-1]` is its exact inverse.
-- DICOM world coordinates are LPS; the affine is built in LPS from ImageOrientationPatient (IOP),
-  ImagePositionPatient (IPP), PixelSpacing and the slice step, then converted to RAS by negating
-  x and y (`diag(-1, -1, 1)`).
+DICOM series are read into the same convention by datasets/dicom_series.py; intensities are
+scaled to [0, 1] by datasets/intensity.py.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from datasets.images import DICOM_SUFFIXES
 from datasets.records import DatasetError
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_NON_IMAGE_MODALITIES = {"SEG", "SR", "RTSTRUCT", "PR", "KO", "REG", "RTPLAN", "RTDOSE"}
-_SPLIT_TAGS = ("TemporalPositionIdentifier", "AcquisitionNumber", "TriggerTime", "AcquisitionTime")
+__all__ = ["axial_slice_to_image", "image_to_axial_slice", "reorient_to_ras", "reorient_like",
+           "resample_nearest", "spread_indices", "read_nifti", "read_nifti_pair", "write_nifti_like"]
 
 
 # ---------------------------------------------------------------- orientation helpers
@@ -109,67 +103,7 @@ def spread_indices(n_total: int, n_pick: int) -> list[int]:
     return sorted({int((j + 0.5) * n_total / n_pick) for j in range(n_pick)})
 
 
-# ---------------------------------------------------------------- intensity
-LUNG_WINDOW = (-1350.0, 150.0)  # HU (lo, hi): the lung window W1500/L-600, MosMed's default
-
-
-def as_range(value, name: str) -> tuple[float, float]:
-    """(lo, hi) from a pair or a command-line string "lo,hi" (e.g. "-1350,150")."""
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        lo, hi = (float(v) for v in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: expected two numbers lo,hi (e.g. -1350,150)") from None
-    if hi <= lo:
-        raise ValueError(f"{name}={value!r}: hi must exceed lo")
-    return lo, hi
-
-
-def percentile_normalise(volume: np.ndarray, low: float = 0.1, high: float = 99.9) -> np.ndarray:
-    """Clip to the [low, high] percentiles of this volume and scale to [0, 1] (MR). float32."""
-    v = np.asarray(volume, dtype=np.float32)
-    lo, hi = np.percentile(v, [low, high])
-    if hi <= lo:  # constant volume: nothing to show
-        return np.zeros_like(v)
-    return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def window(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear window [lo, hi] → [0, 1], clipped (CT in HU, e.g. LUNG_WINDOW)."""
-    if hi <= lo:
-        raise ValueError(f"window: hi ({hi}) must exceed lo ({lo})")
-    v = np.asarray(volume, dtype=np.float32)
-    return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
 # ---------------------------------------------------------------- NIfTI
-def check_finite(volume: np.ndarray, where) -> None:
-    """Refuse a volume with NaN or infinite voxels: every intensity mode would map them silently
-    (min-max to an all-zero volume, a CT window to an undefined cast)."""
-    bad = ~np.isfinite(volume)
-    if bad.any():
-        raise DatasetError(f"{where}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite; "
-                           f"expected finite intensities; fix: replace them (e.g. numpy.nan_to_num "
-                           f"with the background value) and save the volume again")
-
-
-def volume_intensity(volume: np.ndarray, mode: str, ct_window=None) -> np.ndarray:
-    """Map a volume to [0, 1] as the training cache did: CT window (None = the MosMed reader's
-    LUNG_WINDOW) or MR percentiles (Duke reader); "minmax" for anything else."""
-    if mode == "ct":
-        return window(volume, *(LUNG_WINDOW if ct_window is None else ct_window))
-    if mode == "mr":
-        return percentile_normalise(volume)
-    v = volume.astype(np.float32)
-    lo, hi = float(v.min()), float(v.max())
-    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-
-
-def default_intensity(dataset: str | None) -> str:
-    """The intensity mode of a dataset's volumes (volume_intensity): MosMed CT, Duke MR."""
-    return {"mosmed": "ct", "mosmedplus": "ct", "duke": "mr"}.get(dataset or "", "minmax")
-
-
 def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI as (array (X, Y, Z), affine (4, 4)) in RAS+ (`nib.as_closest_canonical`).
 
@@ -236,252 +170,3 @@ def write_nifti_like(array: np.ndarray, affine: np.ndarray, path, like=None) -> 
         out.set_sform(affine, code=1)
     nib.save(out, str(path))
     return path
-
-
-# ---------------------------------------------------------------- DICOM
-@dataclass
-class DicomSeries:
-    """One volume's worth of DICOM images (a SeriesInstanceUID, or part of one, see `key`)."""
-
-    key: str  # the SeriesInstanceUID, or "<uid>:<Tag>=<value>" when images share positions
-    uid: str
-    description: str
-    number: int | None
-    time: str  # AcquisitionTime (else SeriesTime) of its earliest image, "" if absent
-    files: list[Path] = field(default_factory=list)
-    headers: list = field(default_factory=list, repr=False)  # pydicom Datasets without pixels
-
-
-def _floats(value, n: int) -> np.ndarray | None:
-    if value is None:
-        return None
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return out if out.size == n else None
-
-
-def _read_header(path: Path):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
-    except InvalidDicomError:
-        if path.suffix.lower() in (*DICOM_SUFFIXES, ".ima"):
-            raise DatasetError(f"{path}: not a readable DICOM file; fix: re-download it") from None
-        return None  # LICENSE, metadata.csv, DICOMDIR-less junk
-    except Exception as e:
-        raise DatasetError(f"{path}: corrupt DICOM header ({type(e).__name__}: {e}); fix: "
-                           "re-download this file") from e
-
-
-def _split_shared_positions(uid: str, items: list) -> list[tuple[str, list]]:
-    """Split one series whose images share positions (several phases/times) into sub-volumes."""
-    def pos(h):
-        p = _floats(h.get("ImagePositionPatient"), 3)
-        return None if p is None else tuple(np.round(p, 3))
-
-    positions = [pos(h) for _, h in items]
-    if None in positions or len(set(positions)) == len(positions):
-        return [(uid, items)]
-    for tag in _SPLIT_TAGS:
-        values = [h.get(tag) for _, h in items]
-        if any(v is None or v == "" for v in values):
-            continue
-        groups: dict = {}
-        for (f, h), v in zip(items, values):
-            groups.setdefault(str(v), []).append((f, h))
-        if len(groups) > 1 and all(len({pos(h) for _, h in g}) == len(g) for g in groups.values()):
-            return [(f"{uid}:{tag}={v}", g) for v, g in groups.items()]
-    return [(uid, items)]  # reading it will report the shared positions
-
-
-def list_dicom_series(folder) -> list[DicomSeries]:
-    """All image series under `folder` (any depth), grouped by SeriesInstanceUID, never by folder.
-
-    A series whose images share positions (several temporal phases stored together) is split by
-    TemporalPositionIdentifier, AcquisitionNumber, TriggerTime or AcquisitionTime, the first tag
-    that gives sub-volumes with one image per position. Non-image objects (SEG, SR, ...) are skipped.
-    Files are read without pixel data. Returns series sorted by (time, number, key).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: DICOM folder not found; fix: pass the series folder")
-    by_uid: dict[str, list] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h = _read_header(path)
-        if h is None or "SeriesInstanceUID" not in h or "Rows" not in h:
-            continue
-        if str(h.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES:
-            continue
-        by_uid.setdefault(str(h.SeriesInstanceUID), []).append((path, h))
-    out = []
-    for uid, items in by_uid.items():
-        for key, group in _split_shared_positions(uid, items):
-            h0 = group[0][1]
-            times = sorted(str(h.get("AcquisitionTime") or h.get("SeriesTime") or "") for _, h in group)
-            number = h0.get("SeriesNumber")
-            out.append(DicomSeries(key=key, uid=uid, description=str(h0.get("SeriesDescription", "")),
-                                   number=int(number) if number not in (None, "") else None,
-                                   time=times[0], files=[f for f, _ in group],
-                                   headers=[h for _, h in group]))
-    out.sort(key=lambda s: (s.time, s.number if s.number is not None else -1, s.key))
-    return out
-
-
-def _pick_series(folder: Path, series_uid: str | None) -> DicomSeries:
-    found = list_dicom_series(folder)
-    if not found:
-        raise DatasetError(f"{folder}: no DICOM image series found; fix: pass the folder that "
-                           "holds the .dcm files")
-    if series_uid is not None:
-        keys = ", ".join(s.key for s in found)
-        found = [s for s in found if series_uid in (s.key, s.uid)]
-        if not found:
-            raise DatasetError(f"{folder}: no series {series_uid!r}; fix: --series-uid with one of "
-                               f"{keys}")
-    if len(found) > 1:
-        listing = "; ".join(f"{s.key} ({s.description!r}, {len(s.files)} images)" for s in found)
-        raise DatasetError(f"{folder}: {len(found)} series found: {listing}; fix: choose "
-                           "one with --series-uid KEY")
-    return found[0]
-
-
-def _pixels(path: Path) -> np.ndarray:
-    """Stored pixels of one single-frame image → float32 after RescaleSlope/Intercept (R, Co)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(path))
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DatasetError(f"{path}: multi-frame DICOM is not supported; fix: convert the "
-                               "series to NIfTI (e.g. dcm2niix) and pass the .nii.gz")
-        stored = ds.pixel_array
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise DatasetError(f"{path}: cannot decode pixel data ({type(e).__name__}: {e}); fix: "
-                           "install pylibjpeg/gdcm for compressed DICOM, or re-download") from e
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    # cast before rescaling: uint16 * slope overflows or truncates
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)  # (R, Co)
-
-
-def read_dicom_image(path) -> np.ndarray:
-    """One 2D DICOM image (R, Co) float32: rescaled, MONOCHROME1 inverted (bright = dense)."""
-    import pydicom
-
-    path = Path(path)
-    img = _pixels(path)
-    if str(pydicom.dcmread(str(path), stop_before_pixels=True).get("PhotometricInterpretation",
-                                                                    "")) == "MONOCHROME1":
-        img = img.max() + img.min() - img  # MONOCHROME1: low values display white
-    return img
-
-
-def _order_and_geometry(series: DicomSeries, where: str):
-    """Spatial order of the files and the LPS affine of the native (Co, R, S) stack."""
-    hs = series.headers
-    iops = [_floats(h.get("ImageOrientationPatient"), 6) for h in hs]
-    if any(o is None for o in iops):
-        warnings.warn(f"{where}: ImageOrientationPatient missing; assuming axial 1,0,0,0,1,0")
-        iops = [np.array([1.0, 0, 0, 0, 1, 0])] * len(hs)
-    if any(not np.allclose(o, iops[0], atol=1e-3) for o in iops):
-        raise DatasetError(f"{where}: series {series.key} mixes image orientations (a localizer?); "
-                           "fix: pick a series with one orientation")
-    row, col = iops[0][:3], iops[0][3:]
-    normal = np.cross(row, col)
-    ipps = [_floats(h.get("ImagePositionPatient"), 3) for h in hs]
-    spacing = _floats(hs[0].get("PixelSpacing"), 2)
-    if spacing is None or np.any(spacing <= 0):
-        warnings.warn(f"{where}: PixelSpacing missing or zero; using 1 mm")
-        spacing = np.ones(2)
-    thick = float(hs[0].get("SpacingBetweenSlices") or hs[0].get("SliceThickness") or 1.0)
-    if all(p is not None for p in ipps):
-        proj = np.array([p @ normal for p in ipps])
-        order = list(np.argsort(proj, kind="stable"))
-        steps = np.diff(proj[order])
-        if steps.size and steps.min() < 1e-3:
-            raise DatasetError(f"{where}: {len(hs)} images of series {series.key} share a slice "
-                               "position and no tag separates them; fix: export each phase as "
-                               "its own series")
-        if steps.size and steps.max() - steps.min() > 0.01 * steps.mean() + 1e-3:
-            warnings.warn(f"{where}: non-uniform slice spacing ({steps.min():.3f}..{steps.max():.3f}"
-                          " mm, missing slices?); the affine uses the mean step")
-        origin = ipps[order[0]]
-        step = ((ipps[order[-1]] - origin) / (len(order) - 1) if len(order) > 1
-                else normal * thick)
-    else:
-        warnings.warn(f"{where}: ImagePositionPatient missing; ordering by InstanceNumber")
-        inst = [h.get("InstanceNumber") for h in hs]
-        order = (list(np.argsort([int(i) for i in inst], kind="stable"))
-                 if all(i not in (None, "") for i in inst) else list(range(len(hs))))
-        origin = ipps[order[0]] if ipps[order[0]] is not None else np.zeros(3)
-        step = normal * thick
-    lps = np.eye(4)
-    lps[:3, 0] = row * spacing[1]  # column index moves along the row direction (column spacing)
-    lps[:3, 1] = col * spacing[0]  # row index moves along the column direction (row spacing)
-    lps[:3, 2] = step
-    lps[:3, 3] = origin
-    return order, lps
-
-
-@dataclass
-class DicomVolume:
-    """A DICOM series read into RAS+, with what is needed to map native (Co, R, S) labels onto it."""
-
-    array: np.ndarray  # (X, Y, Z) float32, RAS+
-    affine: np.ndarray  # (4, 4) RAS+
-    files: list[Path]  # files in native stack order (slice s of the (Co, R, S) stack)
-    headers: list
-    native_affine: np.ndarray  # (4, 4) RAS affine of the native (Co, R, S) stack
-
-    def native_to_ras(self, native: np.ndarray) -> np.ndarray:
-        """Labels drawn on the native stack (Co, R, S) → this volume's (X, Y, Z) voxel order."""
-        return reorient_to_ras(native, self.native_affine)[0]
-
-
-def load_dicom_volume(folder, series_uid: str | None = None) -> DicomVolume:
-    """Read one series (see `read_dicom_series`) and keep its file order and native geometry.
-
-    `folder` may also be a `DicomSeries` from `list_dicom_series` (its headers are reused).
-    """
-    if isinstance(folder, DicomSeries):
-        series = folder
-        folder = series.files[0].parent
-    else:
-        folder = Path(folder)
-        series = _pick_series(folder, series_uid)
-    where = f"{folder} (series {series.description!r})"
-    order, lps = _order_and_geometry(series, where)
-    files = [series.files[i] for i in order]
-    headers = [series.headers[i] for i in order]
-    slices = [_pixels(f) for f in files]  # each (R, Co)
-    if len({s.shape for s in slices}) != 1:
-        raise DatasetError(f"{where}: images of different sizes in one series; fix: pick another")
-    native = np.stack([s.T for s in slices], axis=-1)  # (Co, R, S)
-    if str(headers[0].get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        native = native.max() + native.min() - native
-    ras_native = _LPS_TO_RAS @ lps
-    array, affine = reorient_to_ras(native, ras_native)  # (X, Y, Z)
-    return DicomVolume(np.ascontiguousarray(array, dtype=np.float32), affine, files, headers,
-                       ras_native)
-
-
-def read_dicom_series(folder, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read one DICOM series as (array (X, Y, Z) float32, affine (4, 4)) in RAS+.
-
-    Images are grouped by SeriesInstanceUID (anywhere under `folder`), ordered by the projection of
-    ImagePositionPatient on the slice normal cross(IOP[:3], IOP[3:]) (InstanceNumber only when IPP
-    is missing, with a warning), rescaled with RescaleSlope/Intercept in float, MONOCHROME1
-    inverted, then reoriented to the closest canonical RAS+ order.
-
-    Args:
-        folder: folder holding the series (sub-folders are searched too).
-        series_uid: a SeriesInstanceUID or a `DicomSeries.key`; required when several are found.
-    """
-    vol = load_dicom_volume(folder, series_uid)
-    return vol.array, vol.affine

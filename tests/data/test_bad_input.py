@@ -81,17 +81,17 @@ def test_fix_texts_name_flags_not_python_arguments(tmp_path, monkeypatch):
         read_image(tmp_path / "bad.png")
     assert "--skip-bad" in str(e.value) and "skip_bad=" not in str(e.value)
 
-    import datasets.volumes as volumes
+    import datasets.dicom_series as dicom_series
 
     class Series:
         def __init__(self, key):
             self.key, self.uid, self.description, self.files = key, key + ".1", "axial", [1, 2]
 
-    monkeypatch.setattr(volumes, "list_dicom_series", lambda folder: [Series("s1"), Series("s2")])
+    monkeypatch.setattr(dicom_series, "list_dicom_series", lambda folder: [Series("s1"), Series("s2")])
     with pytest.raises(DatasetError, match=r"2 series found.*fix: choose one with --series-uid"):
-        volumes._pick_series(tmp_path, None)
+        dicom_series._pick_series(tmp_path, None)
     with pytest.raises(DatasetError, match=r"no series 'x'; fix: --series-uid with one of s1, s2"):
-        volumes._pick_series(tmp_path, "x")
+        dicom_series._pick_series(tmp_path, "x")
 
 
 # ---------------------------------------------------------------------------- volumes with NaN

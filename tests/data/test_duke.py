@@ -1,7 +1,7 @@
 """DukeReader on a small Duke-like tree: TCIA DICOM (descriptive and classic folder names), a
 MAMA-MIA tree with expert masks, the TCIA spreadsheets (mapping, boxes, clinical with three header
 rows) and a user text CSV. The expert mask is written through an affine computed here from the
-DICOM formula, so image/mask alignment is checked independently of datasets/volumes.py.
+DICOM formula, so image/mask alignment is checked independently of datasets/dicom_series.py.
 """
 import warnings
 from pathlib import Path

@@ -1,5 +1,6 @@
-"""datasets/volumes.py against real files shipped in wheels (pydicom, pydicom-data, nibabel) and
-against an independent reference: the DICOM standard's pixel → patient formula, evaluated per pixel.
+"""datasets/volumes.py, dicom_series.py and intensity.py against real files shipped in wheels
+(pydicom, pydicom-data, nibabel) and against an independent reference: the DICOM standard's
+pixel → patient formula, evaluated per pixel.
 """
 import os
 import warnings
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from datasets.records import DatasetError
+from datasets import dicom_series as DS
 from datasets import volumes as V
+from datasets.intensity import percentile_normalise, window
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
@@ -107,9 +110,9 @@ def test_axial_slice_to_image_is_radiological_and_invertible():
 
 # ---------------------------------------------------------------- DICOM: real files
 def test_ct5n_order_follows_position_not_instance_number():
-    series = V.list_dicom_series(CT5N)
+    series = DS.list_dicom_series(CT5N)
     assert len(series) == 1 and len(series[0].files) == 5  # AcquisitionNumber 1/2 does not split it
-    vol = V.load_dicom_volume(CT5N)
+    vol = DS.load_dicom_volume(CT5N)
     z = [float(h.ImagePositionPatient[2]) for h in vol.headers]
     inst = [int(h.InstanceNumber) for h in vol.headers]
     assert z == sorted(z) and inst == sorted(inst, reverse=True)  # InstanceNumber falls as z rises
@@ -123,16 +126,16 @@ def test_ct5n_order_follows_position_not_instance_number():
 
 
 def test_mr2_groups_by_series_uid_not_folder():
-    series = V.list_dicom_series(MR2)
+    series = DS.list_dicom_series(MR2)
     assert sorted(len(s.files) for s in series) == [1, 3, 3]
     assert sum(len(s.files) for s in series) == len(list(MR2.iterdir()))
     with pytest.raises(DatasetError, match="3 series found"):
-        V.read_dicom_series(MR2)
+        DS.read_dicom_series(MR2)
     pilot = next(s for s in series if len(s.files) == 3)
     with pytest.raises(DatasetError, match="mixes image orientations"):  # tri-planar localizer
-        V.read_dicom_series(MR2, pilot.uid)
+        DS.read_dicom_series(MR2, pilot.uid)
     single = next(s for s in series if len(s.files) == 1)  # one sagittal-like slice
-    array, affine = V.read_dicom_series(MR2, single.uid)
+    array, affine = DS.read_dicom_series(MR2, single.uid)
     assert array.shape == (1, 16, 16)
     check_world_positions(single.files, array, affine)
 
@@ -140,7 +143,7 @@ def test_mr2_groups_by_series_uid_not_folder():
 def test_ct_small_rescale_to_hounsfield(tmp_path):
     src = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
     (tmp_path / "CT_small.dcm").write_bytes(src.read_bytes())
-    array, affine = V.read_dicom_series(tmp_path)
+    array, affine = DS.read_dicom_series(tmp_path)
     stored = pydicom.dcmread(str(src)).pixel_array
     assert stored.min() >= 0  # pydicom 3 returns stored values, not HU
     hu = V.axial_slice_to_image(array[:, :, 0])
@@ -160,7 +163,7 @@ def test_non_integer_slope_mr2_uncr():
     if path is None or not path.exists():
         pytest.skip("pydicom-data (MR2_UNCR.dcm) not installed")
     ds = pydicom.dcmread(str(path))
-    out = V.read_dicom_image(path)
+    out = DS.read_dicom_image(path)
     expected = ds.pixel_array.astype(np.float64) * 3.774114 + 0.000061
     assert out.dtype == np.float32
     assert np.allclose(out, expected, rtol=1e-6, atol=1e-3)
@@ -172,7 +175,7 @@ def test_monochrome1_is_inverted_rg1_uncr():
     if path is None or not path.exists():
         pytest.skip("pydicom-data (RG1_UNCR.dcm) not installed")
     stored = pydicom.dcmread(str(path)).pixel_array.astype(np.float64)
-    out = V.read_dicom_image(path).astype(np.float64)
+    out = DS.read_dicom_image(path).astype(np.float64)
     assert out.min() == stored.min() and out.max() == stored.max()  # same range, reversed
     assert np.unravel_index(out.argmax(), out.shape) == np.unravel_index(stored.argmin(), out.shape)
     sub = (slice(None, None, 37), slice(None, None, 41))
@@ -189,7 +192,7 @@ def test_oblique_shuffled_series_with_rescale(tmp_path):
                        spacing=[0.8, 0.7], step=2.0, slope=2.5, intercept=-100.0, names=names,
                        instance_numbers=[5, 4, 3, 2, 1])
     (folder / "LICENSE").write_text("not dicom")  # ignored, like NBIA's extra files
-    vol = V.load_dicom_volume(folder)
+    vol = DS.load_dicom_volume(folder)
     assert vol.array.dtype == np.float32 and sorted(vol.array.shape) == [5, 6, 7]
     check_world_positions(vol.files, vol.array, vol.affine)
     assert np.isclose(sorted(vol.array.ravel())[0], stored.min() * 2.5 - 100.0)
@@ -205,12 +208,12 @@ def test_shared_positions_split_by_temporal_tag(tmp_path):
                              spacing=[1, 1], step=3.0, extra={"TemporalPositionIdentifier": 1})
     write_dicom_series(folder / "b", stored + 100, iop=[1, 0, 0, 0, 1, 0], ipp0=[0, 0, 0],
                        spacing=[1, 1], step=3.0, uid=uid, extra={"TemporalPositionIdentifier": 2})
-    keys = sorted(s.key for s in V.list_dicom_series(folder))
+    keys = sorted(s.key for s in DS.list_dicom_series(folder))
     assert keys == [f"{uid}:TemporalPositionIdentifier=1", f"{uid}:TemporalPositionIdentifier=2"]
     with pytest.raises(DatasetError, match="2 series found"):
-        V.read_dicom_series(folder, uid)
-    second, _ = V.read_dicom_series(folder, keys[1])
-    first, _ = V.read_dicom_series(folder, keys[0])
+        DS.read_dicom_series(folder, uid)
+    second, _ = DS.read_dicom_series(folder, keys[1])
+    first, _ = DS.read_dicom_series(folder, keys[0])
     assert np.array_equal(second - first, np.full_like(first, 100.0))
 
 
@@ -223,14 +226,14 @@ def test_missing_position_falls_back_to_instance_number(tmp_path):
         del ds.ImagePositionPatient
         ds.save_as(f)
     with pytest.warns(UserWarning, match="ordering by InstanceNumber"):
-        array, _ = V.read_dicom_series(tmp_path)
+        array, _ = DS.read_dicom_series(tmp_path)
     assert list(array[0, 0, :]) == [10.0, 20.0, 30.0]
 
 
 def test_corrupt_dicom_names_the_file(tmp_path):
     (tmp_path / "1-001.dcm").write_bytes(b"\x00" * 64)
     with pytest.raises(DatasetError, match="1-001.dcm"):
-        V.read_dicom_series(tmp_path)
+        DS.read_dicom_series(tmp_path)
 
 
 # ---------------------------------------------------------------- NIfTI
@@ -308,9 +311,9 @@ def test_resample_nearest_moves_labels_in_world_space():
 # ---------------------------------------------------------------- intensities
 def test_window_and_percentile_normalise():
     hu = np.array([-2000.0, -1350.0, -600.0, 150.0, 900.0])
-    assert np.allclose(V.window(hu, -1350, 150), [0.0, 0.0, 0.5, 1.0, 1.0])
+    assert np.allclose(window(hu, -1350, 150), [0.0, 0.0, 0.5, 1.0, 1.0])
     v = np.arange(1001, dtype=np.float32)  # percentiles 0.1/99.9 of 0..1000 are 1 and 999
-    out = V.percentile_normalise(v)
+    out = percentile_normalise(v)
     assert out.dtype == np.float32 and out[0] == 0.0 and out[-1] == 1.0
     assert out[500] == pytest.approx((500 - 1) / (999 - 1))
-    assert np.all(V.percentile_normalise(np.full((3, 3), 7.0)) == 0)
+    assert np.all(percentile_normalise(np.full((3, 3), 7.0)) == 0)

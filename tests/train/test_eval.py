@@ -191,7 +191,7 @@ def test_volume_prediction_keeps_the_input_grid_and_voxel_order(tmp_path):
 def test_dicom_series_prediction_is_on_the_series_ras_grid(tmp_path):
     nib = pytest.importorskip("nibabel")
     pytest.importorskip("pydicom")
-    from datasets.volumes import read_dicom_series
+    from datasets.dicom_series import read_dicom_series
     from tests.data.test_volumes import write_dicom_series
 
     stored = np.zeros((12, 12, 4), dtype=np.uint16)  # (Co, R, S)
