@@ -225,7 +225,7 @@ _QUADRANT = re.compile(r"^(upper|lower) (outer|inner) quadrant of the (left|righ
 
 
 def breast_facts(caption: str) -> BreastFacts | None:
-    """Facts of a `datasets.duke.breast_caption` caption, or None."""
+    """Facts of a `datasets.breast_caption.breast_caption` caption, or None."""
     m = _BREAST.match(caption.strip())
     if not m or _count(m[2]) is None:
         return None

@@ -61,28 +61,21 @@ from typing import Iterator
 
 import numpy as np
 
-from datasets.records import DatasetError, Sample
-from datasets.tables import header_names, read_table
+from datasets.breast_caption import breast_caption
 from datasets.dicom_series import DicomSeries, list_dicom_series, load_dicom_volume
+from datasets.duke_sheets import (clinical_caption, legend_code, patient_number, read_boxes,
+                                  read_clinical, read_mapping, read_text_csv)
 from datasets.intensity import as_range, percentile_normalise
+from datasets.records import DatasetError, Sample
 from datasets.volumes import (axial_slice_to_image, read_nifti, read_nifti_pair, resample_nearest,
                               spread_indices)
 
 PHASES = ("pre", "post_1", "post_2", "post_3", "post_4")
-SUBTYPES = {0: "luminal-like subtype", 1: "ER/PR-positive HER2-positive subtype",
-            2: "HER2-enriched subtype", 3: "triple-negative subtype"}
 _DYN = re.compile(r"dyn|vibrant|\bph\s*\d|\d(st|nd|rd|th)\b|pass|\bpre\b|\bpost", re.I)
 _NOT_DYN = re.compile(r"sub|mip|t2|stir|seg|loc|scout|cal", re.I)
-_BOX_COLUMNS = ("start row", "end row", "start column", "end column", "start slice", "end slice")
 
 
 # ---------------------------------------------------------------- ids and files
-def patient_number(text) -> int | None:
-    """123 from "Breast_MRI_123", "DUKE_123", "duke_123_0001.nii.gz", "123"; None otherwise."""
-    m = re.search(r"(?:breast_mri_|duke_|^)0*(\d+)", str(text).strip(), re.I)
-    return int(m.group(1)) if m else None
-
-
 def case_id(number: int) -> str:
     return f"Breast_MRI_{number:03d}"
 
@@ -94,113 +87,6 @@ def _walk(root: Path, max_depth: int = 5):
         if depth >= max_depth or re.fullmatch(r"(breast_mri|duke)_\d+", Path(here).name, re.I):
             dirs[:] = []
         yield Path(here), dirs, files
-
-
-# ---------------------------------------------------------------- spreadsheets
-_TCIA_FIX = "re-download it from TCIA"
-
-
-def _columns(header, path: Path, wanted) -> list[int]:
-    names = header_names(header)
-    missing = [w for w in wanted if w not in names]
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {missing}; found {names}; fix: use the "
-                           "TCIA file or rename the columns")
-    return [names.index(w) for w in wanted]
-
-
-def parse_legend(text) -> dict[int, str]:
-    """"0=luminal-like, 1=ER/PR+, HER2+ , 2=her2" → {0: "luminal-like", 1: "ER/PR+, HER2+", 2: "her2"}."""
-    parts = re.split(r"(-?\d+)\s*=\s*", str(text or ""))
-    return {int(parts[i]): parts[i + 1].strip(" ,;") for i in range(1, len(parts) - 1, 2)}
-
-
-def read_clinical(path: Path) -> tuple[dict[int, dict], dict[str, dict[int, str]]]:
-    """Clinical_and_Other_Features.xlsx → ({patient: {column: value}}, {column: legend codes})."""
-    rows = read_table(path, "Data", fix=_TCIA_FIX)
-    if len(rows) < 4:
-        raise DatasetError(f"{path}: expected three header rows (category, name, legend) and data")
-    names = [str(c).strip() if c is not None else "" for c in rows[1]]
-    if "Patient ID" not in names:
-        raise DatasetError(f"{path}: no 'Patient ID' in the second header row; fix: keep TCIA's "
-                           "three header rows")
-    legends = {n: parse_legend(rows[2][i]) for i, n in enumerate(names) if n and i < len(rows[2])}
-    pid = names.index("Patient ID")
-    first = {n: i for i, n in reversed(list(enumerate(names))) if n}  # a repeated name: first wins
-    records = {}
-    for r in rows[3:]:
-        num = patient_number(r[pid]) if r and r[pid] is not None else None
-        if num is not None:
-            records[num] = {n: r[i] for n, i in first.items() if i < len(r)}
-    return records, legends
-
-
-def _code(value) -> int | None:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def clinical_caption(record: dict, legends: dict, lesion_type_column: str | None = None) -> str:
-    """The template of the module docstring, e.g. "Left breast tumour, luminal-like subtype."."""
-    side = {"L": "Left", "R": "Right"}.get(str(record.get("Tumor Location") or "").strip().upper()[:1])
-    parts = [f"{side} breast tumour" if side else "Breast tumour"]
-    subtype = SUBTYPES.get(_code(record.get("Mol Subtype")))
-    if subtype:
-        parts.append(subtype)
-    if lesion_type_column:
-        code = _code(record.get(lesion_type_column))
-        label = legends.get(lesion_type_column, {}).get(code)
-        if label:
-            parts.append(f"{label} lesion")
-    if _code(record.get("Multicentric/Multifocal")) == 1:
-        parts.append("multifocal")
-    if _code(record.get("Bilateral Information")) == 1:
-        parts.append("bilateral disease")
-    return ", ".join(parts) + "."
-
-
-def read_text_csv(path: Path) -> dict[int, str]:
-    """User CSV: a case/patient column and a text column → {patient number: text}."""
-    rows = read_table(path, fix="save the text table as UTF-8 CSV")
-    names = header_names(rows[0] if rows else ())
-    key = next((names.index(c) for c in ("case", "patient", "patient id", "patient_id") if c in names), None)
-    txt = next((names.index(c) for c in ("text", "description", "caption") if c in names), None)
-    if key is None or txt is None:
-        raise DatasetError(f"{path}: expected columns 'case' (or 'patient') and 'text'; found {names}")
-    out = {}
-    for r in rows[1:]:
-        if len(r) > max(key, txt) and patient_number(r[key]) is not None and r[txt].strip():
-            out[patient_number(r[key])] = r[txt].strip()
-    return out
-
-
-def read_boxes(path: Path) -> dict[int, tuple[int, ...]]:
-    """Annotation_Boxes.xlsx → {patient: (start row, end row, start col, end col, start slice, end slice)}."""
-    rows = read_table(path, fix=_TCIA_FIX)
-    h = next((i for i, r in enumerate(rows[:5]) if any(str(c).strip().lower() == "patient id"
-                                                        for c in r if c is not None)), None)
-    if h is None:
-        raise DatasetError(f"{path}: no 'Patient ID' header; fix: use TCIA's Annotation_Boxes.xlsx")
-    cols = _columns(rows[h], path, ("patient id",) + _BOX_COLUMNS)
-    return {patient_number(r[cols[0]]): tuple(int(r[c]) for c in cols[1:])
-            for r in rows[h + 1:] if r and r[cols[0]] is not None}
-
-
-def read_mapping(path: Path, phase: str, patients) -> dict[int, str]:
-    """Mapping workbook → {patient: SeriesInstanceUID of `phase`} (UID from `classic_path`)."""
-    rows = read_table(path, fix=_TCIA_FIX)
-    orig, classic = _columns(rows[0], path, ("original_path_and_filename", "classic_path"))
-    wanted, out = set(patients), {}
-    for r in rows[1:]:
-        if not r or r[orig] is None or r[classic] is None:
-            continue
-        parts = str(r[orig]).replace("\\", "/").split("/")
-        num = patient_number(next((p for p in parts if re.match(r"breast_?mri_\d+", p, re.I)), ""))
-        if num in wanted and num not in out and len(parts) > 1 and parts[-2].lower() == phase:
-            out[num] = str(r[classic]).replace("\\", "/").split("/")[-2]
-    return out
 
 
 # ---------------------------------------------------------------- phases and boxes
@@ -242,52 +128,6 @@ def box_mask(vol, box: tuple[int, ...], where: str) -> np.ndarray:
     native = np.zeros((cols, rows, len(inst)), dtype=bool)  # (Co, R, S)
     native[c0 - 1:c1, r0 - 1:r1, (rank >= s0) & (rank <= s1)] = True
     return vol.native_to_ras(native)
-
-
-# ---------------------------------------------------------------- captions from the mask
-def breast_caption(mask: np.ndarray, z_fraction: float, pixel_mm=(1.0, 1.0)) -> str:
-    """The caption of one axial slice's tumour mask, e.g. "Left breast lesion, one lesion, upper
-    outer quadrant of the left breast, 14 mm."
-
-    Args:
-        mask: (H, W) bool in the radiological display of `axial_slice_to_image` (rows anterior →
-            posterior, columns patient right → left: the patient's right breast is the image's left).
-        z_fraction: the slice's height in its volume, 0 = lowest (inferior) slice, 1 = highest; upper
-            or lower is which half of the volume it lies in (no breast outline is available).
-        pixel_mm: (row, column) pixel size in mm, for the size of the largest lesion.
-
-    Inner or outer is the lesion pixels' mean column in the breast's half of the image: toward the
-    midline (inner) or the side (outer). Lesions are 8-connected regions counted per breast.
-    """
-    from datasets.text_from_mask import count_regions, number_word
-
-    mask = np.asarray(mask).astype(bool)
-    H, W = mask.shape
-    if not mask.any():
-        return "No breast lesion."
-    level = "upper" if z_fraction >= 0.5 else "lower"
-    parts, sides, n = [], [], 0
-    for side, half in (("right", mask[:, :W // 2]), ("left", mask[:, W // 2:])):
-        if not half.any():
-            continue
-        n += count_regions(half)
-        centre = np.nonzero(half)[1].mean() / half.shape[1]  # 0..1 across the half
-        outer = centre < 0.5 if side == "right" else centre >= 0.5  # midline: the image's centre
-        parts.append(f"{level} {'outer' if outer else 'inner'} quadrant of the {side} breast")
-        sides.append(side)
-    from scipy import ndimage
-
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    size = 0.0
-    for region in ndimage.find_objects(labels):
-        size = max(size, (region[0].stop - region[0].start) * pixel_mm[0],
-                   (region[1].stop - region[1].start) * pixel_mm[1])
-    if len(sides) == 2:
-        lead = "Bilateral breast lesions"
-    else:
-        lead = f"{sides[0].capitalize()} breast lesion{'' if n == 1 else 's'}"
-    lesions = f"{number_word(n)} lesion{'' if n == 1 else 's'}"
-    return f"{lead}, {lesions}, {' and '.join(parts)}, {'largest ' if n > 1 else ''}{size:.0f} mm."
 
 
 # ---------------------------------------------------------------- the reader
@@ -403,7 +243,7 @@ class DukeReader:
             for n in self.cases:
                 if n in records:
                     self.texts[n] = clinical_caption(records[n], legends, self.lesion_type_column)
-                    code = _code(records[n].get(self.stratum_column))
+                    code = legend_code(records[n].get(self.stratum_column))
                     raw = records[n].get(self.stratum_column)
                     label = legends.get(self.stratum_column, {}).get(code, raw)
                     self.strata[n] = str(label).strip() if label not in (None, "") else "unknown"

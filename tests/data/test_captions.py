@@ -11,7 +11,7 @@ import torch
 from tmc.augment import swap_caption_sides
 from datasets.captions import (CaptionVariation, breast_facts, chest_facts, read_chest_facts,
                                vary_caption)
-from datasets.duke import breast_caption
+from datasets.breast_caption import breast_caption
 from datasets.text_from_mask import LEVELS, SIDES, caption_from_zones, number_word
 
 ALL_ZONES = [np.array(bits, dtype=bool).reshape(2, 3) for bits in itertools.product((0, 1), repeat=6)]

@@ -11,6 +11,8 @@ import pytest
 
 from datasets.records import DatasetError
 from datasets import duke as D
+from datasets.breast_caption import breast_caption
+from datasets.dicom_series import DicomSeries
 from tests.data.test_volumes import oblique_iop, write_dicom_series
 
 nib = pytest.importorskip("nibabel")
@@ -133,7 +135,7 @@ def by_case(samples):
 
 
 def test_phase_rule_from_descriptions():
-    mk = lambda d, t: D.DicomSeries(key=d + t, uid=d, description=d, number=None, time=t)
+    mk = lambda d, t: DicomSeries(key=d + t, uid=d, description=d, number=None, time=t)
     series = [mk("ax t1", "0"), mk("ax dyn 2nd pass", "3"), mk("ax dyn pre", "1"),
               mk("ax dyn 1st pass", "2"), mk("ax dyn sub", "4"), mk("Ph3/ax 3d dyn", "5")]
     got = {p: s.description for p, s in D.assign_phases(series).items()}
@@ -266,7 +268,7 @@ def _slice_mask(boxes, h=40, w=80):
     ([], 0.5, "No breast lesion."),
 ])
 def test_breast_caption_from_the_mask(boxes, z, expected):
-    assert D.breast_caption(_slice_mask(boxes), z, pixel_mm=(2.0, 2.0)) == expected
+    assert breast_caption(_slice_mask(boxes), z, pixel_mm=(2.0, 2.0)) == expected
 
 
 def test_duke_without_clinical_text_gets_breast_captions_not_the_chest_template(duke_root, tmp_path):
@@ -286,7 +288,7 @@ def test_duke_without_clinical_text_gets_breast_captions_not_the_chest_template(
     assert not any("pulmonary" in r["text"] or "lung" in r["text"] for r in rows)
     assert {r["text"].split(",")[0] for r in rows} == {"Bilateral breast lesions", "No breast lesion."}
     tumour = next(s for s in samples if s.mask.any())
-    assert tumour.text == D.breast_caption(tumour.mask, tumour.slice_index / (S - 1), (0.7, 0.7))
+    assert tumour.text == breast_caption(tumour.mask, tumour.slice_index / (S - 1), (0.7, 0.7))
 
 
 class _Listed:

@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from datasets.captions import vary_caption
-from datasets.duke import breast_caption
+from datasets.breast_caption import breast_caption
 from datasets.text_from_mask import LEVELS, SIDES, caption_from_zones
 from lab.report_captions import report_caption
 
