@@ -42,7 +42,7 @@ def breast_caption(mask: np.ndarray, z_fraction: float, pixel_mm=(1.0, 1.0)) -> 
         outer = centre < 0.5 if side == "right" else centre >= 0.5  # midline: the image's centre
         parts.append(f"{level} {'outer' if outer else 'inner'} quadrant of the {side} breast")
         sides.append(side)
-    from scipy import ndimage
+    from scipy import ndimage  # slow to import; only slices captioned from their mask need it
 
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     size = 0.0

@@ -21,6 +21,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
+import torch
+
 from datasets.text_from_mask import LEVELS, SIDES, number_word
 
 __all__ = ["ChestFacts", "chest_facts", "render_chest", "read_chest_facts",
@@ -320,8 +322,6 @@ class CaptionVariation:
         return self._variants[key]
 
     def __call__(self, captions: list[str], generator=None) -> list[str]:
-        import torch
-
         n = len(captions)
         device = generator.device if generator is not None else "cpu"
         k = torch.randint(0, self.pool, (n,), generator=generator, device=device).tolist()

@@ -65,7 +65,7 @@ def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
 
 def _blob(rng, size: int, cy: float, cx: float, radius: float, inside: np.ndarray) -> np.ndarray:
     """(size, size) bool: one irregular connected lesion around (cy, cx) (pixels), within `inside`."""
-    from scipy import ndimage
+    from scipy import ndimage  # slow to import; only drawing a new demo set needs it
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     field = 0.15 * _smooth_noise(rng, size, max(4, size // 5))
@@ -95,7 +95,7 @@ def render_demo_image(seed: int, index: int, size: int = 64, lesion: float = LES
         (2, 3) bool zone tables [left/right, upper/middle/lower], and "union", the (H, W) bool
         mask of every blob, targets and distractors).
     """
-    from scipy import ndimage
+    from scipy import ndimage  # slow to import; a demo set already written is read without it
 
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (H, W) in [0, 1)

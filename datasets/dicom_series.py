@@ -56,6 +56,7 @@ def _floats(value, n: int) -> np.ndarray | None:
 
 
 def _read_header(path: Path):
+    # pydicom only once a series is read: Duke with NIfTI images and eval.py import this module too
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -144,7 +145,7 @@ def _pick_series(folder: Path, series_uid: str | None) -> DicomSeries:
 
 def _pixels(path: Path) -> np.ndarray:
     """Stored pixels of one single-frame image → float32 after RescaleSlope/Intercept (R, Co)."""
-    import pydicom
+    import pydicom  # deferred: only reading a series needs it (see _read_header)
 
     try:
         ds = pydicom.dcmread(str(path))
@@ -165,7 +166,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 def read_dicom_image(path) -> np.ndarray:
     """One 2D DICOM image (R, Co) float32: rescaled, MONOCHROME1 inverted (bright = dense)."""
-    import pydicom
+    import pydicom  # deferred: only reading a series needs it (see _read_header)
 
     path = Path(path)
     img = _pixels(path)

@@ -27,6 +27,8 @@ shrinking), masks nearest, never "bilinear then threshold" (that dilates thin le
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,7 @@ def is_dicom(path: Path) -> bool:
 
 def _read_dicom(path: Path, for_mask: bool) -> np.ndarray:
     """(H, W) float64: modality-LUT values (image) or stored values (mask)."""
+    # pydicom only for DICOM files: PNG/JPEG datasets never load it
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -92,7 +95,7 @@ def _read_dicom(path: Path, for_mask: bool) -> np.ndarray:
                            f"fix: export the frame you mean as its own file")
     if arr.ndim == 3:  # (H, W, 3) colour
         if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels import convert_color_space  # deferred with pydicom above
             arr = convert_color_space(arr, photometric, "RGB")
         arr = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     elif not for_mask:
@@ -206,9 +209,6 @@ def map_prefetch(fn, items, workers: int = 2, window: int = 32):
     PNG/JPEG decoding in PIL releases the GIL, so threads overlap file reading. An exception
     raised by fn is re-raised at that item's turn.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     items = list(items)
     if workers <= 1:
         yield from map(fn, items)

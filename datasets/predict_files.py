@@ -11,8 +11,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from datasets.dicom_series import read_dicom_series
+from datasets.images import high_bit_depth, read_image
+from datasets.intensity import check_finite, default_intensity, volume_intensity
 from datasets.records import DatasetError
+from datasets.registry import parse_reader_options
+from datasets.volumes import axial_slice_to_image, image_to_axial_slice, read_nifti, write_nifti_like
 from tmc.predict import segment_images
 
 
@@ -40,15 +46,11 @@ def write_output(out: str | Path, write) -> Path:
 
 def write_mask_png(mask: np.ndarray, out: str | Path) -> Path:
     """(H, W) bool → a 0/255 8-bit PNG at `out` (what --image writes)."""
-    from PIL import Image
-
     return write_output(out, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp))
 
 
 def predict_image(path: str | Path, segment, size: int, out: str | Path) -> Path:
     """Segment one 2D image file; writes a 0/255 PNG at the input's own size."""
-    from datasets.images import high_bit_depth, read_image
-
     mode = high_bit_depth(Path(path))
     if mode:
         print(f"note: {path} has {mode} pixels, scaled by their own min and max as the training cache "
@@ -62,10 +64,6 @@ def read_volume(path: str | Path, intensity: str = "ct", series_uid: str | None 
                 ct_window=None) -> tuple[np.ndarray, np.ndarray, Path | None]:
     """A NIfTI file or DICOM series folder as (X, Y, Z) floats in [0, 1], as the training cache
     scaled it; its affine; and the NIfTI file whose grid a mask keeps (None for DICOM: RAS+)."""
-    from datasets.dicom_series import read_dicom_series
-    from datasets.intensity import check_finite, volume_intensity
-    from datasets.volumes import read_nifti
-
     path = Path(path)
     is_nifti = path.is_file()
     volume, affine = read_nifti(path) if is_nifti else read_dicom_series(path, series_uid)  # (X, Y, Z)
@@ -76,17 +74,12 @@ def read_volume(path: str | Path, intensity: str = "ct", series_uid: str | None 
 def volume_reading(train_config: dict, intensity: str = "auto") -> tuple[str, tuple | None]:
     """How a run scales volumes: (intensity mode, CT window or None = the lung window); `intensity`
     other than "auto" overrides the run's dataset (MosMed ct, Duke mr)."""
-    from datasets.intensity import default_intensity
-    from datasets.registry import parse_reader_options
-
     mode = default_intensity(train_config.get("dataset")) if intensity == "auto" else intensity
     return mode, parse_reader_options(train_config.get("reader_options", "")).get("window")
 
 
 def segment_volume(unit: np.ndarray, segment, size: int, batch_size: int = 8) -> np.ndarray:
     """(X, Y, Z) in [0, 1] → (X, Y, Z) bool, every axial slice segmented as a 2D image."""
-    from datasets.volumes import axial_slice_to_image, image_to_axial_slice
-
     views = [axial_slice_to_image(unit[:, :, z]) for z in range(unit.shape[2])]  # (H, W) each
     masks = segment_images(segment, views, size, batch_size)
     return np.stack([image_to_axial_slice(m) for m in masks], axis=2)  # (X, Y, Z)
@@ -100,8 +93,6 @@ def predict_volume(path: str | Path, segment, size: int, out: str | Path, intens
     For NIfTI input the mask has the input's shape, voxel order and affine; for DICOM, the RAS+
     grid of `read_dicom_series` (the same voxels as the series).
     """
-    from datasets.volumes import write_nifti_like
-
     unit, affine, like = read_volume(path, intensity, series_uid, ct_window)
     mask = segment_volume(unit, segment, size, batch_size)  # (X, Y, Z)
     return write_output(out, lambda tmp: write_nifti_like(mask, affine, tmp, like=like))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import warnings
@@ -47,8 +48,6 @@ def _coerce(value):
 
 def reader_option_names(name: str) -> list[str]:
     """The settings the reader of dataset `name` takes (its constructor's arguments but root)."""
-    import inspect
-
     module, cls, root_arg = DATASETS[name]
     params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
     return [p for p in params if p not in ("self", root_arg)]
@@ -162,6 +161,7 @@ def prepare(name: str, root=None, image_size: int = 224, cache_dir=None, split_m
         keep: refuse to replace a cache of other settings in `cache_dir` (see build_cache).
         **options: reader settings.
     """
+    # deferred: the builder loads torch (tmc.grid), and importing `datasets` stays without it
     from datasets.cache import build_cache
 
     options = {k: _coerce(v) for k, v in options.items()}

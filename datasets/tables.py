@@ -22,7 +22,7 @@ def read_table(path, sheet: str | None = None, fix: str = "re-save it as .xlsx o
     path = Path(path)
     try:
         if path.suffix.lower() == ".xlsx":
-            import openpyxl
+            import openpyxl  # slow to import; only .xlsx tables need it
 
             wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
             ws = wb[sheet] if sheet in wb.sheetnames else wb.worksheets[0]

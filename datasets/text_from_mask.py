@@ -84,7 +84,7 @@ def mask_zones(mask: np.ndarray, side: str = "image", min_fraction: float = 0.0)
 
 def count_regions(mask: np.ndarray) -> int:
     """Number of 8-connected foreground regions of an (H, W) mask."""
-    from scipy import ndimage
+    from scipy import ndimage  # slow to import; the zone and word tables are used without it
 
     _, n = ndimage.label(np.asarray(mask).astype(bool), structure=np.ones((3, 3), dtype=bool))
     return int(n)

@@ -48,7 +48,7 @@ def reorient_to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, 
     Returns:
         array (X, Y, Z, ...) and its (4, 4) affine; same voxels, same world positions.
     """
-    from nibabel import orientations as nio
+    from nibabel import orientations as nio  # nibabel only for 3D grids, not the 2D views
 
     ornt = nio.io_orientation(affine)  # (3, 2): target axis and flip for each input axis
     out = nio.apply_orientation(array, ornt)  # (X, Y, Z, ...)
@@ -61,7 +61,7 @@ def reorient_like(array: np.ndarray, ras_affine: np.ndarray, target_affine: np.n
 
     Raises DatasetError if the two grids are not the same up to axis permutations and flips.
     """
-    from nibabel import orientations as nio
+    from nibabel import orientations as nio  # nibabel only for 3D grids, not the 2D views
 
     back = nio.ornt_transform(nio.io_orientation(ras_affine), nio.io_orientation(target_affine))
     out = nio.apply_orientation(array, back)
@@ -82,7 +82,7 @@ def resample_nearest(array: np.ndarray, affine: np.ndarray, shape: tuple, target
     Returns:
         (X, Y, Z) array of `array.dtype`; voxels outside the source are 0.
     """
-    from scipy import ndimage
+    from scipy import ndimage  # slow to import; only a mask on another grid needs it
 
     m = np.linalg.inv(affine) @ target_affine  # target voxel → source voxel
     src = array.astype(np.uint8) if array.dtype == bool else array
@@ -109,7 +109,7 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
 
     The on-disk dtype is kept (int16 HU stays int16; float if scl_slope is set), in native byte order.
     """
-    import nibabel as nib
+    import nibabel as nib  # slow to import; only NIfTI files need it
 
     path = Path(path)
     try:
@@ -153,7 +153,7 @@ def write_nifti_like(array: np.ndarray, affine: np.ndarray, path, like=None) -> 
             file's on-disk voxel order and written with its affine, so it overlays the input
             voxel-for-voxel in any tool (SimpleITK, nnU-Net evaluation, viewers).
     """
-    import nibabel as nib
+    import nibabel as nib  # slow to import; only NIfTI files need it
 
     data = array.astype(np.uint8) if array.dtype == bool else array
     path = Path(path)
