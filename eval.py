@@ -1,7 +1,7 @@
 """Evaluate TMC checkpoints, compare sets of runs, draw overlays, or segment one image or volume.
 
     python eval.py --ckpt runs/qata-s0/best.pt                       # test split of the run's dataset
-    python eval.py --ckpt best.pt --dataset qata --root /data/QaTa-test --split all   # another folder
+    python eval.py --ckpt best.pt --dataset qata --root data/QaTa-test --split all   # another folder
     python eval.py --ckpt runs/qata-s{0,1,2}/best.pt --json res.json  # mean ± std over seeds (Table 1)
     python eval.py --compare runs/tmc-s*/best.pt -- runs/nomcm-s*/best.pt   # paired t-test per case
     python eval.py --ckpt best.pt --save-overlays figs/               # contours + attention heatmaps

@@ -1,8 +1,8 @@
 """Train TMC (paper §4.2) on one dataset; every setting is a flag (see --help).
 
     python train.py --dataset demo                       # tiny model, synthetic data, a few CPU minutes
-    python train.py --dataset qata --root /data/QaTa-COV19 --out runs/qata-s0 --seed 0
-    python train.py --dataset mosmed --root /data/MosMed --mcm-stages none     # ablation: no MCM
+    python train.py --dataset qata --root data/QaTa-COV19 --out runs/qata-s0 --seed 0
+    python train.py --dataset mosmed --root data/MosMed --mcm-stages none     # ablation: no MCM
     python train.py --out runs/qata-s0 --resume                                  # continue exactly
     torchrun --nproc_per_node 4 train.py --dataset qata --root ...               # DistributedDataParallel
     (build a large cache once first: python -m datasets.prepare --dataset NAME --root PATH)

@@ -1,7 +1,7 @@
 """Build a dataset's cache on its own and print where it is.
 
-    python -m datasets.prepare --dataset qata --root /data/QaTa-COV19
-    python -m datasets.prepare --dataset qata --root /data/qata --split-mode layout --skip-bad
+    python -m datasets.prepare --dataset qata --root data/QaTa-COV19
+    python -m datasets.prepare --dataset qata --root data/qata --split-mode layout --skip-bad
     python -m datasets.prepare --dataset csv --root my_data.csv --option text_from_mask=true
     python -m datasets.prepare --dataset demo                     # generates <repo>/data/demo
 

@@ -1,7 +1,7 @@
 """Dataset names → readers, and `prepare`, which builds (or reuses) a dataset's cache.
 
-    reader = make_reader("qata", "/data/QaTa-COV19", layout="kaggle")
-    cache = prepare("qata", "/data/QaTa-COV19", image_size=224)   # → Path of the cache folder
+    reader = make_reader("qata", "data/QaTa-COV19", layout="kaggle")
+    cache = prepare("qata", "data/QaTa-COV19", image_size=224)   # → Path of the cache folder
 
 Reader modules are imported only when their dataset is asked for, so a missing optional dependency
 (nibabel, pydicom) only matters for the datasets that need it.

@@ -11,6 +11,7 @@ Also prints, per caption, the seconds from pressing Enter to the new mask on the
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,11 +52,14 @@ def browser(profile: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    found = {name: shutil.which(name) for name in ("chromium", "chromedriver")}
+    if not all(found.values()):
+        sys.exit("chromium and chromedriver not on PATH; fix: apt-get install -y chromium chromium-driver")
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = found["chromium"]
     for flag in FLAGS + (f"--user-data-dir={profile}",):
         options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    return webdriver.Chrome(options=options, service=Service(found["chromedriver"]))
 
 
 def segment_with(driver, caption: str, timeout: float = 120) -> float:

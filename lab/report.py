@@ -328,7 +328,7 @@ def captions(results: Path, name: str) -> str:
 def caption_probe(results: Path) -> str:
     """Zone read-out of the text encoder's feature, template against report words (`python -m
     lab.caption_probe`)."""
-    from lab.caption_probe import table
+    from lab.caption_probe import table  # loads torch and the encoder; the other tables need neither
 
     probe = _load(results, "caption_probe/probe.json")
     return table(probe, command_of(probe))

@@ -113,14 +113,6 @@ SYSTEM = re.compile(r"/(?:dev/null|dev/shm|proc/[\w/]+|sys/[\w/]+)$")
 # Example folders in usage text and the browser the screenshots drive, still absolute (written here
 # without their leading slash, so this file names none): an entry goes when its file names a
 # relative folder or a flag instead.
-NOT_YET_RELATIVE = {
-    "datasets/prepare.py": {"data/QaTa-COV19", "data/qata"},
-    "datasets/registry.py": {"data/QaTa-COV19"},
-    "eval.py": {"data/QaTa-test"},
-    "train.py": {"data/QaTa-COV19", "data/MosMed"},
-    "tmc/text.py": {"path/to/model"},
-    "lab/app_screenshots.py": {"usr/bin/chromium", "usr/bin/chromedriver"},
-}
 
 
 def machine_paths(line: str) -> list[str]:
@@ -163,6 +155,5 @@ def test_no_tracked_file_names_a_machine_path():
     files = tracked_text_files()
     assert len(files) > 500 and {"README.md", "results/qata_gpu/full-s0/config.json"} <= set(files)
     offenders = [f"{name}:{i}: {path}" for name, text in files.items()
-                 for i, line in enumerate(text.splitlines(), 1) for path in machine_paths(line)
-                 if path.lstrip("/") not in NOT_YET_RELATIVE.get(name, ())]
+                 for i, line in enumerate(text.splitlines(), 1) for path in machine_paths(line)]
     assert offenders == []

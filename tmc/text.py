@@ -88,7 +88,7 @@ def _pretrained_bert(name: str):
             f"downloadable from here ({type(e).__name__}). Either download it once where you have a "
             f"network (python -c \"from transformers import AutoModel, AutoTokenizer; "
             f"AutoModel.from_pretrained('{name}'); AutoTokenizer.from_pretrained('{name}')\") and copy "
-            f"the cache, or pass a local model folder with --text-model /path/to/model, or use the "
+            f"the cache, or pass a local model folder with --text-model path/to/model, or use the "
             f"offline model shipped with the requirements: --text-model minilm."
         ) from e
     finally:
