@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from datasets.cached import SegmentationSet
 from datasets.captions import CaptionVariation, chest_facts
+from lab.caption_robustness import fits_in, test_captions
 from lab.qata_protocol import run_cache
-from lab.report_captions import report_caption
 from lab.runs import machine
 from tmc.text import TextEncoder
 
@@ -115,7 +115,7 @@ def fine_tune(encoder: TextEncoder, texts: list[str], y: torch.Tensor, steps: in
     return head
 
 
-def probe_sets(train_captions: list[str], test_captions: list[str], fits, rewordings: int,
+def probe_sets(train_captions: list[str], tests: list[str], fits, rewordings: int,
                reword_seed: int = 0) -> tuple[dict[str, str], dict[str, list[str]]]:
     """The read-out's training texts, each mapped to the caption whose facts it states (every
     training caption and `rewordings` of the generator's variants of it), and the test captions
@@ -125,8 +125,7 @@ def probe_sets(train_captions: list[str], test_captions: list[str], fits, reword
     for c in train_captions:
         for k in range(rewordings):
             train.setdefault(variation.variant(c, k), c)
-    reworded = [report_caption(t, reword_seed, i, fits) for i, t in enumerate(test_captions)]
-    return train, {"template": list(test_captions), "reworded": reworded}
+    return train, {c: test_captions(tests, c, fits, reword_seed) for c in ("template", "reworded")}
 
 
 def score_encoder(encoder: TextEncoder, head: torch.nn.Linear | None, train: list[str], y_train: torch.Tensor,
@@ -145,25 +144,23 @@ def run_probe(run: Path, rewordings: int, steps: int, batch: int, lr: float, see
     model_cfg = json.loads((run / "config.json").read_text())["model"]
     cache = run_cache(run)
     train_captions = [c for c in SegmentationSet(cache, "train").texts if chest_facts(c)]
-    test_captions = [c for c in SegmentationSet(cache, "test").texts if chest_facts(c)]
+    test_texts = [c for c in SegmentationSet(cache, "test").texts if chest_facts(c)]
 
     def encoder() -> TextEncoder:
         return TextEncoder(model_cfg["text_model"], model_cfg["text_length"], freeze=True,
                            sentence=model_cfg["text_sentence"])
 
     frozen = encoder()
-    T = frozen.length
-    fits = lambda text: len(frozen.tokenizer(text)["input_ids"]) <= T  # noqa: E731
-    sources, tests = probe_sets(train_captions, test_captions, fits, rewordings)
-    train, y_train, y_test = list(sources), zone_labels(list(sources.values())), zone_labels(test_captions)
-    print(f"{len(train)} training texts, {len(test_captions)} test captions", flush=True)
+    sources, tests = probe_sets(train_captions, test_texts, fits_in(frozen), rewordings)
+    train, y_train, y_test = list(sources), zone_labels(list(sources.values())), zone_labels(test_texts)
+    print(f"{len(train)} training texts, {len(test_texts)} test captions", flush=True)
     results = {"frozen": score_encoder(frozen, None, train, y_train, tests, y_test)}
     tuned = encoder()
     head = fine_tune(tuned, train, y_train, steps, batch, lr, seed)
     results["fine-tuned"] = score_encoder(tuned, head, train, y_train, tests, y_test)
     majority = majority_scores(y_train, y_test)
     return {"run": run.as_posix(), "text_model": model_cfg["text_model"], "text_sentence": model_cfg["text_sentence"],
-            "training_texts": len(train), "test_captions": len(test_captions), "majority": majority,
+            "training_texts": len(train), "test_captions": len(test_texts), "majority": majority,
             "reworded_examples": tests["reworded"][:5], "encoders": results}
 
 

@@ -48,6 +48,11 @@ class Captioned:
         return {**self.base[i], "text": self.texts[i]}
 
 
+def fits_in(encoder):
+    """text -> whether all its tokens fit in the encoder's T (nothing cut)."""
+    return lambda text: len(encoder.tokenizer(text)["input_ids"]) <= encoder.length
+
+
 def test_captions(texts: list[str], condition: str, fits, reword_seed: int = 0,
                   shuffle_seed: int = 0) -> list[str]:
     """The test split's captions under one of CONDITIONS."""
@@ -83,8 +88,7 @@ def score_run(run: Path, reword_seed: int = 0, shuffle_seed: int = 0, split: str
         scores = _scores(predict(model, test))
         out.update({c: scores for c in CONDITIONS})
     else:
-        tokenizer, T = model.text.tokenizer, model.text.length
-        fits = lambda text: len(tokenizer(text)["input_ids"]) <= T  # noqa: E731
+        fits = fits_in(model.text)
         reworded = test_captions(test.texts, "reworded", fits, reword_seed)
         out["reworded_unchanged"] = sum(a == b for a, b in zip(reworded, test.texts))
         out["reworded_cut"] = sum(not fits(t) for t in reworded)

@@ -110,9 +110,6 @@ ABSOLUTE_PATH = re.compile(_START + rf"""(?:
 )""", re.X)
 # The kernel's interfaces, the same on every Linux machine: no one machine's folder.
 SYSTEM = re.compile(r"/(?:dev/null|dev/shm|proc/[\w/]+|sys/[\w/]+)$")
-# Example folders in usage text and the browser the screenshots drive, still absolute (written here
-# without their leading slash, so this file names none): an entry goes when its file names a
-# relative folder or a flag instead.
 
 
 def machine_paths(line: str) -> list[str]:
@@ -122,7 +119,7 @@ def machine_paths(line: str) -> list[str]:
 
 def test_the_path_matcher_sees_absolute_paths_and_only_them():
     # «» mark what must be found; a mark starts no token, so this file itself names no path.
-    for marked in ('"out": "«/tmp/lab/runs/aw0.3-s0»",', "in «/tmp/ci/main/data/demo» and «/work/hC/results»",
+    for marked in ('"out": "«/tmp/lab/runs/aw0.3-s0»",', "in «/tmp/tmc/data/demo» and «/work/tmc/results»",
                    "«/opt/torch/.venv/lib/python3.12/site-packages/torch/profiler.py»:224: UserWarning",
                    "--root=«/data/qata» --seed 0", "| `«/usr/bin/chromium»` |", "written to «/tmp».",
                    "cd «~/data/qata»", '"root": "«C:\\\\Users\\\\me\\\\qata»"', "«C:\\data\\qata» or «D:/x»",
